@@ -1,0 +1,27 @@
+//! One error type for the candle-free layer; each variant names the file or input at fault.
+
+use std::path::{Path, PathBuf};
+
+/// Errors of config parsing, tokenization, prompt building and image loading.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: bad config: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("image {path}: {msg}")]
+    Image { path: PathBuf, msg: String },
+    #[error("prompt: {0}")]
+    Prompt(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_path_buf(), source }
+    }
+}

@@ -1,0 +1,180 @@
+//! Next-token choice (greedy, or temperature / top-k / top-p with a seeded RNG) and the Q-Align
+//! 1–5 quality score (DESIGN §5). Plain `f32` slices in, so every backend shares them.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::tokenizer::TextTokenizer;
+use crate::{Error, Result};
+
+/// The five rating words and their scores, best first.
+pub const LEVELS: [(&str, f32); 5] = [("excellent", 5.0), ("good", 4.0), ("fair", 3.0), ("poor", 2.0), ("bad", 1.0)];
+
+/// First BPE token of `" excellent"`, `" good"`, … — what Q-Align reads the logits of.
+pub fn level_token_ids(tok: &TextTokenizer) -> Result<[u32; 5]> {
+    let mut ids = [0u32; 5];
+    for (slot, (word, _)) in ids.iter_mut().zip(LEVELS) {
+        *slot = *tok
+            .encode(&format!(" {word}"))?
+            .first()
+            .ok_or_else(|| Error::Prompt(format!("the tokenizer gives no token for \" {word}\"")))?;
+    }
+    Ok(ids)
+}
+
+/// Probabilities of the five levels, in `LEVELS` order.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LevelProbs {
+    pub excellent: f32,
+    pub good: f32,
+    pub fair: f32,
+    pub poor: f32,
+    pub bad: f32,
+}
+
+impl LevelProbs {
+    /// As an array in `LEVELS` order.
+    pub fn to_array(self) -> [f32; 5] {
+        [self.excellent, self.good, self.fair, self.poor, self.bad]
+    }
+}
+
+/// Q-Align: softmax over the five level logits, score = Σ pᵢ·[5,4,3,2,1].
+pub fn quality_score(level_logits: [f32; 5]) -> (f32, LevelProbs) {
+    let max = level_logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f64> = level_logits.iter().map(|&l| ((l - max) as f64).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    let p: Vec<f32> = exp.iter().map(|e| (e / sum) as f32).collect();
+    let score = p.iter().zip(LEVELS).map(|(p, (_, s))| p * s).sum();
+    (score, LevelProbs { excellent: p[0], good: p[1], fair: p[2], poor: p[3], bad: p[4] })
+}
+
+/// What `--json` prints: `{"answer", "token_ids", "score", "level_probs"}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnswerJson {
+    pub answer: String,
+    pub token_ids: Vec<u32>,
+    pub score: Option<f32>,
+    pub level_probs: Option<LevelProbs>,
+}
+
+/// Sampling settings; greedy when `temperature` is `None` or 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: None, top_k: None, top_p: None, seed: 0 }
+    }
+}
+
+/// Picks next tokens from logits; owns the RNG so that one seed gives one text.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// Checks the parameters and seeds the RNG.
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        if let Some(t) = params.temperature {
+            if !(t >= 0.0 && t.is_finite()) {
+                return Err(Error::Prompt(format!("temperature must be ≥ 0, got {t}")));
+            }
+        }
+        if let Some(p) = params.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::Prompt(format!("top-p must be in (0, 1], got {p}")));
+            }
+        }
+        if params.top_k == Some(0) {
+            return Err(Error::Prompt("top-k must be ≥ 1".into()));
+        }
+        Ok(Self { params, rng: StdRng::seed_from_u64(params.seed) })
+    }
+
+    /// The next token id for one row of logits (over the full padded vocabulary).
+    pub fn next(&mut self, logits: &[f32]) -> u32 {
+        let t = match self.params.temperature {
+            Some(t) if t > 0.0 => t,
+            _ => return argmax(logits),
+        };
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if let Some(k) = self.params.top_k {
+            cand.truncate(k.max(1));
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        if let Some(top_p) = self.params.top_p {
+            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            let mut acc = 0.0;
+            let keep = probs.iter().position(|p| {
+                acc += p;
+                acc >= top_p as f64
+            });
+            let keep = keep.map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+            let s: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= s);
+        }
+        let mut u: f64 = self.rng.random();
+        for (i, p) in probs.iter().enumerate() {
+            if u < *p {
+                return cand[i].0;
+            }
+            u -= p;
+        }
+        cand[probs.len() - 1].0
+    }
+}
+
+/// Index of the largest logit; the first one wins ties, as torch.argmax does.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_of_certain_levels() {
+        let (s, p) = quality_score([0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!((s - 3.0).abs() < 1e-6 && (p.good - 0.2).abs() < 1e-6);
+        let (s, _) = quality_score([100.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!((s - 5.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_top_k_one_is_greedy() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let p = SamplingParams { temperature: Some(1.0), top_k: None, top_p: Some(0.9), seed: 7 };
+        let a: Vec<u32> = { let mut s = Sampler::new(p).unwrap(); (0..20).map(|_| s.next(&logits)).collect() };
+        let b: Vec<u32> = { let mut s = Sampler::new(p).unwrap(); (0..20).map(|_| s.next(&logits)).collect() };
+        assert_eq!(a, b);
+        assert!(a.iter().any(|&x| x != a[0]), "sampling at T=1 should vary: {a:?}");
+        let mut g = Sampler::new(SamplingParams { top_k: Some(1), ..p }).unwrap();
+        assert_eq!(g.next(&logits), argmax(&logits));
+    }
+
+    #[test]
+    fn bad_params_are_errors() {
+        assert!(Sampler::new(SamplingParams { top_p: Some(0.0), ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams { temperature: Some(-1.0), ..Default::default() }).is_err());
+    }
+}
