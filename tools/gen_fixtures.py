@@ -980,11 +980,20 @@ def preprocess_cases():
         if key in seen:  # identical output (e.g. RGBA whose alpha is dropped): share the expected file
             exp_name = seen[key]
         else:
-            exp_name = fname.rsplit(".", 1)[0] + ".expected.png"
+            exp_name = fname + ".expected.png"
+            assert not (pdir / exp_name).exists(), exp_name
             Image.fromarray(arr, "RGB").save(pdir / exp_name, format="PNG", compress_level=9)
             seen[key] = exp_name
         oriented = ImageOps.exif_transpose(img) if exif else img
-        items.append({"input": fname, "expected": exp_name, "size": PRE_SIZE, "mode": img.mode,
+        decoded = None
+        if img.format == "JPEG":
+            # the decoder's output (after EXIF orientation, before padding): lets a test separate JPEG-decoder
+            # differences from resize differences (preprocessing this PNG gives exactly `expected`)
+            decoded = fname + ".decoded.png"
+            oriented.convert("RGB").save(pdir / decoded, format="PNG", compress_level=9)
+            pv2 = preprocess(Image.open(pdir / decoded), PRE_SIZE, mean, std)[0]
+            assert torch.equal(pv2, pv), fname
+        items.append({"input": fname, "expected": exp_name, "decoded": decoded, "size": PRE_SIZE, "mode": img.mode,
                       "format": img.format, "width": oriented.size[0], "height": oriented.size[1],
                       "stored_width": img.size[0], "stored_height": img.size[1],
                       "exif_transpose": exif, "fill": [127, 127, 127], "max_recovery_error": err, "note": note})

@@ -1,1 +1,22 @@
+//! Bunny / Q-Adapt written once over the [`ops::Ops`] trait, with a candle interpreter, the hub
+//! checkpoint loader, and the candle inference engine (generation and Q-Align scoring).
+//!
+//! Module map (bottom-up): [`ops`] → [`nn`] → [`siglip`], [`projector`], [`phi`], [`qformer`],
+//! [`prompter`] → [`bunny`] → [`engine`].
 
+pub mod bunny;
+pub mod engine;
+pub mod error;
+pub mod loader;
+pub mod nn;
+pub mod ops;
+pub mod phi;
+pub mod projector;
+pub mod prompter;
+pub mod qformer;
+pub mod siglip;
+
+pub use bunny::{Bunny, ImageFeatures, QFormerText};
+pub use engine::{Engine, GenerateOptions};
+pub use error::{Error, Result};
+pub use ops::{Candle, Ops, Param};

@@ -1,0 +1,198 @@
+//! Inference in candle: prompt building, image-feature splicing, the KV-cached generation loop and
+//! Q-Align scoring. The ONNX runtime mirrors this loop with the same `qadapt-core` pieces.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use image::RgbImage;
+use qadapt_core::image::{pixel_values, PreprocessConfig};
+use qadapt_core::sampling::{level_token_ids, quality_score, AnswerJson, LevelProbs, Sampler, SamplingParams, LEVELS};
+use qadapt_core::template::{self, PromptIds};
+use qadapt_core::{QFormerTokenizer, TextTokenizer};
+
+use crate::bunny::{Bunny, ImageFeatures, QFormerText};
+use crate::ops::Candle;
+use crate::{Error, Result};
+
+/// Generation settings.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self { max_new_tokens: 256, sampling: SamplingParams::default() }
+    }
+}
+
+/// A loaded model with its tokenizers and preprocessing, ready to answer.
+pub struct Engine {
+    pub model: Bunny,
+    pub tokenizer: TextTokenizer,
+    pub qformer_tokenizer: Option<QFormerTokenizer>,
+    pub preprocess: PreprocessConfig,
+    ops: Candle,
+}
+
+impl Engine {
+    /// Loads model, tokenizers and preprocessing settings from a hub model directory.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let model = Bunny::load(dir, device, dtype)?;
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        let qformer_tokenizer = match &model.config.qformer_config {
+            Some(q) if model.is_qadapt() => Some(QFormerTokenizer::from_dir(dir, q.max_text_length)?),
+            _ => None,
+        };
+        let v = &model.config.vision_config;
+        let preprocess = PreprocessConfig { image_size: v.image_size as u32, mean: v.image_mean, std: v.image_std };
+        Ok(Self { model, tokenizer, qformer_tokenizer, preprocess, ops: Candle::new(device.clone(), dtype) })
+    }
+
+    fn device(&self) -> &Device {
+        &self.ops.device
+    }
+
+    /// pixel_values [1, 3, S, S] of an image.
+    pub fn pixel_values(&self, img: &RgbImage) -> Result<Tensor> {
+        let s = self.preprocess.image_size as usize;
+        let px = pixel_values(img, &self.preprocess);
+        Ok(Tensor::from_vec(px, (1, 3, s, s), self.device())?.to_dtype(self.ops.dtype)?)
+    }
+
+    /// The Q-Former's ids and mask [1, T] for a question (Q-Adapt only).
+    pub fn qformer_inputs(&self, question: &str) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(qt) = &self.qformer_tokenizer else { return Ok(None) };
+        let ids: Vec<i64> = qt.encode(&template::qformer_text(question))?.into_iter().map(i64::from).collect();
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), self.device())?;
+        let mask = Tensor::ones((1, n), DType::I64, self.device())?;
+        Ok(Some((ids, mask)))
+    }
+
+    /// All stages of the visual features for an image and the question it is asked with.
+    pub fn image_features(&self, pixels: &Tensor, question: &str) -> Result<ImageFeatures<Tensor>> {
+        let q = self.qformer_inputs(question)?;
+        let text = q.as_ref().map(|(ids, mask)| QFormerText { input_ids: ids, attention_mask: mask });
+        self.model.image_features(&mut self.ops.clone(), pixels, text)
+    }
+
+    /// Prompt ids of a question, `answer_prefix` begun in the assistant turn.
+    pub fn prompt_ids(&self, question: &str, answer_prefix: Option<&str>) -> Result<PromptIds> {
+        let text = template::prompt(&template::user_turn(question), answer_prefix);
+        Ok(template::tokenize_prompt(&self.tokenizer, &text)?)
+    }
+
+    /// Text embeddings with the image features spliced in at the `<image>` position → [1, L, D].
+    pub fn splice(&self, prompt: &PromptIds, image: &Tensor) -> Result<Tensor> {
+        let mut o = self.ops.clone();
+        let embed = |o: &mut Candle, ids: &[u32]| -> Result<Tensor> {
+            let t = Tensor::new(ids, self.device())?.unsqueeze(0)?;
+            self.model.llm.embed(o, &t)
+        };
+        let mut parts = Vec::new();
+        let split = prompt.image_pos.unwrap_or(prompt.ids.len());
+        if split > 0 {
+            parts.push(embed(&mut o, &prompt.ids[..split])?);
+        }
+        if prompt.image_pos.is_some() {
+            parts.push(image.clone());
+        }
+        if split < prompt.ids.len() {
+            parts.push(embed(&mut o, &prompt.ids[split..])?);
+        }
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    fn check_length(&self, len: usize) -> Result<()> {
+        let max = self.model.config.max_position_embeddings;
+        if len >= max {
+            return Err(Error::Input(format!(
+                "the prompt is {len} tokens with the image; the model takes at most {max} (max_position_embeddings)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Logits [V] of the first generated position for a question (and answer prefix).
+    pub fn first_step_logits(&self, img: &RgbImage, question: &str, answer_prefix: Option<&str>) -> Result<Vec<f32>> {
+        let pixels = self.pixel_values(img)?;
+        let feats = self.image_features(&pixels, question)?;
+        let prompt = self.prompt_ids(question, answer_prefix)?;
+        let embeds = self.splice(&prompt, &feats.projected)?;
+        let (logits, _) = self.prefill(&embeds)?;
+        Ok(logits)
+    }
+
+    fn prefill(&self, embeds: &Tensor) -> Result<(Vec<f32>, Vec<(Tensor, Tensor)>)> {
+        let len = embeds.dim(1)?;
+        self.check_length(len)?;
+        let mask = Tensor::ones((1, len), DType::I64, self.device())?;
+        let pos = Tensor::arange(0i64, len as i64, self.device())?.unsqueeze(0)?;
+        let (logits, present) = self.model.decode(&mut self.ops.clone(), embeds, &mask, &pos, None)?;
+        let last = logits.i((0, len - 1))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok((last, present))
+    }
+
+    /// Answers a question about an image; `on_text` receives the answer text as it grows.
+    pub fn generate(&self, img: &RgbImage, question: &str, opts: &GenerateOptions, mut on_text: impl FnMut(&str)) -> Result<AnswerJson> {
+        let mut sampler = Sampler::new(opts.sampling)?;
+        let pixels = self.pixel_values(img)?;
+        let feats = self.image_features(&pixels, question)?;
+        let prompt = self.prompt_ids(question, None)?;
+        let embeds = self.splice(&prompt, &feats.projected)?;
+        let mut len = embeds.dim(1)?;
+        let (mut logits, mut past) = self.prefill(&embeds)?;
+        let eos = self.model.config.eos_token_id;
+        let budget = opts.max_new_tokens.min(self.model.config.max_position_embeddings - len);
+        let mut ids: Vec<u32> = Vec::new();
+        let mut shown = 0;
+        for step in 0..budget {
+            let next = sampler.next(&logits);
+            if next == eos {
+                break;
+            }
+            ids.push(next);
+            let text = self.tokenizer.decode(&ids)?;
+            // Print only once the text is valid UTF-8 at the end (byte-level BPE may split a char).
+            if !text.ends_with('\u{FFFD}') && text.len() > shown {
+                on_text(&text[shown..]);
+                shown = text.len();
+            }
+            if step + 1 == budget {
+                break;
+            }
+            let t = Tensor::new(&[next], self.device())?.unsqueeze(0)?;
+            let e = self.model.llm.embed(&mut self.ops.clone(), &t)?;
+            let mask = Tensor::ones((1, len + 1), DType::I64, self.device())?;
+            let pos = Tensor::new(&[len as i64], self.device())?.unsqueeze(0)?;
+            let (l, present) = self.model.decode(&mut self.ops.clone(), &e, &mask, &pos, Some(&past))?;
+            logits = l.i((0, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            past = present;
+            len += 1;
+        }
+        let answer = self.tokenizer.decode(&ids)?;
+        if answer.len() > shown {
+            on_text(&answer[shown..]);
+        }
+        Ok(AnswerJson { answer, token_ids: ids, score: None, level_probs: None })
+    }
+
+    /// The Q-Align 1–5 score with its level probabilities (DESIGN §5).
+    pub fn score(&self, img: &RgbImage) -> Result<(f32, LevelProbs)> {
+        let levels = level_token_ids(&self.tokenizer)?;
+        let logits = self.first_step_logits(img, template::SCORE_QUESTION, Some(template::SCORE_ANSWER_PREFIX))?;
+        let level_logits = levels.map(|id| logits[id as usize]);
+        Ok(quality_score(level_logits))
+    }
+
+    /// [`Engine::score`] as the `--json` object: the likeliest level word is the answer.
+    pub fn score_json(&self, img: &RgbImage) -> Result<AnswerJson> {
+        let (score, probs) = self.score(img)?;
+        let levels = level_token_ids(&self.tokenizer)?;
+        let arr = probs.to_array();
+        let best = (0..5).fold(0, |b, i| if arr[i] > arr[b] { i } else { b });
+        Ok(AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![levels[best]], score: Some(score), level_probs: Some(probs) })
+    }
+}

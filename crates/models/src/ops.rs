@@ -1,0 +1,253 @@
+//! The op trait the model is written against, and its candle interpreter.
+//!
+//! Every forward pass in this crate is generic over [`Ops`]: the candle interpreter below runs it (and
+//! keeps autograd for training), and the exporter's graph builder records the same calls as ONNX nodes,
+//! so the exported graphs cannot drift from the model that trains. Rules that keep both interpreters
+//! honest: forwards never read a batch or sequence length into a Rust integer and never branch on
+//! tensor values; every op here has a direct ONNX lowering.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::Result;
+
+/// A named weight: the checkpoint key it was loaded from and its value.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// Full safetensors key, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub key: String,
+    /// The tensor (a candle `Var`'s tensor when training).
+    pub t: Tensor,
+}
+
+impl Param {
+    /// Pairs a key with its tensor.
+    pub fn new(key: impl Into<String>, t: Tensor) -> Self {
+        Self { key: key.into(), t }
+    }
+    /// Dims of the weight (weights have static shapes).
+    pub fn dims(&self) -> &[usize] {
+        self.t.dims()
+    }
+}
+
+/// The operations a forward pass may use. `T` is a tensor (candle) or a graph value (ONNX).
+pub trait Ops {
+    /// A value flowing through the forward pass.
+    type T: Clone;
+
+    /// A weight as a value (candle: the tensor itself; ONNX: an initializer named by `p.key`).
+    fn param(&mut self, p: &Param) -> Result<Self::T>;
+    /// `x @ wᵀ + b` for a torch-layout weight `w` [out, in].
+    fn linear(&mut self, x: &Self::T, w: &Self::T, b: Option<&Self::T>) -> Result<Self::T>;
+    /// Batched matrix product over the last two dims.
+    fn matmul(&mut self, a: &Self::T, b: &Self::T) -> Result<Self::T>;
+    /// Element-wise sum with numpy broadcasting.
+    fn add(&mut self, a: &Self::T, b: &Self::T) -> Result<Self::T>;
+    /// Element-wise difference with broadcasting.
+    fn sub(&mut self, a: &Self::T, b: &Self::T) -> Result<Self::T>;
+    /// Element-wise product with broadcasting.
+    fn mul(&mut self, a: &Self::T, b: &Self::T) -> Result<Self::T>;
+    /// `x · mul + add` with scalars.
+    fn affine(&mut self, x: &Self::T, mul: f64, add: f64) -> Result<Self::T>;
+    /// LayerNorm over the last dim.
+    fn layer_norm(&mut self, x: &Self::T, w: &Self::T, b: &Self::T, eps: f64) -> Result<Self::T>;
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`, phi's `gelu_new`).
+    fn gelu_tanh(&mut self, x: &Self::T) -> Result<Self::T>;
+    /// GELU with erf (torch `nn.GELU()`, BERT `gelu`).
+    fn gelu_erf(&mut self, x: &Self::T) -> Result<Self::T>;
+    /// ReLU.
+    fn relu(&mut self, x: &Self::T) -> Result<Self::T>;
+    /// Logistic sigmoid.
+    fn sigmoid(&mut self, x: &Self::T) -> Result<Self::T>;
+    /// Softmax over the last dim, computed in f32 and cast back.
+    fn softmax_last(&mut self, x: &Self::T) -> Result<Self::T>;
+    /// Swaps two dims.
+    fn transpose(&mut self, x: &Self::T, d1: usize, d2: usize) -> Result<Self::T>;
+    /// `[B, L, H·D] → [B, H, L, D]`.
+    fn split_heads(&mut self, x: &Self::T, heads: usize) -> Result<Self::T>;
+    /// `[B, H, L, D] → [B, L, H·D]`.
+    fn merge_heads(&mut self, x: &Self::T) -> Result<Self::T>;
+    /// `x[.., start .. start+len, ..]` along `dim`; `len = None` runs to the end.
+    fn narrow(&mut self, x: &Self::T, dim: usize, start: usize, len: Option<usize>) -> Result<Self::T>;
+    /// Concatenation along `dim`.
+    fn cat(&mut self, xs: &[Self::T], dim: usize) -> Result<Self::T>;
+    /// Rows of `table` [V, D] picked by integer `ids` [B, L] → [B, L, D].
+    fn embedding(&mut self, table: &Self::T, ids: &Self::T) -> Result<Self::T>;
+    /// Non-overlapping patch convolution: `pixels` [B, C, S, S], `w` [D, C, p, p] → [B, N, D].
+    fn patchify(&mut self, pixels: &Self::T, w: &Self::T, b: &Self::T, patch: usize) -> Result<Self::T>;
+    /// A `[1, n, d]` weight repeated over the batch of `like` ([B, …]) → [B, n, d].
+    fn expand_batch(&mut self, x: &Self::T, like: &Self::T) -> Result<Self::T>;
+    /// `(cos, sin)` [B, 1, L, rot] for integer `position_ids` [B, L] (NeoX layout, halves repeated).
+    fn rope_tables(&mut self, position_ids: &Self::T, rot_dims: usize, theta: f64) -> Result<(Self::T, Self::T)>;
+    /// Rotates the first `rot_dims` of `x` [B, H, L, D] (rotate_half); the rest pass through.
+    fn rope(&mut self, x: &Self::T, cos: &Self::T, sin: &Self::T, rot_dims: usize) -> Result<Self::T>;
+    /// Additive mask [B, 1, S, P+S] for a causal decoder: `mask2d` [B, P+S] (1 = keep), queries are the
+    /// last S = `query_like.dim(2)` positions. Masked entries get the dtype's minimum.
+    fn causal_bias(&mut self, mask2d: &Self::T, query_like: &Self::T) -> Result<Self::T>;
+    /// Additive BERT mask [B, 1, 1, L] from `mask2d` [B, L] (1 = keep): `(1 − m) · fill`.
+    fn padding_bias(&mut self, mask2d: &Self::T, fill: f64) -> Result<Self::T>;
+    /// A `[B, L]` mask of ones shaped like the first two dims of `like`.
+    fn ones_mask(&mut self, like: &Self::T) -> Result<Self::T>;
+    /// Integer positions `[1, L]` = 0..L for L = `like.dim(1)`.
+    fn positions_like(&mut self, like: &Self::T) -> Result<Self::T>;
+}
+
+/// Scaled dot-product attention over split heads: `softmax(q kᵀ · scale + bias) v`.
+pub fn attention<O: Ops>(o: &mut O, q: &O::T, k: &O::T, v: &O::T, bias: Option<&O::T>, scale: f64) -> Result<O::T> {
+    let kt = o.transpose(k, 2, 3)?;
+    let scores = o.matmul(q, &kt)?; // [B, H, Lq, Lk]
+    let scores = o.affine(&scores, scale, 0.0)?;
+    let scores = match bias {
+        Some(b) => o.add(&scores, b)?,
+        None => scores,
+    };
+    let probs = o.softmax_last(&scores)?;
+    o.matmul(&probs, v)
+}
+
+/// The candle interpreter: runs the ops on tensors.
+#[derive(Debug, Clone)]
+pub struct Candle {
+    /// Device new tensors (masks, rope tables) are created on.
+    pub device: Device,
+    /// Compute dtype of activations.
+    pub dtype: DType,
+}
+
+impl Candle {
+    /// An interpreter computing in `dtype` on `device`.
+    pub fn new(device: Device, dtype: DType) -> Self {
+        Self { device, dtype }
+    }
+}
+
+impl Ops for Candle {
+    type T = Tensor;
+
+    fn param(&mut self, p: &Param) -> Result<Tensor> {
+        Ok(p.t.clone())
+    }
+    fn linear(&mut self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&w.t()?)?;
+        Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+    fn matmul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(a.contiguous()?.matmul(&b.contiguous()?)?)
+    }
+    fn add(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(a.broadcast_add(b)?)
+    }
+    fn sub(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(a.broadcast_sub(b)?)
+    }
+    fn mul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(a.broadcast_mul(b)?)
+    }
+    fn affine(&mut self, x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
+        Ok(x.affine(mul, add)?)
+    }
+    fn layer_norm(&mut self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        // Statistics in f32 whatever the compute dtype, as torch does for half inputs.
+        let dt = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let xc = xf.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
+        Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+    }
+    fn gelu_tanh(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.gelu()?)
+    }
+    fn gelu_erf(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.gelu_erf()?)
+    }
+    fn relu(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.relu()?)
+    }
+    fn sigmoid(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::sigmoid(x)?)
+    }
+    fn softmax_last(&mut self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?)
+    }
+    fn transpose(&mut self, x: &Tensor, d1: usize, d2: usize) -> Result<Tensor> {
+        Ok(x.transpose(d1, d2)?)
+    }
+    fn split_heads(&mut self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, l, hd) = x.dims3()?;
+        Ok(x.reshape((b, l, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
+    }
+    fn merge_heads(&mut self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, l, d) = x.dims4()?;
+        Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))?)
+    }
+    fn narrow(&mut self, x: &Tensor, dim: usize, start: usize, len: Option<usize>) -> Result<Tensor> {
+        let len = len.unwrap_or(x.dim(dim)?.saturating_sub(start));
+        Ok(x.narrow(dim, start, len)?)
+    }
+    fn cat(&mut self, xs: &[Tensor], dim: usize) -> Result<Tensor> {
+        Ok(Tensor::cat(xs, dim)?)
+    }
+    fn embedding(&mut self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        Ok(table.index_select(&flat, 0)?.reshape((b, l, table.dim(1)?))?)
+    }
+    fn patchify(&mut self, pixels: &Tensor, w: &Tensor, b: &Tensor, patch: usize) -> Result<Tensor> {
+        let y = pixels.conv2d(w, 0, patch, 1, 1)?; // [B, D, h, w]
+        let y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        Ok(y.flatten_from(2)?.transpose(1, 2)?.contiguous()?)
+    }
+    fn expand_batch(&mut self, x: &Tensor, like: &Tensor) -> Result<Tensor> {
+        let (_, n, d) = x.dims3()?;
+        Ok(x.broadcast_as((like.dim(0)?, n, d))?.contiguous()?)
+    }
+    fn rope_tables(&mut self, position_ids: &Tensor, rot_dims: usize, theta: f64) -> Result<(Tensor, Tensor)> {
+        let inv: Vec<f32> = (0..rot_dims / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot_dims as f64)) as f32).collect();
+        let inv = Tensor::new(inv, &self.device)?.reshape((1, 1, ()))?;
+        let pos = position_ids.to_dtype(DType::F32)?.unsqueeze(2)?; // [B, L, 1]
+        let freqs = pos.broadcast_mul(&inv)?; // [B, L, rot/2]
+        let emb = Tensor::cat(&[&freqs, &freqs], 2)?.unsqueeze(1)?; // [B, 1, L, rot]
+        Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
+    }
+    fn rope(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, rot_dims: usize) -> Result<Tensor> {
+        let d = x.dim(3)?;
+        let xr = x.narrow(3, 0, rot_dims)?;
+        let half = rot_dims / 2;
+        let x1 = xr.narrow(3, 0, half)?;
+        let x2 = xr.narrow(3, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+        let y = (xr.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+        if rot_dims == d {
+            return Ok(y);
+        }
+        Ok(Tensor::cat(&[&y, &x.narrow(3, rot_dims, d - rot_dims)?], 3)?)
+    }
+    fn causal_bias(&mut self, mask2d: &Tensor, query_like: &Tensor) -> Result<Tensor> {
+        let (b, total) = mask2d.dims2()?;
+        let s = query_like.dim(2)?;
+        let past = total - s;
+        let causal: Vec<u8> = (0..s).flat_map(|i| (0..total).map(move |j| u8::from(j <= past + i))).collect();
+        let causal = Tensor::from_vec(causal, (1, 1, s, total), &self.device)?;
+        let keep = mask2d.to_dtype(DType::U8)?.reshape((b, 1, 1, total))?.broadcast_mul(&causal)?;
+        let zeros = Tensor::zeros((b, 1, s, total), DType::F32, &self.device)?;
+        let neg = Tensor::full(f32::MIN, (b, 1, s, total), &self.device)?;
+        Ok(keep.broadcast_as((b, 1, s, total))?.where_cond(&zeros, &neg)?.to_dtype(self.dtype)?)
+    }
+    fn padding_bias(&mut self, mask2d: &Tensor, fill: f64) -> Result<Tensor> {
+        let (b, l) = mask2d.dims2()?;
+        let m = mask2d.to_dtype(self.dtype)?.reshape((b, 1, 1, l))?;
+        Ok(m.affine(-fill, fill)?)
+    }
+    fn ones_mask(&mut self, like: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::ones((like.dim(0)?, like.dim(1)?), DType::I64, &self.device)?)
+    }
+    fn positions_like(&mut self, like: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::arange(0i64, like.dim(1)? as i64, &self.device)?.unsqueeze(0)?)
+    }
+}

@@ -1,0 +1,140 @@
+//! phi-2 (HF `PhiForCausalLM`) as a step function: `(inputs_embeds, attention_mask, position_ids,
+//! past) → (logits, present)` — exactly the `decoder.onnx` signature, so the request owns its cache.
+//! Keys: `model.embed_tokens`, `model.layers.N`, `model.final_layernorm`, `lm_head` (Bunny: no bias).
+
+use qadapt_core::BunnyConfig;
+
+use crate::loader::Vb;
+use crate::nn::{LayerNorm, Linear};
+use crate::ops::{attention, Ops, Param};
+use crate::{Error, Result};
+
+/// One decoder layer. Parallel block: `h = ln(x); x = x + attn(h) + mlp(h)`.
+#[derive(Debug, Clone)]
+pub struct PhiLayer {
+    pub input_layernorm: LayerNorm,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub dense: Linear,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl PhiLayer {
+    fn new(vb: &Vb, cfg: &BunnyConfig) -> Result<Self> {
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let a = vb.pp("self_attn");
+        Ok(Self {
+            input_layernorm: LayerNorm::new(&vb.pp("input_layernorm"), d, cfg.layer_norm_eps)?,
+            q_proj: Linear::new(&a.pp("q_proj"), d, d, true)?,
+            k_proj: Linear::new(&a.pp("k_proj"), d, d, true)?,
+            v_proj: Linear::new(&a.pp("v_proj"), d, d, true)?,
+            dense: Linear::new(&a.pp("dense"), d, d, true)?,
+            fc1: Linear::new(&vb.pp("mlp.fc1"), d, i, true)?,
+            fc2: Linear::new(&vb.pp("mlp.fc2"), i, d, true)?,
+        })
+    }
+}
+
+/// The phi-2 decoder with its embedding table and LM head.
+#[derive(Debug, Clone)]
+pub struct Phi {
+    pub embed_tokens: Param,
+    pub layers: Vec<PhiLayer>,
+    pub final_layernorm: LayerNorm,
+    pub lm_head: Linear,
+    pub heads: usize,
+    pub rotary_dims: usize,
+    pub rope_theta: f64,
+}
+
+/// Post-RoPE keys and values of one layer, each [B, H, L, Dh].
+pub type KvPair<T> = (T, T);
+
+impl Phi {
+    /// Loads from the checkpoint root (keys `model.*` and `lm_head.*`).
+    pub fn new(vb: &Vb, cfg: &BunnyConfig) -> Result<Self> {
+        if cfg.hidden_act != "gelu_new" {
+            return Err(Error::Unsupported(format!("LLM hidden_act {:?} (phi-2 uses gelu_new)", cfg.hidden_act)));
+        }
+        let d = cfg.hidden_size;
+        let m = vb.pp("model");
+        let embed_tokens = m.get("embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| PhiLayer::new(&m.pp("layers").pp(i), cfg)).collect::<Result<Vec<_>>>()?;
+        let final_layernorm = LayerNorm::new(&m.pp("final_layernorm"), d, cfg.layer_norm_eps)?;
+        // Bunny's lm_head has no bias; a plain phi-2 checkpoint's bias is honoured when present.
+        let head = vb.pp("lm_head");
+        let lm_head = Linear { weight: head.get("weight", &[cfg.vocab_size, d])?, bias: head.get_opt("bias", &[cfg.vocab_size])? };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            final_layernorm,
+            lm_head,
+            heads: cfg.num_attention_heads,
+            rotary_dims: cfg.rotary_dims(),
+            rope_theta: cfg.rope_theta,
+        })
+    }
+
+    /// Token ids [B, L] → embeddings [B, L, D].
+    pub fn embed<O: Ops>(&self, o: &mut O, ids: &O::T) -> Result<O::T> {
+        let table = o.param(&self.embed_tokens)?;
+        o.embedding(&table, ids)
+    }
+
+    /// One decoder step over S new positions.
+    /// - `embeds` [B, S, D]; `mask2d` [B, P+S] (1 = attend); `position_ids` [B, S];
+    /// - `past`: per layer post-RoPE (K, V) [B, H, P, Dh], or `None` for a prefill from nothing.
+    ///
+    /// Returns logits [B, S, V] and the present (K, V) [B, H, P+S, Dh] of every layer.
+    pub fn forward<O: Ops>(
+        &self,
+        o: &mut O,
+        embeds: &O::T,
+        mask2d: &O::T,
+        position_ids: &O::T,
+        past: Option<&[KvPair<O::T>]>,
+    ) -> Result<(O::T, Vec<KvPair<O::T>>)> {
+        if let Some(p) = past {
+            if p.len() != self.layers.len() {
+                return Err(Error::Input(format!("past has {} layers, the model {}", p.len(), self.layers.len())));
+            }
+        }
+        let (cos, sin) = o.rope_tables(position_ids, self.rotary_dims, self.rope_theta)?; // [B, 1, S, rot]
+        let mut x = embeds.clone();
+        let mut bias = None;
+        let mut present = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(o, &x)?;
+            let q = layer.q_proj.forward(o, &h)?;
+            let q = o.split_heads(&q, self.heads)?; // [B, H, S, Dh]
+            let q = o.rope(&q, &cos, &sin, self.rotary_dims)?;
+            let k = layer.k_proj.forward(o, &h)?;
+            let k = o.split_heads(&k, self.heads)?;
+            let k = o.rope(&k, &cos, &sin, self.rotary_dims)?;
+            let v = layer.v_proj.forward(o, &h)?;
+            let v = o.split_heads(&v, self.heads)?;
+            let (k, v) = match past {
+                Some(p) => (o.cat(&[p[i].0.clone(), k], 2)?, o.cat(&[p[i].1.clone(), v], 2)?), // [B, H, P+S, Dh]
+                None => (k, v),
+            };
+            if bias.is_none() {
+                bias = Some(o.causal_bias(mask2d, &q)?); // [B, 1, S, P+S]
+            }
+            let head_dim = layer.q_proj.dims().1 / self.heads;
+            let a = attention(o, &q, &k, &v, bias.as_ref(), 1.0 / (head_dim as f64).sqrt())?;
+            let a = o.merge_heads(&a)?; // [B, S, D]
+            let a = layer.dense.forward(o, &a)?;
+            let m = layer.fc1.forward(o, &h)?;
+            let m = o.gelu_tanh(&m)?;
+            let m = layer.fc2.forward(o, &m)?;
+            x = o.add(&x, &a)?;
+            x = o.add(&x, &m)?;
+            present.push((k, v));
+        }
+        let x = self.final_layernorm.forward(o, &x)?;
+        let logits = self.lm_head.forward(o, &x)?; // [B, S, V]
+        Ok((logits, present))
+    }
+}
