@@ -21,7 +21,7 @@ impl Report {
 fn run_case(case: &str, report: &mut Report) {
     let dir = fixtures().join(case);
     let exp = Expected::load(case);
-    let engine = Engine::load(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
+    let engine = Engine::load(&dir.join("model"), None, &Device::Cpu, DType::F32).unwrap();
     let img = load_image(&dir.join("image.png")).unwrap();
 
     // Our preprocessing against the HF image processor.

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 /// Errors of config parsing, tokenization, prompt building and image loading.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: bad config: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("tokenizer {path}: {msg}")]
@@ -22,6 +22,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io { path: path.to_path_buf(), err: source }
     }
 }

@@ -4,11 +4,12 @@
 //! The resize reproduces Pillow's `ImagingResample` for 8-bit images: separable two-pass (horizontal,
 //! then vertical) convolution with the a = −0.5 cubic kernel widened by the scale when shrinking
 //! (antialiasing), coefficients in 22-bit fixed point, and an 8-bit intermediate image. Doing the same
-//! integer arithmetic is what makes the output equal PIL's, not merely close.
+//! integer arithmetic is what makes the output equal PIL's, not merely close. JPEGs are decoded by
+//! libjpeg-turbo, Pillow's own decoder, so photos match PIL from the file onwards.
 
 use std::path::Path;
 
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 
 use crate::{Error, Result};
 
@@ -27,12 +28,32 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     if reader.format().is_none() {
         return Err("not a JPEG, PNG or WebP image".into());
     }
+    let is_jpeg = reader.format() == Some(ImageFormat::Jpeg);
     let mut decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
     let orientation = decoder.orientation().map_err(|e| format!("bad EXIF orientation: {e}"))?;
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?;
+    let mut img = match is_jpeg.then(|| decode_jpeg_libjpeg(bytes)).flatten() {
+        Some(rgb) => DynamicImage::ImageRgb8(rgb),
+        None => DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?,
+    };
     img.apply_orientation(orientation);
     // PIL's convert('RGB') drops alpha without compositing and replicates grey; to_rgb8 does the same.
     Ok(img.to_rgb8())
+}
+
+/// JPEG pixels through libjpeg-turbo (islow IDCT, fancy upsampling), as Pillow decodes them; other
+/// JPEG decoders differ by a few grey levels. `None` when libjpeg cannot give RGB (e.g. CMYK, corrupt
+/// data): the caller then falls back to the `image` crate, which reports the error.
+fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<RgbImage> {
+    // libjpeg reports fatal errors by unwinding out of its error handler.
+    std::panic::catch_unwind(|| -> Option<RgbImage> {
+        let mut d = mozjpeg::Decompress::new_mem(bytes).ok()?.rgb().ok()?;
+        let (w, h) = (d.width() as u32, d.height() as u32);
+        let px: Vec<[u8; 3]> = d.read_scanlines().ok()?;
+        d.finish().ok()?;
+        RgbImage::from_raw(w, h, px.into_iter().flatten().collect())
+    })
+    .ok()
+    .flatten()
 }
 
 /// Bunny's `expand2square`: centre on a square canvas of the longer side filled with `fill`;

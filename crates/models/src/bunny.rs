@@ -5,6 +5,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use qadapt_core::{BunnyConfig, ModelType};
 
+use crate::adapter::AdaptedSource;
 use crate::loader::{is_known_extra, Checkpoint, Vb, WeightSource};
 use crate::ops::Ops;
 use crate::phi::{KvPair, Phi};
@@ -59,12 +60,21 @@ impl Bunny {
         Ok(Self { config, vision, prompt, mm_projector, llm })
     }
 
-    /// Loads a hub model directory (config.json + safetensors) computing in `dtype` on `device`.
+    /// Loads a hub model directory (config.json + safetensors) computing in `dtype` on `device`,
+    /// with an adapter directory merged on load when given (see [`crate::adapter`]).
     /// Keys the model does not use are tolerated when known extras, and logged otherwise.
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load(dir: &Path, adapter: Option<&Path>, device: &Device, dtype: DType) -> Result<Self> {
         let config = BunnyConfig::from_file(&dir.join("config.json"))?;
         let ck = Checkpoint::open(dir, device, dtype)?;
-        let model = Self::new(&ck, config)?;
+        let model = match adapter {
+            Some(a) => {
+                let src = AdaptedSource::open(&ck, a, device, dtype)?;
+                let (n_lora, n_full) = src.counts();
+                tracing::info!(n_lora, n_full, adapter = %a.display(), "merged adapter");
+                Self::new(&src, config)?
+            }
+            None => Self::new(&ck, config)?,
+        };
         let layers_used = model.config.vision_config.layers_used();
         let unknown: Vec<String> = ck.unused_keys().into_iter().filter(|k| !is_known_extra(k, layers_used)).collect();
         if !unknown.is_empty() {

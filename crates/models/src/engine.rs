@@ -37,9 +37,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads model, tokenizers and preprocessing settings from a hub model directory.
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let model = Bunny::load(dir, device, dtype)?;
+    /// Loads model (with an optional adapter merged), tokenizers and preprocessing settings from a
+    /// hub model directory.
+    pub fn load(dir: &Path, adapter: Option<&Path>, device: &Device, dtype: DType) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint { path: dir.to_path_buf(), msg: "model directory not found".into() });
+        }
+        let model = Bunny::load(dir, adapter, device, dtype)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let qformer_tokenizer = match &model.config.qformer_config {
             Some(q) if model.is_qadapt() => Some(QFormerTokenizer::from_dir(dir, q.max_text_length)?),

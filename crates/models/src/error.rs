@@ -11,8 +11,8 @@ pub enum Error {
     ShapeMismatch { key: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("unsupported: {0}")]
     Unsupported(String),
     #[error("bad input: {0}")]
@@ -28,6 +28,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io { path: path.to_path_buf(), err: source }
     }
 }

@@ -4,6 +4,7 @@
 //! Module map (bottom-up): [`ops`] → [`nn`] → [`siglip`], [`projector`], [`phi`], [`qformer`],
 //! [`prompter`] → [`bunny`] → [`engine`].
 
+pub mod adapter;
 pub mod bunny;
 pub mod engine;
 pub mod error;
