@@ -121,13 +121,13 @@ impl WeightSource for AdaptedSource<'_> {
         self.base.shape(key)
     }
 
-    fn load(&self, key: &str) -> Result<Tensor> {
+    fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
         if let Some(t) = self.replace.get(key) {
             // Mark the base tensor as used without keeping it: the replacement wins.
-            drop(self.base.load(key)?);
+            drop(self.base.get(key, expected)?);
             return Ok(t.to_dtype(self.dtype)?);
         }
-        let w = self.base.load(key)?;
+        let w = self.base.get(key, expected)?;
         match self.lora.get(key) {
             None => Ok(w),
             Some((a, b)) => {

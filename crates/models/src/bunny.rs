@@ -1,5 +1,6 @@
 //! The composed model: SigLIP → (Q-Adapt prompt module) → connector → phi-2, chosen by `model_type`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
@@ -42,6 +43,19 @@ pub struct ImageFeatures<T> {
     pub fused: Option<T>,
     /// After the connector [B, N, hidden]: what is spliced into the prompt.
     pub projected: T,
+}
+
+/// The dims a Bunny reads from its weights rather than its config, answered from the config: what a
+/// weightless source ([`crate::loader::ShapeOnly`], random init) needs to build the module tree.
+pub fn dims_from_config(config: &BunnyConfig) -> HashMap<String, Vec<usize>> {
+    let mut known = HashMap::new();
+    if let (ModelType::QAdapt, Some(q)) = (config.model_type, &config.qformer_config) {
+        let mm = config.mm_hidden_size;
+        known.insert("model.vlm_att_query".into(), vec![1, q.num_query, q.hidden_size]);
+        known.insert("model.vlm_att_projector.weight".into(), vec![q.att_feat_size, mm]);
+        known.insert("model.vlm_cross_attn.linear1.weight".into(), vec![q.cross_attn_ffn_dim, 2 * mm]);
+    }
+    known
 }
 
 impl Bunny {
@@ -114,5 +128,37 @@ impl Bunny {
         past: Option<&[KvPair<O::T>]>,
     ) -> Result<(O::T, Vec<KvPair<O::T>>)> {
         self.llm.forward(o, embeds, mask2d, position_ids, past)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::ShapeOnly;
+
+    /// Parameter count of the real shapes, from the config alone, against a closed-form count.
+    #[test]
+    fn real_qadapt_shapes_from_config() {
+        let cfg = BunnyConfig::from_json(r#"{"model_type":"bunny-qformer-phi_v3_bib"}"#).unwrap();
+        let src = ShapeOnly::new(dims_from_config(&cfg));
+        let m = Bunny::new(&src, cfg.clone()).unwrap();
+        let n: usize = src.requested().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        // Closed form: phi-2 (no lm_head bias), SigLIP so400m minus its last layer, head and post-LN,
+        // the mlp2x_gelu connector, and the prompt module with a bert-base Q-Former.
+        let (d, v, f, l) = (2560usize, 50295usize, 10240usize, 32usize);
+        let phi = 2 * v * d + l * (2 * d + 4 * (d * d + d) + 2 * d * f + f + d) + 2 * d;
+        let (vd, vf, vl) = (1152usize, 4304usize, 26usize);
+        let siglip = vd * 3 * 14 * 14 + vd + 729 * vd + vl * (4 * vd + 4 * (vd * vd + vd) + 2 * vd * vf + vf + vd);
+        let conn = vd * d + d + d * d + d;
+        let (q, qf, att) = (768usize, 3072usize, 1408usize);
+        let bert_att = |kv: usize| q * q + q + 2 * (kv * q + q) + q * q + q + 2 * q;
+        let ffn = q * qf + qf + qf * q + q + 2 * q;
+        let qformer = 30523 * q + 512 * q + 2 * q + 12 * (bert_att(q) + 2 * ffn) + 6 * bert_att(att);
+        let prompt = vd * att + att + 2 * att + 32 * q + qformer + q * vd + vd
+            + (3 * vd * vd + 3 * vd + vd * vd + vd) + (2 * vd * 2048 + 2048) + (2048 + 1) + 2 * 2 * vd + 2 * vd;
+        assert_eq!(n, phi + siglip + conn + prompt);
+        assert_eq!(m.vision.layers.len(), 26);
+        assert_eq!(m.prompt.as_ref().unwrap().num_query, 32);
+        println!("Q-Adapt at real shapes: {:.3} B parameters ({} tensors)", n as f64 / 1e9, src.requested().len());
     }
 }

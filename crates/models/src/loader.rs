@@ -18,12 +18,13 @@ use safetensors::SafeTensors;
 use crate::ops::Param;
 use crate::{Error, Result};
 
-/// Where weights come from: a checkpoint on disk, or (in training) variables.
+/// Where weights come from: a checkpoint on disk, an adapter over it, fresh random values, or
+/// (in training) variables. Constructors state the shape they expect; the source checks it.
 pub trait WeightSource {
-    /// Shape of a stored tensor, if present.
+    /// Shape of a stored tensor, if the source has one (used where dims come from the weights).
     fn shape(&self, key: &str) -> Option<Vec<usize>>;
-    /// The tensor under `key` in the compute dtype; an error naming the key if it is absent.
-    fn load(&self, key: &str) -> Result<Tensor>;
+    /// The tensor under `key` in the compute dtype. Errors name the key: absent, or not `expected`.
+    fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor>;
 }
 
 /// The safetensors files of one model directory, memory-mapped.
@@ -130,8 +131,11 @@ impl WeightSource for Checkpoint {
         self.index.get(key).map(|(_, i)| i.shape.clone())
     }
 
-    fn load(&self, key: &str) -> Result<Tensor> {
+    fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
         let (fi, info) = self.index.get(key).ok_or_else(|| Error::MissingKey { key: key.to_string() })?;
+        if info.shape != expected {
+            return Err(Error::ShapeMismatch { key: key.to_string(), expected: expected.to_vec(), found: info.shape.clone() });
+        }
         let (path, mmap, start) = &self.files[*fi];
         let bytes = &mmap[start + info.data_offsets.0..start + info.data_offsets.1];
         let dt = DType::try_from(info.dtype).map_err(|e| Error::Checkpoint { path: path.clone(), msg: format!("{key}: {e}") })?;
@@ -199,18 +203,47 @@ impl<'a> Vb<'a> {
     /// A child tensor whose shape must be `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Param> {
         let key = self.key(name);
-        match self.src.shape(&key) {
-            None => Err(Error::MissingKey { key }),
-            Some(found) if found != shape => Err(Error::ShapeMismatch { key, expected: shape.to_vec(), found }),
-            Some(_) => Ok(Param::new(key.clone(), self.src.load(&key)?)),
-        }
+        let t = self.src.get(&key, shape)?;
+        Ok(Param::new(key, t))
     }
 
-    /// A child tensor that may be absent (e.g. an optional bias).
+    /// A child tensor that may be absent (e.g. an optional bias): present only if the source has it.
     pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Param>> {
         if self.shape(name).is_none() {
             return Ok(None);
         }
         self.get(name, shape).map(Some)
+    }
+}
+
+/// A source that has no data: every weight is a zero of the requested shape, broadcast from a
+/// scalar (no memory). It records what the model asks for, so a config alone yields the exact
+/// parameter list — names, shapes, count — of the model it describes, at any size.
+pub struct ShapeOnly {
+    /// Answers for the dims the model reads from the weights (e.g. the Q-Former's query count).
+    pub known: HashMap<String, Vec<usize>>,
+    requested: RefCell<Vec<(String, Vec<usize>)>>,
+}
+
+impl ShapeOnly {
+    /// A source whose `shape` answers from `known`.
+    pub fn new(known: HashMap<String, Vec<usize>>) -> Self {
+        Self { known, requested: RefCell::new(Vec::new()) }
+    }
+
+    /// Every (key, shape) requested so far, in request order.
+    pub fn requested(&self) -> Vec<(String, Vec<usize>)> {
+        self.requested.borrow().clone()
+    }
+}
+
+impl WeightSource for ShapeOnly {
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.known.get(key).cloned()
+    }
+
+    fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
+        self.requested.borrow_mut().push((key.to_string(), expected.to_vec()));
+        Ok(Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as(expected)?)
     }
 }
