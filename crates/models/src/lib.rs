@@ -16,6 +16,7 @@ pub mod projector;
 pub mod prompter;
 pub mod qformer;
 pub mod siglip;
+pub mod train_source;
 
 pub use bunny::{Bunny, ImageFeatures, QFormerText};
 pub use engine::{Engine, GenerateOptions};

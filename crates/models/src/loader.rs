@@ -25,6 +25,11 @@ pub trait WeightSource {
     fn shape(&self, key: &str) -> Option<Vec<usize>>;
     /// The tensor under `key` in the compute dtype. Errors name the key: absent, or not `expected`.
     fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor>;
+    /// A LoRA adapter for the linear layer whose weight is `weight_key` ([out, in]), if this source
+    /// attaches one (training does; loading for inference merges adapters instead).
+    fn lora(&self, _weight_key: &str, _in_dim: usize, _out_dim: usize) -> Result<Option<crate::nn::Lora>> {
+        Ok(None)
+    }
 }
 
 /// The safetensors files of one model directory, memory-mapped.
@@ -205,6 +210,11 @@ impl<'a> Vb<'a> {
         let key = self.key(name);
         let t = self.src.get(&key, shape)?;
         Ok(Param::new(key, t))
+    }
+
+    /// The LoRA adapter the source attaches to this scope's linear layer (`{scope}.weight`), if any.
+    pub fn lora(&self, in_dim: usize, out_dim: usize) -> Result<Option<crate::nn::Lora>> {
+        self.src.lora(&self.key("weight"), in_dim, out_dim)
     }
 
     /// A child tensor that may be absent (e.g. an optional bias): present only if the source has it.

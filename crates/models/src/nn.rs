@@ -4,11 +4,22 @@ use crate::loader::Vb;
 use crate::ops::{Ops, Param};
 use crate::Result;
 
-/// torch `nn.Linear`: weight [out, in], optional bias [out].
+/// A LoRA adapter on a linear layer: `y += scale · B·A·dropout(x)`, A [r, in], B [out, r]. Never
+/// formed into a dense delta in the forward; merging is a separate step (see `crate::adapter`).
+#[derive(Debug, Clone)]
+pub struct Lora {
+    pub a: Param,
+    pub b: Param,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// torch `nn.Linear`: weight [out, in], optional bias [out], optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Param,
     pub bias: Option<Param>,
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
@@ -16,7 +27,8 @@ impl Linear {
     pub fn new(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get("weight", &[out_dim, in_dim])?;
         let bias = if bias { Some(vb.get("bias", &[out_dim])?) } else { None };
-        Ok(Self { weight, bias })
+        let lora = vb.lora(in_dim, out_dim)?;
+        Ok(Self { weight, bias, lora })
     }
 
     /// Loads a linear layer whose dims the checkpoint decides (`[out, in]` read from the weight).
@@ -39,7 +51,15 @@ impl Linear {
             Some(b) => Some(o.param(b)?),
             None => None,
         };
-        o.linear(x, &w, b.as_ref())
+        let y = o.linear(x, &w, b.as_ref())?;
+        let Some(l) = &self.lora else { return Ok(y) };
+        let h = o.dropout(x, l.dropout)?;
+        let a = o.param(&l.a)?;
+        let h = o.linear(&h, &a, None)?; // [.., r]
+        let b = o.param(&l.b)?;
+        let h = o.linear(&h, &b, None)?; // [.., out]
+        let h = o.affine(&h, l.scale, 0.0)?;
+        o.add(&y, &h)
     }
 }
 

@@ -7,6 +7,8 @@
 //! tensor values; every op here has a direct ONNX lowering.
 
 use candle_core::{DType, Device, Tensor, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::Result;
 
@@ -90,6 +92,8 @@ pub trait Ops {
     fn ones_mask(&mut self, like: &Self::T) -> Result<Self::T>;
     /// Integer positions `[1, L]` = 0..L for L = `like.dim(1)`.
     fn positions_like(&mut self, like: &Self::T) -> Result<Self::T>;
+    /// Inverted dropout with drop probability `p` while training; the identity otherwise (and in ONNX).
+    fn dropout(&mut self, x: &Self::T, p: f32) -> Result<Self::T>;
 }
 
 /// Scaled dot-product attention over split heads: `softmax(q kᵀ · scale + bias) v`.
@@ -112,12 +116,20 @@ pub struct Candle {
     pub device: Device,
     /// Compute dtype of activations.
     pub dtype: DType,
+    /// Set while training: dropout masks come from this seeded RNG, so a run (and its resume) is
+    /// reproducible; `None` makes dropout the identity.
+    pub dropout_rng: Option<StdRng>,
 }
 
 impl Candle {
-    /// An interpreter computing in `dtype` on `device`.
+    /// An inference interpreter computing in `dtype` on `device`.
     pub fn new(device: Device, dtype: DType) -> Self {
-        Self { device, dtype }
+        Self { device, dtype, dropout_rng: None }
+    }
+
+    /// A training interpreter whose dropout masks derive from `seed`.
+    pub fn training(device: Device, dtype: DType, seed: u64) -> Self {
+        Self { device, dtype, dropout_rng: Some(StdRng::seed_from_u64(seed)) }
     }
 }
 
@@ -249,5 +261,15 @@ impl Ops for Candle {
     }
     fn positions_like(&mut self, like: &Tensor) -> Result<Tensor> {
         Ok(Tensor::arange(0i64, like.dim(1)? as i64, &self.device)?.unsqueeze(0)?)
+    }
+    fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
+        let Some(rng) = self.dropout_rng.as_mut() else { return Ok(x.clone()) };
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+        let mask = Tensor::from_vec(mask, x.dims(), &self.device)?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
     }
 }

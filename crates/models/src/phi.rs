@@ -65,7 +65,7 @@ impl Phi {
         let final_layernorm = LayerNorm::new(&m.pp("final_layernorm"), d, cfg.layer_norm_eps)?;
         // Bunny's lm_head has no bias; a plain phi-2 checkpoint's bias is honoured when present.
         let head = vb.pp("lm_head");
-        let lm_head = Linear { weight: head.get("weight", &[cfg.vocab_size, d])?, bias: head.get_opt("bias", &[cfg.vocab_size])? };
+        let lm_head = Linear { weight: head.get("weight", &[cfg.vocab_size, d])?, bias: head.get_opt("bias", &[cfg.vocab_size])?, lora: None };
         Ok(Self {
             embed_tokens,
             layers,

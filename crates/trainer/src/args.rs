@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::data::Task;
+
 /// qadapt-train: train and run Bunny / Q-Adapt with candle.
 #[derive(Debug, Parser)]
 #[command(name = "qadapt-train", version, about)]
@@ -16,6 +18,18 @@ pub struct Cli {
 pub enum Command {
     /// Answer a question about an image (or score its quality) with the candle model.
     Infer(InferArgs),
+    /// Stage 1: LoRA on the LLM and the vision encoder, connector trainable (explanation data).
+    Stage1(TrainArgs),
+    /// Stage 2: stage-1 LoRA merged and frozen; prompt module and connector trained (all data).
+    Stage2(TrainArgs),
+    /// Merge base + stage-1 LoRA (+ stage-2 modules) into an HF-format model directory.
+    Merge(MergeArgs),
+    /// Write a random-initialised model directory in the hub layout for a config.
+    Init(InitArgs),
+    /// Generate the synthetic EIQA dataset (images with known distortions, Q-Instruct JSON).
+    Synth(SynthArgs),
+    /// Answer accuracy on held-out conversations and SROCC / PLCC of the score against labels.
+    Eval(EvalArgs),
 }
 
 /// Compute dtype of activations and weights.
@@ -34,6 +48,13 @@ impl Dtype {
             Dtype::Bf16 => candle_core::DType::BF16,
         }
     }
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -41,7 +62,7 @@ pub struct InferArgs {
     /// HF model directory (config.json, safetensors, tokenizer files), as the hub ships it.
     #[arg(long)]
     pub model: PathBuf,
-    /// Adapter directory to merge on load (adapter_model.safetensors / non_lora_trainables.safetensors).
+    /// Adapter directory to merge on load (a training run's `final/`, or PEFT files).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Image file (JPEG, PNG or WebP).
@@ -77,4 +98,183 @@ pub struct InferArgs {
     /// Compute dtype (f32 on CPU; bf16 or f16 on CUDA).
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Base model directory (hub layout).
+    #[arg(long, required_unless_present = "resume")]
+    pub model: Option<PathBuf>,
+    /// Stage-1 run directory (stage 2 only): its LoRA is merged and frozen.
+    #[arg(long)]
+    pub stage1: Option<PathBuf>,
+    /// Training data: LLaVA / Q-Instruct JSON files, comma-separated.
+    #[arg(long, value_delimiter = ',', required_unless_present = "resume")]
+    pub data: Vec<PathBuf>,
+    /// Folder the data's image paths are relative to.
+    #[arg(long, required_unless_present = "resume")]
+    pub images: Option<PathBuf>,
+    /// Run directory: checkpoints, final adapter, metrics.jsonl, loss.png.
+    #[arg(long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this directory from its latest checkpoint (its saved settings apply).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Data subset: explanation (stage 1's default), answering, or all (stage 2's default).
+    #[arg(long, value_enum)]
+    pub task: Option<Task>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 128)]
+    pub lora_r: usize,
+    /// LoRA alpha (scale = alpha / r).
+    #[arg(long, default_value_t = 256.0)]
+    pub lora_alpha: f64,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f32,
+    /// Linear layers that get LoRA, by name (phi-2: q_proj k_proj v_proj dense fc1 fc2; SigLIP: out_proj too).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,dense,fc1,fc2,out_proj")]
+    pub lora_targets: Vec<String>,
+    /// Leave the vision encoder without LoRA.
+    #[arg(long)]
+    pub no_vision_lora: bool,
+    /// Learning rate of LoRA (stage 1) or the prompt module (stage 2).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Learning rate of the connector.
+    #[arg(long, default_value_t = 2e-5)]
+    pub connector_lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Share of steps spent warming the learning rate up.
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Samples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Longest sequence (text + image tokens); longer samples are truncated with a warning.
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// Seed of data order, LoRA init and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint every N steps (and always at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Stage 2: train the whole Q-Former, not only its cross-attention.
+    #[arg(long)]
+    pub unfreeze_qformer: bool,
+    /// Stage 2: InstructBLIP Q-Former weights (safetensors: LAVIS or HF names).
+    #[arg(long)]
+    pub qformer_init: Option<PathBuf>,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype (trainable weights keep f32 master copies).
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Stage-1 run directory.
+    #[arg(long)]
+    pub stage1: PathBuf,
+    /// Stage-2 run directory.
+    #[arg(long)]
+    pub stage2: Option<PathBuf>,
+    /// Output directory (HF layout).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stored dtype of the output (default: the base's).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
+    /// Largest shard in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub shard_mib: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// A Bunny / Q-Adapt config.json (any size).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Copy the tokenizer files (and qformer/) from this directory.
+    #[arg(long, conflicts_with = "data")]
+    pub tokenizer: Option<PathBuf>,
+    /// Train a small byte-level BPE (and a Q-Former WordPiece) on these JSON files instead.
+    #[arg(long, value_delimiter = ',')]
+    pub data: Vec<PathBuf>,
+    /// Vocabulary size of the trained BPE.
+    #[arg(long, default_value_t = 1000)]
+    pub bpe_vocab: usize,
+    /// Stored dtype of the weights.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+    /// Largest shard in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub shard_mib: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output folder (images/, train.json, test.json, labels.csv).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 400)]
+    pub n: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Share of images held out in test.json.
+    #[arg(long, default_value_t = 0.2)]
+    pub test_fraction: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Adapter directory merged on load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Held-out conversations (Q-Instruct JSON); the answering ones are asked.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Folder the image paths are relative to.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// CSV `image,mos,split,…`: the `test` rows are scored and correlated with `mos`.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Ask at most this many questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -1,8 +1,21 @@
-//! `qadapt-train`: the candle side of qadapt. Today it runs inference (`infer`) on a hub model
-//! directory with an optional adapter; the stage-1 / stage-2 trainer lands with its own issue.
+//! `qadapt-train`: progressive instruction tuning of Bunny / Q-Adapt with candle (stage 1: LoRA on the
+//! LLM and the vision encoder + connector; stage 2: prompt module + connector over the merged model),
+//! plus `infer`, `init`, `merge` and the synthetic EIQA dataset (`synth`).
 
 pub mod args;
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod files;
 pub mod infer;
+pub mod init;
+pub mod merge;
+pub mod optim;
+pub mod plot;
+pub mod shards;
+pub mod step;
+pub mod synth;
+pub mod train;
 
 /// Picks the candle device named on the command line.
 pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {

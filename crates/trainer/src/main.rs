@@ -11,6 +11,12 @@ fn main() -> ExitCode {
         .init();
     let res = match &cli.command {
         Command::Infer(a) => trainer::infer::run(a),
+        Command::Stage1(a) => trainer::cli::train(a, trainer::train::Stage::Stage1),
+        Command::Stage2(a) => trainer::cli::train(a, trainer::train::Stage::Stage2),
+        Command::Merge(a) => trainer::cli::merge(a),
+        Command::Init(a) => trainer::cli::init(a),
+        Command::Synth(a) => trainer::cli::synth(a),
+        Command::Eval(a) => trainer::cli::eval(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,192 @@
+//! Weight sources for training: which tensors become trainable variables (f32 master copies), where
+//! LoRA adapters attach, and random initialisation for weights a checkpoint does not have.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::loader::WeightSource;
+use crate::nn::Lora;
+use crate::Result;
+
+/// PEFT's key prefix for adapter tensors.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Where LoRA goes and how big it is.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    /// Last path segments of the targeted linears, e.g. `q_proj`, `fc1`.
+    pub targets: Vec<String>,
+    /// Key prefixes of the towers that get adapters, e.g. `model.layers.` and the vision prefix.
+    pub scopes: Vec<String>,
+}
+
+impl LoraSpec {
+    /// Does the linear with weight `weight_key` get an adapter?
+    pub fn applies(&self, weight_key: &str) -> bool {
+        let Some(stem) = weight_key.strip_suffix(".weight") else { return false };
+        let last = stem.rsplit('.').next().unwrap_or(stem);
+        self.scopes.iter().any(|s| stem.starts_with(s.as_str())) && self.targets.iter().any(|t| t == last)
+    }
+    /// `alpha / r`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+}
+
+/// Initial value of a weight, by its name: LayerNorm weights 1, biases 0, embedding tables and
+/// query tokens N(0, 0.5²), other weights N(0, 1/fan_in) (fan_in = product of all dims but the first).
+/// Fan-in scaling keeps activations and logits O(1) at any width, so a random model is a usable
+/// frozen base for LoRA (with HF's N(0, 0.02²) a frozen tiny lm_head caps every logit near 1).
+pub fn init_tensor(key: &str, shape: &[usize], rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let lower = key.to_ascii_lowercase();
+    let is_norm = lower.contains("norm") || key.contains("vlm_att_ln");
+    let is_table = ["embed_tokens.weight", "word_embeddings.weight", "position_embeddings.weight", "position_embedding.weight", "vlm_att_query"]
+        .iter()
+        .any(|s| key.ends_with(s));
+    let data: Vec<f32> = if key.ends_with(".bias") {
+        vec![0.0; n]
+    } else if is_norm && key.ends_with(".weight") {
+        vec![1.0; n]
+    } else {
+        let std = if is_table { 0.5 } else { 1.0 / (shape.iter().skip(1).product::<usize>().max(1) as f64).sqrt() };
+        (0..n).map(|_| (normal(rng) * std) as f32).collect()
+    };
+    Ok(Tensor::from_vec(data, shape, device)?)
+}
+
+/// A standard normal sample (Box–Muller; rand's distributions live in another crate).
+pub fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(1e-300);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// A source for training: frozen tensors pass through from `base`; keys selected by `trainable`
+/// become [`Var`]s in f32 (the master copy; the forward sees them cast to the compute dtype); LoRA
+/// adapters attach per `lora`. `init` overrides starting values (resume, `--qformer-init`), and keys
+/// that neither has are randomly initialised when `random_missing` allows it.
+pub struct TrainSource<'a> {
+    base: &'a dyn WeightSource,
+    trainable: Box<dyn Fn(&str) -> bool + 'a>,
+    lora: Option<LoraSpec>,
+    init: HashMap<String, Tensor>,
+    random_missing: Box<dyn Fn(&str) -> bool + 'a>,
+    vars: RefCell<Vec<(String, Var)>>,
+    randomised: RefCell<Vec<String>>,
+    rng: RefCell<StdRng>,
+    device: Device,
+    dtype: DType,
+}
+
+impl<'a> TrainSource<'a> {
+    /// See the type's docs. `seed` drives LoRA A and any random initialisation.
+    pub fn new(
+        base: &'a dyn WeightSource,
+        trainable: impl Fn(&str) -> bool + 'a,
+        lora: Option<LoraSpec>,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Self {
+        Self {
+            base,
+            trainable: Box::new(trainable),
+            lora,
+            init: HashMap::new(),
+            random_missing: Box::new(|_| false),
+            vars: RefCell::new(Vec::new()),
+            randomised: RefCell::new(Vec::new()),
+            rng: RefCell::new(StdRng::seed_from_u64(seed)),
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    /// Starting values that win over the base (keys as saved: PEFT names for LoRA, plain otherwise).
+    pub fn with_init(mut self, init: HashMap<String, Tensor>) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// Keys for which a missing tensor is randomly initialised instead of being an error.
+    pub fn with_random_missing(mut self, f: impl Fn(&str) -> bool + 'a) -> Self {
+        self.random_missing = Box::new(f);
+        self
+    }
+
+    /// The trainable variables created so far, with the keys they are saved under.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.vars.borrow().clone()
+    }
+
+    /// Keys that were randomly initialised because the checkpoint lacked them.
+    pub fn randomised(&self) -> Vec<String> {
+        self.randomised.borrow().clone()
+    }
+
+    fn make_var(&self, key: &str, value: Tensor) -> Result<Tensor> {
+        let var = Var::from_tensor(&value.to_dtype(DType::F32)?)?;
+        let t = var.as_tensor().to_dtype(self.dtype)?;
+        self.vars.borrow_mut().push((key.to_string(), var));
+        Ok(t)
+    }
+}
+
+impl WeightSource for TrainSource<'_> {
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.init.get(key).map(|t| t.dims().to_vec()).or_else(|| self.base.shape(key))
+    }
+
+    fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
+        let value = match self.init.get(key) {
+            Some(t) if t.dims() == expected => t.to_device(&self.device)?,
+            Some(t) => {
+                return Err(crate::Error::ShapeMismatch { key: key.to_string(), expected: expected.to_vec(), found: t.dims().to_vec() })
+            }
+            None if self.base.shape(key).is_none() && (self.random_missing)(key) => {
+                self.randomised.borrow_mut().push(key.to_string());
+                init_tensor(key, expected, &mut self.rng.borrow_mut(), &self.device)?
+            }
+            None => self.base.get(key, expected)?,
+        };
+        if (self.trainable)(key) {
+            self.make_var(key, value)
+        } else {
+            Ok(value.to_dtype(self.dtype)?)
+        }
+    }
+
+    fn lora(&self, weight_key: &str, in_dim: usize, out_dim: usize) -> Result<Option<Lora>> {
+        let Some(spec) = &self.lora else { return Ok(None) };
+        if !spec.applies(weight_key) {
+            return Ok(None);
+        }
+        let stem = weight_key.trim_end_matches(".weight");
+        let (ka, kb) = (format!("{PEFT_PREFIX}{stem}.lora_A.weight"), format!("{PEFT_PREFIX}{stem}.lora_B.weight"));
+        // PEFT's init: A ~ kaiming-uniform(a=√5) = U(±1/√in), B = 0, so training starts at the base model.
+        let a = match self.init.get(&ka) {
+            Some(t) => t.clone(),
+            None => {
+                let bound = 1.0 / (in_dim as f64).sqrt();
+                let mut rng = self.rng.borrow_mut();
+                let data: Vec<f32> = (0..spec.r * in_dim).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
+                Tensor::from_vec(data, (spec.r, in_dim), &self.device)?
+            }
+        };
+        let b = match self.init.get(&kb) {
+            Some(t) => t.clone(),
+            None => Tensor::zeros((out_dim, spec.r), DType::F32, &self.device)?,
+        };
+        let a = crate::ops::Param::new(ka.clone(), self.make_var(&ka, a)?);
+        let b = crate::ops::Param::new(kb.clone(), self.make_var(&kb, b)?);
+        Ok(Some(Lora { a, b, scale: spec.scale(), dropout: spec.dropout }))
+    }
+}

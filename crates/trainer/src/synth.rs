@@ -1,0 +1,170 @@
+//! `qadapt-train synth`: a synthetic EIQA dataset in Q-Instruct format, the embedded default that
+//! needs no download. Each image is drawn procedurally (gradient, stripes, shapes) and then degraded
+//! by one known distortion at a graded strength; its quality label follows from the strength.
+//!
+//! Writes `images/*.png`, `train.json` / `test.json` (held-out images), and `labels.csv`
+//! (`image,mos,split,distortion,strength`). Every row carries `task` (explanation | answering).
+
+use std::io::Cursor;
+use std::path::Path;
+
+use anyhow::Context;
+use image::{Rgb, RgbImage};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+/// Distortions, with the noun the texts use.
+pub const DISTORTIONS: [&str; 6] = ["blur", "noise", "compression", "over-exposure", "under-exposure", "colour cast"];
+/// Quality words by strength 0..=4 (0: pristine).
+pub const LEVEL_BY_STRENGTH: [&str; 5] = ["excellent", "good", "fair", "poor", "bad"];
+const GRADE: [&str; 5] = ["no", "slight", "moderate", "strong", "severe"];
+
+fn draw_base(rng: &mut StdRng, w: u32, h: u32) -> RgbImage {
+    let c0: [f32; 3] = [rng.random_range(40.0..200.0), rng.random_range(40.0..200.0), rng.random_range(40.0..200.0)];
+    let c1: [f32; 3] = [rng.random_range(40.0..200.0), rng.random_range(40.0..200.0), rng.random_range(40.0..200.0)];
+    let freq = rng.random_range(0.3..0.9f32);
+    let mut img = RgbImage::from_fn(w, h, |x, y| {
+        let t = y as f32 / h as f32;
+        let stripe = 10.0 * ((x as f32 * freq).sin());
+        Rgb(std::array::from_fn(|c| (c0[c] * (1.0 - t) + c1[c] * t + stripe).clamp(0.0, 255.0) as u8))
+    });
+    for _ in 0..rng.random_range(1..3) {
+        let col = Rgb([rng.random::<u8>(), rng.random::<u8>(), rng.random::<u8>()]);
+        let (cx, cy) = (rng.random_range(0..w) as i64, rng.random_range(0..h) as i64);
+        let r = rng.random_range(4..(w.min(h) / 3).max(5)) as i64;
+        let square = rng.random::<bool>();
+        for y in (cy - r).max(0)..(cy + r).min(h as i64) {
+            for x in (cx - r).max(0)..(cx + r).min(w as i64) {
+                if square || (x - cx).pow(2) + (y - cy).pow(2) <= r * r {
+                    img.put_pixel(x as u32, y as u32, col);
+                }
+            }
+        }
+    }
+    img
+}
+
+fn distort(img: &RgbImage, kind: usize, s: usize, rng: &mut StdRng) -> anyhow::Result<RgbImage> {
+    let sf = s as f32;
+    let map = |img: &RgbImage, f: &dyn Fn(usize, f32) -> f32| {
+        let mut out = img.clone();
+        for p in out.pixels_mut() {
+            for c in 0..3 {
+                p.0[c] = f(c, p.0[c] as f32).clamp(0.0, 255.0) as u8;
+            }
+        }
+        out
+    };
+    Ok(match (kind, s) {
+        (_, 0) => img.clone(),
+        (0, _) => image::imageops::blur(img, 1.0 * sf),
+        (1, _) => {
+            let mut out = img.clone();
+            for p in out.pixels_mut() {
+                for c in 0..3 {
+                    let n = models::train_source::normal(rng) as f32 * 15.0 * sf;
+                    p.0[c] = (p.0[c] as f32 + n).clamp(0.0, 255.0) as u8;
+                }
+            }
+            out
+        }
+        (2, _) => {
+            let mut bytes = Vec::new();
+            let q = [90u8, 30, 12, 6, 2][s];
+            image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut bytes), q).encode_image(img)?;
+            image::load_from_memory(&bytes)?.to_rgb8()
+        }
+        (3, _) => map(img, &|_, v| v * (1.0 + 0.35 * sf) + 25.0 * sf),
+        (4, _) => map(img, &|_, v| v * (1.0 - 0.2 * sf)),
+        _ => {
+            let ch = rng.random_range(0..3);
+            map(img, &move |c, v| if c == ch { v + 30.0 * sf } else { v - 8.0 * sf })
+        }
+    })
+}
+
+fn explanation(kind: usize, s: usize) -> String {
+    let what = if s == 0 {
+        "The image is clean: edges are sharp, there is no visible noise or blocking, and the exposure and colours look natural.".to_string()
+    } else {
+        let effect = match kind {
+            0 => "so edges and fine textures are smeared",
+            1 => "so flat areas look grainy and speckled",
+            2 => "so blocky compression artifacts cover the image",
+            3 => "so bright regions are washed out and lose detail",
+            4 => "so the image is dark and shadow details are lost",
+            _ => "so the colours are tinted and look unnatural",
+        };
+        format!("The image shows {} {}, {effect}.", GRADE[s], DISTORTIONS[kind])
+    };
+    format!("{what} Overall, the quality of the image is {}.", LEVEL_BY_STRENGTH[s])
+}
+
+fn cap(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+}
+
+/// Rows (conversations) about one image.
+fn rows(image: &str, kind: usize, s: usize, rng: &mut StdRng) -> Vec<serde_json::Value> {
+    let row = |task: &str, q: String, a: String| json!({"id": format!("{image}:{task}:{}", q.len()), "image": image, "task": task,
+        "conversations": [{"from": "human", "value": format!("<image>\n{q}")}, {"from": "gpt", "value": a}]});
+    let main = if s == 0 { "none" } else { DISTORTIONS[kind] };
+    let mut out = vec![
+        row("explanation", "Describe the quality of this image and explain your judgement.".into(), explanation(kind, s)),
+        row("answering", "How would you rate the quality of this image?".into(), format!("The quality of the image is {}.", LEVEL_BY_STRENGTH[s])),
+    ];
+    // Yes/no: half the time about the real distortion.
+    let asked = if s > 0 && rng.random::<bool>() { kind } else { rng.random_range(0..DISTORTIONS.len()) };
+    let yes = s > 0 && asked == kind;
+    out.push(row("answering", format!("Does this image suffer from {}?", DISTORTIONS[asked]), if yes { "Yes." } else { "No." }.into()));
+    out.push(row("answering", "What is the main distortion in this image?".into(), format!("{}.", cap(main))));
+    // Multiple choice over the true answer and three others, letters shuffled.
+    let mut opts: Vec<&str> = vec![main];
+    while opts.len() < 4 {
+        let o = if rng.random_range(0..7) == 0 { "none" } else { DISTORTIONS[rng.random_range(0..DISTORTIONS.len())] };
+        if !opts.contains(&o) {
+            opts.push(o);
+        }
+    }
+    let correct = rng.random_range(0..4);
+    opts.swap(0, correct);
+    let letters = ["A", "B", "C", "D"];
+    let listing: String = opts.iter().zip(letters).map(|(o, l)| format!("{l}. {o}\n")).collect();
+    out.push(row(
+        "answering",
+        format!("Which distortion is most visible in this image?\n{listing}Answer with the option's letter from the given choices directly."),
+        format!("{}.", letters[correct]),
+    ));
+    out
+}
+
+/// Generates `n` images (a `test_fraction` of them held out) under `out`.
+pub fn generate(out: &Path, n: usize, seed: u64, test_fraction: f64) -> anyhow::Result<(usize, usize)> {
+    let img_dir = out.join("images");
+    std::fs::create_dir_all(&img_dir).with_context(|| format!("creating {}", img_dir.display()))?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    let mut csv = String::from("image,mos,split,distortion,strength\n");
+    let n_test = ((n as f64) * test_fraction).round() as usize;
+    for i in 0..n {
+        let (w, h) = if rng.random::<bool>() { (64, 48) } else { (48, 64) };
+        let base = draw_base(&mut rng, w, h);
+        let kind = rng.random_range(0..DISTORTIONS.len());
+        let s = rng.random_range(0..5);
+        let img = distort(&base, kind, s, &mut rng)?;
+        let name = format!("img_{i:05}.png");
+        img.save(img_dir.join(&name)).with_context(|| format!("writing {name}"))?;
+        let mos = (5.0 - s as f64 + rng.random_range(-0.3..0.3)).clamp(1.0, 5.0);
+        let split = if i < n - n_test { "train" } else { "test" };
+        let distortion = if s == 0 { "none" } else { DISTORTIONS[kind] };
+        csv.push_str(&format!("images/{name},{mos:.3},{split},{distortion},{s}\n"));
+        let r = rows(&format!("images/{name}"), kind, s, &mut rng);
+        if split == "train" { train.extend(r) } else { test.extend(r) }
+    }
+    std::fs::write(out.join("train.json"), serde_json::to_string_pretty(&train)?)?;
+    std::fs::write(out.join("test.json"), serde_json::to_string_pretty(&test)?)?;
+    std::fs::write(out.join("labels.csv"), csv)?;
+    Ok((train.len(), test.len()))
+}

@@ -1,0 +1,442 @@
+//! Progressive instruction tuning: the stage-1 and stage-2 training loops, checkpoints and resume.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor, Var};
+use models::adapter::AdaptedSource;
+use models::loader::{Checkpoint, WeightSource};
+use models::train_source::{LoraSpec, TrainSource, PEFT_PREFIX};
+use models::{Bunny, Candle};
+use qadapt_core::image::PreprocessConfig;
+use qadapt_core::{BunnyConfig, ModelType, QFormerTokenizer, TextTokenizer};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{self, Encoded, Task};
+use crate::optim::{clip_global_norm, cosine_with_warmup, AdamW, Group};
+use crate::files::write_dir_atomic;
+use crate::step::batch_loss;
+
+/// Which stage of progressive instruction tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// LoRA on the LLM and the vision encoder, connector trainable.
+    Stage1,
+    /// Stage-1 LoRA merged and frozen; prompt module and connector trainable.
+    Stage2,
+}
+
+/// Everything a run depends on; saved as `train_config.json` so `--resume` needs nothing else.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub stage: Stage,
+    pub model: PathBuf,
+    pub stage1: Option<PathBuf>,
+    pub data: Vec<PathBuf>,
+    pub images: PathBuf,
+    pub out: PathBuf,
+    pub task: Task,
+    pub lora: Option<LoraSpec>,
+    pub lr: f64,
+    pub connector_lr: f64,
+    pub weight_decay: f64,
+    pub warmup_ratio: f64,
+    pub max_grad_norm: f64,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_length: usize,
+    pub seed: u64,
+    pub save_every: usize,
+    pub unfreeze_qformer: bool,
+    pub qformer_init: Option<PathBuf>,
+    pub device: String,
+    pub dtype: String,
+}
+
+/// Progress saved with each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub total_steps: usize,
+    /// The data order and dropout masks are functions of (seed, step): this is the RNG state.
+    pub seed: u64,
+    pub samples: usize,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub stage: Stage,
+    pub steps: usize,
+    pub samples: usize,
+    pub trainable_params: usize,
+    pub first_loss: f32,
+    pub final_loss: f32,
+    pub mean_last10_loss: f32,
+    pub samples_per_s: f64,
+    pub seconds: f64,
+    pub truncated_samples: usize,
+    pub randomly_initialised: usize,
+    pub adapter_dir: PathBuf,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metric {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub samples_per_s: f64,
+}
+
+/// The directory holding a run's final adapter (`RUN/final`), or RUN itself when it holds one.
+pub fn adapter_dir(run: &Path) -> PathBuf {
+    let f = run.join("final");
+    if f.is_dir() {
+        f
+    } else {
+        run.to_path_buf()
+    }
+}
+
+fn group_of(key: &str) -> &'static str {
+    if key.contains(".lora_") {
+        "lora"
+    } else if key.starts_with("model.mm_projector.") {
+        "connector"
+    } else {
+        "prompt"
+    }
+}
+
+fn stage2_trainable(key: &str, unfreeze_qformer: bool) -> bool {
+    if key.starts_with("model.mm_projector.") {
+        return true;
+    }
+    if let Some(rest) = key.strip_prefix("model.vlm_att_encoder.bert.") {
+        // The official recipe trains only the Q-Former's cross-attention ("freeze_part").
+        return unfreeze_qformer || rest.contains(".crossattention.");
+    }
+    key.starts_with("model.vlm_")
+}
+
+/// Maps InstructBLIP Q-Former weights (LAVIS `Qformer.bert.*`, `query_tokens`, `ln_vision`, or HF
+/// `qformer.*`) to Q-Adapt keys.
+pub fn qformer_init_map(path: &Path, device: &candle_core::Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
+    let raw = candle_core::safetensors::load(&file, device).with_context(|| format!("--qformer-init {}", file.display()))?;
+    let mut out = HashMap::new();
+    for (k, t) in raw {
+        let key = if let Some(r) = k.strip_prefix("Qformer.bert.") {
+            format!("model.vlm_att_encoder.bert.{r}")
+        } else if let Some(r) = k.strip_prefix("qformer.") {
+            let r = r.replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.", ".crossattention.self.");
+            let r = r.replace("embeddings.layernorm.", "embeddings.LayerNorm.");
+            let r = if let Some(x) = r.strip_prefix("layernorm.") { format!("embeddings.LayerNorm.{x}") } else { r };
+            format!("model.vlm_att_encoder.bert.{r}")
+        } else if k == "query_tokens" {
+            "model.vlm_att_query".into()
+        } else if let Some(r) = k.strip_prefix("ln_vision.") {
+            format!("model.vlm_att_ln.{r}")
+        } else {
+            continue;
+        };
+        if key.ends_with("position_ids") {
+            continue;
+        }
+        out.insert(key, t.to_dtype(DType::F32)?);
+    }
+    anyhow::ensure!(!out.is_empty(), "--qformer-init {}: no Q-Former tensors (Qformer.bert.*, qformer.*, query_tokens, ln_vision.*)", file.display());
+    Ok(out)
+}
+
+fn latest_checkpoint(run: &Path) -> Option<(usize, PathBuf)> {
+    std::fs::read_dir(run)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("checkpoint-").and_then(|n| n.parse::<usize>().ok()).map(|n| (n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+}
+
+fn save_trainables(dir: &Path, vars: &[(String, Var)], lora: Option<&LoraSpec>) -> anyhow::Result<()> {
+    let (mut lo, mut full): (HashMap<String, Tensor>, HashMap<String, Tensor>) = (HashMap::new(), HashMap::new());
+    for (k, v) in vars {
+        let t = v.as_tensor().detach().to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+        if k.contains(".lora_") {
+            lo.insert(k.clone(), t);
+        } else {
+            full.insert(k.clone(), t);
+        }
+    }
+    if let (Some(spec), false) = (lora, lo.is_empty()) {
+        let cfg = serde_json::json!({
+            "peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+            "target_modules": spec.targets, "bias": "none", "use_rslora": false,
+        });
+        std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?)?;
+        candle_core::safetensors::save(&lo, dir.join("adapter_model.safetensors"))?;
+    }
+    if !full.is_empty() {
+        candle_core::safetensors::save(&full, dir.join("non_lora_trainables.safetensors"))?;
+    }
+    Ok(())
+}
+
+fn load_trainables(dir: &Path, device: &candle_core::Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    let mut init = HashMap::new();
+    for f in ["adapter_model.safetensors", "non_lora_trainables.safetensors"] {
+        let p = dir.join(f);
+        if p.exists() {
+            init.extend(candle_core::safetensors::load(&p, device).with_context(|| format!("reading {}", p.display()))?);
+        }
+    }
+    Ok(init)
+}
+
+/// Runs a stage to the end (or resumes one); returns the summary it also prints and saves.
+pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
+    let device = crate::device(&cfg.device)?;
+    let dtype = match cfg.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        d => bail!("unknown dtype {d}"),
+    };
+    anyhow::ensure!(cfg.batch_size > 0 && cfg.grad_accum > 0, "--batch-size and --grad-accum must be ≥ 1");
+    let mut config = BunnyConfig::from_file(&cfg.model.join("config.json"))?;
+    if cfg.stage == Stage::Stage2 && config.model_type == ModelType::Bunny {
+        // Stage 2 turns Bunny into Q-Adapt; without a qformer_config the official sizes apply.
+        config.model_type = ModelType::QAdapt;
+        config.qformer_config.get_or_insert_with(Default::default);
+    }
+    let tok = TextTokenizer::from_dir(&cfg.model)?;
+    let qtok = match &config.qformer_config {
+        Some(q) if config.model_type == ModelType::QAdapt => Some(QFormerTokenizer::from_dir(&cfg.model, q.max_text_length)?),
+        _ => None,
+    };
+    let v = &config.vision_config;
+    let pre = PreprocessConfig { image_size: v.image_size as u32, mean: v.image_mean, std: v.image_std };
+
+    // Data.
+    let samples = data::load(&cfg.data, &cfg.images)?;
+    let samples: Vec<_> = samples.into_iter().filter(|s| cfg.task == Task::All || s.task == cfg.task).collect();
+    anyhow::ensure!(!samples.is_empty(), "no samples of task {:?} in {:?}", cfg.task, cfg.data);
+    let n_img = v.num_patches();
+    let encoded: Vec<Encoded> = samples.iter().map(|s| data::encode(s, &tok, n_img, cfg.max_length)).collect::<anyhow::Result<_>>()?;
+    let truncated = encoded.iter().filter(|e| e.truncated).count();
+    if truncated > 0 {
+        tracing::warn!(truncated, max_length = cfg.max_length, "samples truncated to --max-length");
+    }
+
+    // Model: which weights train, which are frozen, where LoRA goes.
+    let ck = Checkpoint::open(&cfg.model, &device, dtype)?;
+    let adapted;
+    let base: &dyn WeightSource = match (&cfg.stage, &cfg.stage1) {
+        (Stage::Stage2, Some(run1)) => {
+            adapted = AdaptedSource::open(&ck, &adapter_dir(run1), &device, dtype)?;
+            &adapted
+        }
+        (Stage::Stage2, None) => bail!("stage 2 needs --stage1 RUN1 (the stage-1 LoRA is merged and frozen)"),
+        (Stage::Stage1, _) => &ck,
+    };
+    let ckpt = if resume { latest_checkpoint(&cfg.out) } else { None };
+    if resume && ckpt.is_none() {
+        bail!("--resume {}: no checkpoint-N directory to resume from", cfg.out.display());
+    }
+    let mut init = HashMap::new();
+    if let Some(q) = &cfg.qformer_init {
+        init.extend(qformer_init_map(q, &device)?);
+    }
+    if let Some((_, dir)) = &ckpt {
+        init.extend(load_trainables(dir, &device)?);
+    }
+    let stage = cfg.stage;
+    let unfreeze = cfg.unfreeze_qformer;
+    let trainable = move |k: &str| match stage {
+        Stage::Stage1 => k.starts_with("model.mm_projector."),
+        Stage::Stage2 => stage2_trainable(k, unfreeze),
+    };
+    let lora = if stage == Stage::Stage1 { cfg.lora.clone() } else { None };
+    let src = TrainSource::new(base, trainable, lora.clone(), &device, dtype, cfg.seed)
+        .with_init(init)
+        .with_random_missing(move |k| stage == Stage::Stage2 && k.starts_with("model.vlm_"));
+    let model = Bunny::new(&src, config.clone())?;
+    let vars = src.vars();
+    let randomised = src.randomised();
+    if !randomised.is_empty() && ckpt.is_none() {
+        tracing::info!(count = randomised.len(), first = %randomised[0], "randomly initialised (not in the checkpoint)");
+    }
+    let trainable_params: usize = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
+    let mut groups: Vec<Group> = Vec::new();
+    for (k, var) in vars.iter().cloned() {
+        let name = group_of(&k);
+        let lr = if name == "connector" { cfg.connector_lr } else { cfg.lr };
+        match groups.iter_mut().find(|g| g.name == name) {
+            Some(g) => g.vars.push((k, var)),
+            None => groups.push(Group { name, lr, vars: vec![(k, var)] }),
+        }
+    }
+
+    // Schedule.
+    let per_step = cfg.batch_size * cfg.grad_accum;
+    let steps_per_epoch = encoded.len().div_ceil(per_step);
+    let total = cfg.max_steps.unwrap_or(usize::MAX).min(cfg.epochs * steps_per_epoch).max(1);
+    let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
+    let mut opt = AdamW::new(cfg.weight_decay);
+    let mut start = 0;
+    if let Some((n, dir)) = &ckpt {
+        opt.load(&dir.join("optimizer.safetensors"), &device)?;
+        start = *n;
+        tracing::info!(step = n, "resumed from {}", dir.display());
+    }
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    std::fs::write(cfg.out.join("train_config.json"), serde_json::to_string_pretty(cfg)?)?;
+    let metrics_path = cfg.out.join("metrics.jsonl");
+    let mut metrics: Vec<Metric> = if ckpt.is_some() { read_metrics(&metrics_path)?.into_iter().filter(|m| m.step <= start).collect() } else { Vec::new() };
+    write_metrics(&metrics_path, &metrics)?;
+
+    let order_of_epoch = |epoch: usize| -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..encoded.len()).collect();
+        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64)));
+        idx
+    };
+    let bar = indicatif::ProgressBar::new(total as u64).with_position(start as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{stage:?}").to_lowercase());
+    let t0 = Instant::now();
+    let mut samples_done = 0usize;
+    let mut epoch_cache: Option<(usize, Vec<usize>)> = None;
+    for step in start..total {
+        let ts = Instant::now();
+        let mut o = Candle::training(device.clone(), dtype, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss_sum = 0f32;
+        for micro in 0..cfg.grad_accum {
+            let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
+            let items: Vec<&Encoded> = (first..first + cfg.batch_size)
+                .map(|g| {
+                    let (epoch, i) = (g / encoded.len(), g % encoded.len());
+                    if epoch_cache.as_ref().map(|c| c.0) != Some(epoch) {
+                        epoch_cache = Some((epoch, order_of_epoch(epoch)));
+                    }
+                    &encoded[epoch_cache.as_ref().map(|c| c.1[i]).unwrap_or(i)]
+                })
+                .collect();
+            let (loss, _) = batch_loss(&model, &mut o, &pre, qtok.as_ref(), &items)?;
+            loss_sum += loss.to_scalar::<f32>()?;
+            let g = (loss / cfg.grad_accum as f64)?.backward()?;
+            for (k, var) in &vars {
+                if let Some(gr) = g.get(var.as_tensor()) {
+                    let gr = gr.to_dtype(DType::F32)?;
+                    let acc = match grads.remove(k) {
+                        Some(a) => (a + gr)?,
+                        None => gr,
+                    };
+                    grads.insert(k.clone(), acc);
+                }
+            }
+            samples_done += items.len();
+        }
+        let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm)?;
+        let mult = cosine_with_warmup(step, total, warmup);
+        opt.step(&groups, &grads, mult)?;
+        let loss = loss_sum / cfg.grad_accum as f32;
+        anyhow::ensure!(loss.is_finite(), "loss became {loss} at step {}", step + 1);
+        let sps = per_step as f64 / ts.elapsed().as_secs_f64();
+        let m = Metric { step: step + 1, epoch: ((step + 1) * per_step) as f64 / encoded.len() as f64, loss, lr: cfg.lr * mult, grad_norm, samples_per_s: sps };
+        append_metric(&metrics_path, &m)?;
+        metrics.push(m);
+        bar.set_message(format!("loss {loss:.4} lr {:.2e} {sps:.1} samples/s", cfg.lr * mult));
+        bar.inc(1);
+        let done = step + 1;
+        if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total {
+            let state = TrainerState { step: done, total_steps: total, seed: cfg.seed, samples: done * per_step };
+            write_dir_atomic(&cfg.out.join(format!("checkpoint-{done}")), |tmp| {
+                save_trainables(tmp, &vars, lora.as_ref())?;
+                opt.save(&tmp.join("optimizer.safetensors"))?;
+                std::fs::write(tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state)?)?;
+                Ok(())
+            })?;
+        }
+    }
+    bar.finish_and_clear();
+    let final_dir = cfg.out.join("final");
+    write_dir_atomic(&final_dir, |tmp| {
+        save_trainables(tmp, &vars, lora.as_ref())?;
+        if stage == Stage::Stage2 {
+            // The model stage 2 produced is Q-Adapt whatever the base was: `merge` writes this config.
+            let mut raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cfg.model.join("config.json"))?)?;
+            raw["model_type"] = ModelType::QAdapt.as_str().into();
+            if raw.get("qformer_config").is_none() {
+                raw["qformer_config"] = serde_json::to_value(&config.qformer_config)?;
+            }
+            std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&raw)?)?;
+        }
+        Ok(())
+    })?;
+    crate::plot::loss_curve(&metrics, &cfg.out.join("loss.png"))?;
+
+    let seconds = t0.elapsed().as_secs_f64();
+    let last: Vec<f32> = metrics.iter().rev().take(10).map(|m| m.loss).collect();
+    let summary = Summary {
+        stage,
+        steps: total,
+        samples: samples_done,
+        trainable_params,
+        first_loss: metrics.first().map_or(f32::NAN, |m| m.loss),
+        final_loss: metrics.last().map_or(f32::NAN, |m| m.loss),
+        mean_last10_loss: last.iter().sum::<f32>() / last.len().max(1) as f32,
+        samples_per_s: samples_done as f64 / seconds.max(1e-9),
+        seconds,
+        truncated_samples: truncated,
+        randomly_initialised: randomised.len(),
+        adapter_dir: final_dir,
+    };
+    std::fs::write(cfg.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    Ok(summary)
+}
+
+fn read_metrics(path: &Path) -> anyhow::Result<Vec<Metric>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path)?;
+    // A kill can leave a half-written last line: keep what parses.
+    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+}
+
+fn write_metrics(path: &Path, m: &[Metric]) -> anyhow::Result<()> {
+    let mut s = String::new();
+    for x in m {
+        s.push_str(&serde_json::to_string(x)?);
+        s.push('\n');
+    }
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}
+
+fn append_metric(path: &Path, m: &Metric) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
+    writeln!(f, "{}", serde_json::to_string(m)?)?;
+    Ok(())
+}
+
+/// Keys of PEFT adapters are saved with this prefix; re-exported for the merge command.
+pub const ADAPTER_PREFIX: &str = PEFT_PREFIX;

@@ -1,0 +1,166 @@
+//! The trainer end to end on a tiny model: synth → init → stage 1 → stage 2 → merge → infer, the
+//! trainable / frozen split of each stage, and kill -9 + `--resume` giving the uninterrupted losses.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_qadapt-train"))
+}
+
+fn ok(out: Output, what: &str) -> Output {
+    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn config() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-qadapt.json")
+}
+
+/// Data and a random base model in `dir`.
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let data = dir.join("data");
+    ok(bin().args(["synth", "--out", s(&data), "--n", "24"]).output().unwrap(), "synth");
+    let base = dir.join("base");
+    ok(bin().args(["init", "--config", s(&config()), "--out", s(&base), "--data", s(&data.join("train.json"))]).output().unwrap(), "init");
+    (data, base)
+}
+
+fn stage1_args<'a>(base: &'a Path, data: &'a Path, out: &'a Path) -> Vec<String> {
+    [
+        "stage1", "--model", s(base), "--data", s(&data.join("train.json")), "--images", s(data), "--out", s(out), "--task", "all",
+        "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "4", "--lr", "2e-3", "--connector-lr", "2e-3", "--seed", "3",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect()
+}
+
+fn losses(run: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].to_string())
+        })
+        .collect()
+}
+
+fn load(p: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn pipeline_trains_the_right_weights_and_merges_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, base) = setup(tmp.path());
+    let run1 = tmp.path().join("run1");
+    let mut a = stage1_args(&base, &data, &run1);
+    a.extend(["--max-steps", "8"].map(String::from));
+    ok(bin().args(&a).output().unwrap(), "stage1");
+    for f in ["final/adapter_model.safetensors", "final/non_lora_trainables.safetensors", "metrics.jsonl", "loss.png", "summary.json", "checkpoint-8/optimizer.safetensors"] {
+        assert!(run1.join(f).exists(), "stage 1 did not write {f}");
+    }
+    // LoRA B starts at zero: non-zero B after training proves the adapter (vision included) trained.
+    let lora = load(&run1.join("final/adapter_model.safetensors"));
+    let vision_b = lora.iter().filter(|(k, _)| k.contains("vision_tower") && k.ends_with("lora_B.weight")).map(|(_, t)| max_abs(t)).fold(0f32, f32::max);
+    let llm_b = lora.iter().filter(|(k, _)| k.contains("model.layers.") && k.ends_with("lora_B.weight")).map(|(_, t)| max_abs(t)).fold(0f32, f32::max);
+    assert!(vision_b > 0.0 && llm_b > 0.0, "LoRA B stayed zero: vision {vision_b}, llm {llm_b}");
+    let full1 = load(&run1.join("final/non_lora_trainables.safetensors"));
+    assert!(full1.keys().all(|k| k.starts_with("model.mm_projector.")), "stage 1 trained more than the connector: {:?}", full1.keys());
+
+    let run2 = tmp.path().join("run2");
+    ok(
+        bin()
+            .args(["stage2", "--model", s(&base), "--stage1", s(&run1), "--data", s(&data.join("train.json")), "--images", s(&data), "--out", s(&run2)])
+            .args(["--max-steps", "4", "--batch-size", "4", "--lr", "2e-3"])
+            .output()
+            .unwrap(),
+        "stage2",
+    );
+    let full2 = load(&run2.join("final/non_lora_trainables.safetensors"));
+    assert!(!run2.join("final/adapter_model.safetensors").exists(), "stage 2 must not train LoRA");
+    for k in full2.keys() {
+        let ok_key = k.starts_with("model.mm_projector.") || (k.starts_with("model.vlm_") && (!k.starts_with("model.vlm_att_encoder.") || k.contains(".crossattention.")));
+        assert!(ok_key, "stage 2 trained a frozen weight: {k}");
+    }
+    assert!(full2.keys().any(|k| k.contains(".crossattention.")) && full2.keys().any(|k| k.starts_with("model.vlm_cross_attn.")));
+
+    // Merged directory == base with the adapters applied on load.
+    let merged = tmp.path().join("merged");
+    ok(bin().args(["merge", "--model", s(&base), "--stage1", s(&run1), "--stage2", s(&run2), "--out", s(&merged)]).output().unwrap(), "merge");
+    let img = data.join("images/img_00000.png");
+    let score = |model: &Path| -> serde_json::Value {
+        let out = ok(bin().args(["infer", "--model", s(model), "--image", s(&img), "--score", "--json"]).output().unwrap(), "infer");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // The stage-1-only view (base + final adapter) must equal merging stage 1 alone.
+    let merged1 = tmp.path().join("merged1");
+    ok(bin().args(["merge", "--model", s(&base), "--stage1", s(&run1), "--out", s(&merged1)]).output().unwrap(), "merge stage 1");
+    let unmerged = ok(
+        bin().args(["infer", "--model", s(&base), "--adapter", s(&run1.join("final")), "--image", s(&img), "--score", "--json"]).output().unwrap(),
+        "infer with adapter",
+    );
+    let unmerged: serde_json::Value = serde_json::from_slice(&unmerged.stdout).unwrap();
+    let m1 = score(&merged1);
+    let (a, b) = (m1["score"].as_f64().unwrap(), unmerged["score"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-5, "merged {a} vs unmerged {b}");
+    let m2 = score(&merged);
+    assert!(m2["score"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn kill_and_resume_reproduces_the_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, base) = setup(tmp.path());
+    let steps = ["--max-steps", "30", "--epochs", "5", "--save-every", "2"].map(String::from);
+
+    let straight = tmp.path().join("straight");
+    let mut a = stage1_args(&base, &data, &straight);
+    a.extend(steps.clone());
+    ok(bin().args(&a).output().unwrap(), "uninterrupted run");
+
+    let killed = tmp.path().join("killed");
+    let mut a = stage1_args(&base, &data, &killed);
+    a.extend(steps);
+    let mut child = bin().args(&a).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while !killed.join("checkpoint-2").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("final").exists(), "the run finished before it could be killed; make it longer");
+    ok(bin().args(["stage1", "--resume", s(&killed)]).output().unwrap(), "resume");
+    let (x, y) = (losses(&straight), losses(&killed));
+    assert_eq!(x.len(), 30);
+    assert_eq!(x, y, "losses after kill -9 + resume differ from the uninterrupted run");
+}
+
+#[test]
+fn bad_training_inputs_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, base) = setup(tmp.path());
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, "[{\"image\": \"x.png\", \"conversations\": [{\"from\": \"gpt\", \"value\": \"hi\"}]}").unwrap();
+    let out = bin().args(["stage1", "--model", s(&base), "--data", s(&bad), "--images", s(&data), "--out", s(&tmp.path().join("r"))]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.json"), "{err}");
+    let out = bin().args(["stage1", "--resume", s(&tmp.path().join("nothing"))]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nothing"), "{err}");
+}
