@@ -117,7 +117,8 @@ pub struct Candle {
     /// Compute dtype of activations.
     pub dtype: DType,
     /// Set while training: dropout masks come from this seeded RNG, so a run (and its resume) is
-    /// reproducible; `None` makes dropout the identity.
+    /// reproducible, and every op keeps its backward; `None` (inference) makes dropout the identity
+    /// and allows fused kernels without gradients.
     pub dropout_rng: Option<StdRng>,
 }
 
@@ -185,7 +186,11 @@ impl Ops for Candle {
     }
     fn softmax_last(&mut self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
-        Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?)
+        let xf = x.to_dtype(DType::F32)?;
+        // candle's fused softmax_last_dim records no backward op: gradients would silently stop at
+        // every attention softmax (q and k would never learn). Training uses the composite form.
+        let y = if self.dropout_rng.is_some() { candle_nn::ops::softmax(&xf, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&xf)? };
+        Ok(y.to_dtype(dt)?)
     }
     fn transpose(&mut self, x: &Tensor, d1: usize, d2: usize) -> Result<Tensor> {
         Ok(x.transpose(d1, d2)?)
@@ -271,5 +276,36 @@ impl Ops for Candle {
         let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
         let mask = Tensor::from_vec(mask, x.dims(), &self.device)?.to_dtype(x.dtype())?;
         Ok(x.mul(&mask)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// The gradient of a loss through attention reaches the queries, and matches finite differences.
+    #[test]
+    fn training_attention_has_gradients() {
+        let dev = Device::Cpu;
+        let q0 = Tensor::randn(0f32, 1.0, (1, 1, 3, 4), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, 1, 3, 4), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 1, 3, 4), &dev).unwrap();
+        let loss_of = |q: &Tensor, o: &mut Candle| attention(o, q, &k, &v, None, 0.5).unwrap().sqr().unwrap().sum_all().unwrap();
+        let q = Var::from_tensor(&q0).unwrap();
+        let mut o = Candle::training(dev.clone(), DType::F32, 0);
+        let g = loss_of(q.as_tensor(), &mut o).backward().unwrap();
+        let gq = g.get(q.as_tensor()).expect("no gradient reached q").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let eps = 1e-3;
+        let base = q0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in [0, 5, 11] {
+            let mut plus = base.clone();
+            plus[i] += eps;
+            let mut minus = base.clone();
+            minus[i] -= eps;
+            let mut f = |d: Vec<f32>| loss_of(&Tensor::from_vec(d, (1, 1, 3, 4), &dev).unwrap(), &mut o).to_scalar::<f32>().unwrap();
+            let numeric = (f(plus) - f(minus)) / (2.0 * eps);
+            assert!((numeric - gq[i]).abs() < 2e-2 * numeric.abs().max(1.0), "d/dq[{i}]: numeric {numeric}, autograd {}", gq[i]);
+        }
     }
 }

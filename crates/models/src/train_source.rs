@@ -40,26 +40,71 @@ impl LoraSpec {
     }
 }
 
+/// How a freshly initialised weight starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Normal(f64),
+}
+
 /// Initial value of a weight, by its name: LayerNorm weights 1, biases 0, embedding tables and
-/// query tokens N(0, 0.5²), other weights N(0, 1/fan_in) (fan_in = product of all dims but the first).
+/// query tokens N(0, 0.5²), SigLIP positions N(0, 1/width), other weights N(0, 1/fan_in) (fan_in = product of all dims but the first).
 /// Fan-in scaling keeps activations and logits O(1) at any width, so a random model is a usable
 /// frozen base for LoRA (with HF's N(0, 0.02²) a frozen tiny lm_head caps every logit near 1).
-pub fn init_tensor(key: &str, shape: &[usize], rng: &mut StdRng, device: &Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
+pub fn init_rule(key: &str, shape: &[usize]) -> Init {
     let lower = key.to_ascii_lowercase();
     let is_norm = lower.contains("norm") || key.contains("vlm_att_ln");
-    let is_table = ["embed_tokens.weight", "word_embeddings.weight", "position_embeddings.weight", "position_embedding.weight", "vlm_att_query"]
+    let is_table = ["embed_tokens.weight", "word_embeddings.weight", "position_embeddings.weight", "vlm_att_query"]
         .iter()
         .any(|s| key.ends_with(s));
-    let data: Vec<f32> = if key.ends_with(".bias") {
-        vec![0.0; n]
+    if key.ends_with(".bias") {
+        Init::Zeros
     } else if is_norm && key.ends_with(".weight") {
-        vec![1.0; n]
+        Init::Ones
+    } else if key.ends_with("position_embedding.weight") {
+        // SigLIP's own init (1/√width): larger positions would drown the patch content.
+        Init::Normal(1.0 / (*shape.last().unwrap_or(&1) as f64).sqrt())
+    } else if is_table {
+        Init::Normal(0.5)
     } else {
-        let std = if is_table { 0.5 } else { 1.0 / (shape.iter().skip(1).product::<usize>().max(1) as f64).sqrt() };
-        (0..n).map(|_| (normal(rng) * std) as f32).collect()
+        Init::Normal(1.0 / (shape.iter().skip(1).product::<usize>().max(1) as f64).sqrt())
+    }
+}
+
+/// [`init_rule`] drawn on the CPU from a seeded RNG (reproducible across machines).
+pub fn init_tensor(key: &str, shape: &[usize], rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = match init_rule(key, shape) {
+        Init::Zeros => vec![0.0; n],
+        Init::Ones => vec![1.0; n],
+        Init::Normal(std) => (0..n).map(|_| (normal(rng) * std) as f32).collect(),
     };
     Ok(Tensor::from_vec(data, shape, device)?)
+}
+
+/// A source with no files at all: every weight is drawn by [`init_rule`] on the device itself (fast
+/// on a GPU), in `dtype`. For benchmarks and from-scratch runs at any size.
+pub struct RandomSource {
+    pub device: Device,
+    pub dtype: DType,
+    /// Dims the model reads from weights (see `bunny::dims_from_config`).
+    pub known: HashMap<String, Vec<usize>>,
+}
+
+impl WeightSource for RandomSource {
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.known.get(key).cloned()
+    }
+
+    fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
+        let t = match init_rule(key, expected) {
+            Init::Zeros => Tensor::zeros(expected, self.dtype, &self.device)?,
+            Init::Ones => Tensor::ones(expected, self.dtype, &self.device)?,
+            Init::Normal(std) => Tensor::randn(0f32, std as f32, expected, &self.device)?.to_dtype(self.dtype)?,
+        };
+        Ok(t)
+    }
 }
 
 /// A standard normal sample (Box–Muller; rand's distributions live in another crate).

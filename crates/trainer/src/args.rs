@@ -186,6 +186,10 @@ pub struct TrainArgs {
     /// Compute dtype (trainable weights keep f32 master copies).
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
+    /// Draw all base weights at random on the device instead of reading them (the model directory
+    /// then needs only config.json and tokenizer files): for benchmarks at real shapes.
+    #[arg(long)]
+    pub random_weights: bool,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +250,9 @@ pub struct SynthArgs {
     /// Number of images.
     #[arg(long, default_value_t = 400)]
     pub n: usize,
+    /// Long side of the images in pixels (use the model's image size; the short side is 3/4 of it).
+    #[arg(long, default_value_t = 32)]
+    pub size: u32,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -52,6 +52,7 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
                 qformer_init: a.qformer_init.clone(),
                 device: a.device.clone(),
                 dtype: a.dtype.name().into(),
+                random_weights: a.random_weights,
             };
             (cfg, false)
         }
@@ -90,7 +91,7 @@ pub fn init(a: &InitArgs) -> anyhow::Result<()> {
 
 /// `synth`.
 pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
-    let (train, test) = crate::synth::generate(&a.out, a.n, a.seed, a.test_fraction)?;
+    let (train, test) = crate::synth::generate(&a.out, a.n, a.size, a.seed, a.test_fraction)?;
     eprintln!("wrote {} images, {train} training and {test} held-out conversations to {}", a.n, a.out.display());
     Ok(())
 }

@@ -141,7 +141,10 @@ fn rows(image: &str, kind: usize, s: usize, rng: &mut StdRng) -> Vec<serde_json:
 }
 
 /// Generates `n` images (a `test_fraction` of them held out) under `out`.
-pub fn generate(out: &Path, n: usize, seed: u64, test_fraction: f64) -> anyhow::Result<(usize, usize)> {
+/// `size` is the long side in pixels: match the model's image size so that no resize blurs the
+/// distortions away.
+pub fn generate(out: &Path, n: usize, size: u32, seed: u64, test_fraction: f64) -> anyhow::Result<(usize, usize)> {
+    anyhow::ensure!(size >= 8, "--size must be at least 8 pixels");
     let img_dir = out.join("images");
     std::fs::create_dir_all(&img_dir).with_context(|| format!("creating {}", img_dir.display()))?;
     let mut rng = StdRng::seed_from_u64(seed);
@@ -149,7 +152,8 @@ pub fn generate(out: &Path, n: usize, seed: u64, test_fraction: f64) -> anyhow::
     let mut csv = String::from("image,mos,split,distortion,strength\n");
     let n_test = ((n as f64) * test_fraction).round() as usize;
     for i in 0..n {
-        let (w, h) = if rng.random::<bool>() { (64, 48) } else { (48, 64) };
+        let short = size * 3 / 4;
+        let (w, h) = if rng.random::<bool>() { (size, short) } else { (short, size) };
         let base = draw_base(&mut rng, w, h);
         let kind = rng.random_range(0..DISTORTIONS.len());
         let s = rng.random_range(0..5);

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor, Var};
 use models::adapter::AdaptedSource;
 use models::loader::{Checkpoint, WeightSource};
-use models::train_source::{LoraSpec, TrainSource, PEFT_PREFIX};
+use models::train_source::{LoraSpec, RandomSource, TrainSource, PEFT_PREFIX};
 use models::{Bunny, Candle};
 use qadapt_core::image::PreprocessConfig;
 use qadapt_core::{BunnyConfig, ModelType, QFormerTokenizer, TextTokenizer};
@@ -58,6 +58,10 @@ pub struct TrainConfig {
     pub qformer_init: Option<PathBuf>,
     pub device: String,
     pub dtype: String,
+    /// Ignore the model's weights (there may be none): draw every base weight at random on the
+    /// device. For benchmarks at real shapes without writing a checkpoint first.
+    #[serde(default)]
+    pub random_weights: bool,
 }
 
 /// Progress saved with each checkpoint.
@@ -83,6 +87,11 @@ pub struct Summary {
     pub mean_last10_loss: f32,
     pub samples_per_s: f64,
     pub seconds: f64,
+    /// Median wall time of an optimizer step after the first two (warm-up), in ms.
+    pub step_ms_median: f64,
+    /// Mean text tokens per sample and image tokens per sample (the sequence is their sum).
+    pub mean_text_tokens: f64,
+    pub image_tokens: usize,
     pub truncated_samples: usize,
     pub randomly_initialised: usize,
     pub adapter_dir: PathBuf,
@@ -242,15 +251,23 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     }
 
     // Model: which weights train, which are frozen, where LoRA goes.
-    let ck = Checkpoint::open(&cfg.model, &device, dtype)?;
+    let random;
+    let ck;
+    let plain: &dyn WeightSource = if cfg.random_weights {
+        random = RandomSource { device: device.clone(), dtype, known: models::bunny::dims_from_config(&config) };
+        &random
+    } else {
+        ck = Checkpoint::open(&cfg.model, &device, dtype)?;
+        &ck
+    };
     let adapted;
     let base: &dyn WeightSource = match (&cfg.stage, &cfg.stage1) {
         (Stage::Stage2, Some(run1)) => {
-            adapted = AdaptedSource::open(&ck, &adapter_dir(run1), &device, dtype)?;
+            adapted = AdaptedSource::open(plain, &adapter_dir(run1), &device, dtype)?;
             &adapted
         }
         (Stage::Stage2, None) => bail!("stage 2 needs --stage1 RUN1 (the stage-1 LoRA is merged and frozen)"),
-        (Stage::Stage1, _) => &ck,
+        (Stage::Stage1, _) => plain,
     };
     let ckpt = if resume { latest_checkpoint(&cfg.out) } else { None };
     if resume && ckpt.is_none() {
@@ -394,6 +411,10 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     crate::plot::loss_curve(&metrics, &cfg.out.join("loss.png"))?;
 
     let seconds = t0.elapsed().as_secs_f64();
+    let mut step_ms: Vec<f64> = metrics.iter().skip(2).map(|m| 1000.0 * per_step as f64 / m.samples_per_s).collect();
+    step_ms.sort_by(f64::total_cmp);
+    let step_ms_median = step_ms.get(step_ms.len() / 2).copied().unwrap_or(f64::NAN);
+    let mean_text_tokens = encoded.iter().map(|e| e.prompt.ids.len()).sum::<usize>() as f64 / encoded.len() as f64;
     let last: Vec<f32> = metrics.iter().rev().take(10).map(|m| m.loss).collect();
     let summary = Summary {
         stage,
@@ -405,6 +426,9 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
         mean_last10_loss: last.iter().sum::<f32>() / last.len().max(1) as f32,
         samples_per_s: samples_done as f64 / seconds.max(1e-9),
         seconds,
+        step_ms_median,
+        mean_text_tokens,
+        image_tokens: n_img,
         truncated_samples: truncated,
         randomly_initialised: randomised.len(),
         adapter_dir: final_dir,

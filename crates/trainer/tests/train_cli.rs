@@ -164,3 +164,34 @@ fn bad_training_inputs_are_clear_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("nothing"), "{err}");
 }
+
+#[test]
+fn qformer_init_loads_lavis_and_hf_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, base) = setup(tmp.path());
+    let run1 = tmp.path().join("run1");
+    let mut a = stage1_args(&base, &data, &run1);
+    a.extend(["--max-steps", "1"].map(String::from));
+    ok(bin().args(&a).output().unwrap(), "stage1");
+    // Tiny config: Q-Former hidden 32, att_feat 32, 4 queries.
+    let q = Tensor::randn(0f32, 1.0, (32, 32), &Device::Cpu).unwrap();
+    let tokens = Tensor::randn(0f32, 1.0, (1, 4, 32), &Device::Cpu).unwrap();
+    for (name, qkey) in [("lavis", "Qformer.bert.encoder.layer.0.crossattention.self.query.weight"), ("hf", "qformer.encoder.layer.0.crossattention.attention.query.weight")] {
+        let init = tmp.path().join(format!("{name}.safetensors"));
+        let t: HashMap<String, Tensor> = [(qkey.to_string(), q.clone()), ("query_tokens".to_string(), tokens.clone())].into();
+        candle_core::safetensors::save(&t, &init).unwrap();
+        let run2 = tmp.path().join(format!("run2-{name}"));
+        ok(
+            bin()
+                .args(["stage2", "--model", s(&base), "--stage1", s(&run1), "--data", s(&data.join("train.json")), "--images", s(&data), "--out", s(&run2)])
+                .args(["--max-steps", "1", "--batch-size", "2", "--lr", "1e-12", "--connector-lr", "1e-12", "--qformer-init", s(&init)])
+                .output()
+                .unwrap(),
+            "stage2 --qformer-init",
+        );
+        let got = load(&run2.join("final/non_lora_trainables.safetensors"));
+        let d1 = max_abs(&(&got["model.vlm_att_encoder.bert.encoder.layer.0.crossattention.self.query.weight"] - &q).unwrap());
+        let d2 = max_abs(&(&got["model.vlm_att_query"] - &tokens).unwrap());
+        assert!(d1 < 1e-6 && d2 < 1e-6, "{name}: --qformer-init not applied ({d1}, {d2})");
+    }
+}

@@ -1,0 +1,100 @@
+"""PyTorch + PEFT peer of `qadapt-train stage1`: the same model shapes (SigLIP without its last layer,
+mlp2x_gelu connector, phi-2), LoRA on all their linears, connector trainable, AdamW, the same batch and
+sequence (image tokens + text tokens), random weights. Prints one JSON line with the step time
+(median after warm-up), samples/s and peak GPU memory.
+
+    python3 bench/peer_train.py --config configs/bunny-3b.json --batch-size 4 --text-tokens 300 --steps 8
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import PhiConfig, PhiForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--text-tokens", type=int, default=300)
+    ap.add_argument("--answer-tokens", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lora-r", type=int, default=128)
+    ap.add_argument("--lora-alpha", type=float, default=256)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16")
+    a = ap.parse_args()
+    cfg = json.load(open(a.config))
+    v = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+         "image_size": 384, "patch_size": 14, "layer_norm_eps": 1e-6, **cfg.get("vision_config", {})}
+    dev = torch.device(a.device)
+    dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
+    torch.manual_seed(0)
+    vcfg = SiglipVisionConfig(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                              num_hidden_layers=v["num_hidden_layers"] - 1, num_attention_heads=v["num_attention_heads"],
+                              image_size=v["image_size"], patch_size=v["patch_size"], layer_norm_eps=v["layer_norm_eps"])
+    pcfg = PhiConfig(vocab_size=cfg.get("vocab_size", 50295), hidden_size=cfg.get("hidden_size", 2560),
+                     num_hidden_layers=cfg.get("num_hidden_layers", 32), num_attention_heads=cfg.get("num_attention_heads", 32),
+                     intermediate_size=cfg.get("intermediate_size", 10240), partial_rotary_factor=cfg.get("partial_rotary_factor", 0.4),
+                     max_position_embeddings=cfg.get("max_position_embeddings", 2048))
+    mm, d = cfg.get("mm_hidden_size", 1152), pcfg.hidden_size
+
+    class Bunny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = SiglipVisionModel(vcfg)
+            self.connector = torch.nn.Sequential(torch.nn.Linear(mm, d), torch.nn.GELU(), torch.nn.Linear(d, d))
+            self.llm = PhiForCausalLM(pcfg)
+
+        def forward(self, pixels, ids, labels):
+            f = self.vision(pixel_values=pixels).last_hidden_state  # Bunny drops the last layer: built without it
+            img = self.connector(f)
+            emb = torch.cat([img, self.llm.get_input_embeddings()(ids)], 1)
+            ign = torch.full(img.shape[:2], -100, device=ids.device, dtype=ids.dtype)
+            return self.llm(inputs_embeds=emb, labels=torch.cat([ign, labels], 1)).loss
+
+    model = Bunny().to(dev, dt)
+    lcfg = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.05,
+                      target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "out_proj"],
+                      modules_to_save=["connector"])
+    model = get_peft_model(model, lcfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # f32 master copies, as qadapt-train keeps them
+        p.data = p.data.float()
+    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n], "lr": 2e-4},
+                             {"params": [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n], "lr": 2e-5}])
+    b, s = a.batch_size, v["image_size"]
+    pixels = torch.randn(b, 3, s, s, device=dev, dtype=dt)
+    ids = torch.randint(0, min(50000, pcfg.vocab_size), (b, a.text_tokens), device=dev)
+    labels = ids.clone()
+    labels[:, : a.text_tokens - a.answer_tokens] = -100
+    times = []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(a.steps + a.warmup):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+            loss = model(pixels, ids, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1000
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    print(json.dumps({"peer": "pytorch+peft", "torch": torch.__version__, "step_ms": ms, "samples_per_s": b / (ms / 1000),
+                      "peak_gib": peak, "trainable_params": sum(p.numel() for p in trainable),
+                      "seq": (s // v["patch_size"]) ** 2 + a.text_tokens, "loss": float(loss)}))
+
+
+if __name__ == "__main__":
+    main()

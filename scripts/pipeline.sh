@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The main job on the embedded default, no downloads: synthetic EIQA data → random tiny Q-Adapt →
+# stage 1 → stage 2 → merge → answers, a quality score and a held-out evaluation.
+# (Export and the ONNX runtime join this pipeline when they exist.)
+#
+#   bash scripts/pipeline.sh            # WORK=/tmp/qadapt-pipeline N=600 EPOCHS1=2 EPOCHS2=1 to change
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${WORK:-/tmp/qadapt-pipeline}
+N=${N:-600}
+EPOCHS1=${EPOCHS1:-2}
+EPOCHS2=${EPOCHS2:-1}
+if [ -z "${QADAPT_TRAIN:-}" ]; then
+  cargo build -q -p trainer --bin qadapt-train
+  QADAPT_TRAIN=target/debug/qadapt-train
+fi
+T=$QADAPT_TRAIN
+rm -rf "$WORK" && mkdir -p "$WORK"
+common=(--images "$WORK/data" --batch-size 32 --max-length 256)
+
+echo "== synth: $N images with known distortions"
+"$T" synth --out "$WORK/data" --n "$N" --size 32
+echo "== init: random tiny Q-Adapt (configs/tiny-qadapt.json), BPE + WordPiece trained on the data"
+"$T" init --config configs/tiny-qadapt.json --out "$WORK/base" --data "$WORK/data/train.json"
+echo "== stage 1: LoRA on phi and SigLIP + connector"
+"$T" stage1 --model "$WORK/base" --data "$WORK/data/train.json" "${common[@]}" --out "$WORK/run1" --task all \
+  --epochs "$EPOCHS1" --lora-r 32 --lora-alpha 64 --lr 5e-3 --connector-lr 1e-2 --lora-dropout 0
+echo "== stage 2: prompt module + connector, stage-1 LoRA merged and frozen"
+"$T" stage2 --model "$WORK/base" --stage1 "$WORK/run1" --data "$WORK/data/train.json" "${common[@]}" --out "$WORK/run2" \
+  --epochs "$EPOCHS2" --lr 1e-3 --connector-lr 1e-3
+echo "== merge"
+"$T" merge --model "$WORK/base" --stage1 "$WORK/run1" --stage2 "$WORK/run2" --out "$WORK/merged"
+img=$(awk -F, '$3=="test"{print $1; exit}' "$WORK/data/labels.csv")
+echo "== infer on a held-out image ($img)"
+"$T" infer --model "$WORK/merged" --image "$WORK/data/$img" --ask "Describe the quality of this image and explain your judgement." --max-new-tokens 48
+"$T" infer --model "$WORK/merged" --image "$WORK/data/$img" --score
+echo "== eval on held-out images"
+"$T" eval --model "$WORK/merged" --data "$WORK/data/test.json" --images "$WORK/data" --labels "$WORK/data/labels.csv" ${EVAL_JSON:+--json}
