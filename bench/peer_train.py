@@ -36,7 +36,8 @@ def main():
     torch.manual_seed(0)
     vcfg = SiglipVisionConfig(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
                               num_hidden_layers=v["num_hidden_layers"] - 1, num_attention_heads=v["num_attention_heads"],
-                              image_size=v["image_size"], patch_size=v["patch_size"], layer_norm_eps=v["layer_norm_eps"])
+                              image_size=v["image_size"], patch_size=v["patch_size"], layer_norm_eps=v["layer_norm_eps"],
+                              vision_use_head=False)
     pcfg = PhiConfig(vocab_size=cfg.get("vocab_size", 50295), hidden_size=cfg.get("hidden_size", 2560),
                      num_hidden_layers=cfg.get("num_hidden_layers", 32), num_attention_heads=cfg.get("num_attention_heads", 32),
                      intermediate_size=cfg.get("intermediate_size", 10240), partial_rotary_factor=cfg.get("partial_rotary_factor", 0.4),
