@@ -3,13 +3,13 @@
 # next to PyTorch + PEFT doing the same steps (same batch, same image + text tokens), in one run.
 # Prints step time (median after warm-up), samples/s and peak GPU memory for both, and the ratio.
 #
-# Prepare here (no compiling on the GPU machine): build bench/bin/qadapt-train with
-#   CUDA_HOME=… CUDA_COMPUTE_CAP=90 cargo build --release --features cuda -p trainer   (see ../shared/RECIPES.md)
-#   mkdir -p bench/bin && cp target/release/qadapt-train bench/bin/ && strip bench/bin/qadapt-train
-# then run it there with the device tool: carry ["bench/bin"], command `bash bench/gpu_train.sh`.
+# Prepare here (no compiling on the GPU machine): `bash scripts/build-cuda.sh` writes
+# bench/bin/qadapt-train.xz; then run it there with the device tool: carry ["bench/bin"], command
+# `bash bench/gpu_train.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${QADAPT_TRAIN:-bench/bin/qadapt-train}
+if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then xz -dkf "$BIN.xz"; chmod +x "$BIN"; fi
 STEPS=${STEPS:-6}
 BS=${BS:-4}
 W=$(mktemp -d)
