@@ -141,7 +141,14 @@ impl Ops for Candle {
         Ok(p.t.clone())
     }
     fn linear(&mut self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&w.t()?)?;
+        // One [rows, in] × [in, out] product: broadcasting the weight over the batch instead makes
+        // candle materialise a [B, in, out] copy of it (for phi's lm_head, B × 2560 × 50295 floats).
+        let dims = x.dims();
+        let (k, n) = (dims[dims.len() - 1], w.dim(0)?);
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("linear input has at least one dim") = n;
+        let y = x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?;
         Ok(match b {
             Some(b) => y.broadcast_add(b)?,
             None => y,

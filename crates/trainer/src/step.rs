@@ -42,7 +42,9 @@ pub fn batch_loss(
     items: &[&Encoded],
 ) -> anyhow::Result<(Tensor, usize)> {
     let device = o.device.clone();
+    let t0 = std::time::Instant::now();
     let pixels = batch_pixels(items, pre, &device, o.dtype)?;
+    let t_px = t0.elapsed();
     let q = match (model.is_qadapt(), qtok) {
         (true, Some(t)) => Some(batch_qformer(items, t, &device)?),
         (true, None) => anyhow::bail!("a Q-Adapt model needs its Q-Former tokenizer"),
@@ -50,6 +52,7 @@ pub fn batch_loss(
     };
     let text = q.as_ref().map(|(ids, mask)| QFormerText { input_ids: ids, attention_mask: mask });
     let feats = model.image_features(o, &pixels, text)?.projected; // [B, N, D]
+    let t_vis = t0.elapsed();
     let n_img = feats.dim(1)?;
     let hidden = feats.dim(2)?;
 
@@ -90,7 +93,9 @@ pub fn batch_loss(
     let embeds = Tensor::cat(&rows, 0)?; // [B, L, D]
     let mask = Tensor::from_vec(mask, (items.len(), max_len), &device)?;
     let pos = Tensor::arange(0i64, max_len as i64, &device)?.unsqueeze(0)?.repeat((items.len(), 1))?;
+    let t_splice = t0.elapsed();
     let (logits, _) = model.decode(o, &embeds, &mask, &pos, None)?; // [B, L, V]
+    let t_llm = t0.elapsed();
 
     // Next-token targets: position t predicts label t+1.
     let mut rows_idx = Vec::new();
@@ -109,5 +114,6 @@ pub fn batch_loss(
     let picked = flat.index_select(&Tensor::new(rows_idx.as_slice(), &device)?, 0)?.to_dtype(DType::F32)?;
     let targets = Tensor::new(targets.as_slice(), &device)?;
     let loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
+    tracing::trace!(pixels = ?t_px, vision = ?(t_vis - t_px), splice = ?(t_splice - t_vis), llm = ?(t_llm - t_splice), loss = ?(t0.elapsed() - t_llm), "forward");
     Ok((loss, targets.dim(0)?))
 }

@@ -356,9 +356,12 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
                     &encoded[epoch_cache.as_ref().map(|c| c.1[i]).unwrap_or(i)]
                 })
                 .collect();
+            let tf = Instant::now();
             let (loss, _) = batch_loss(&model, &mut o, &pre, qtok.as_ref(), &items)?;
             loss_sum += loss.to_scalar::<f32>()?;
+            let tb = Instant::now();
             let g = (loss / cfg.grad_accum as f64)?.backward()?;
+            tracing::debug!(forward_ms = (tb - tf).as_secs_f64() * 1e3, backward_ms = tb.elapsed().as_secs_f64() * 1e3, "micro-batch");
             for (k, var) in &vars {
                 if let Some(gr) = g.get(var.as_tensor()) {
                     let gr = gr.to_dtype(DType::F32)?;
@@ -371,9 +374,11 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
             }
             samples_done += items.len();
         }
+        let to = Instant::now();
         let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm)?;
         let mult = cosine_with_warmup(step, total, warmup);
         opt.step(&groups, &grads, mult)?;
+        tracing::debug!(optimizer_ms = to.elapsed().as_secs_f64() * 1e3, "step");
         let loss = loss_sum / cfg.grad_accum as f32;
         anyhow::ensure!(loss.is_finite(), "loss became {loss} at step {}", step + 1);
         let sps = per_step as f64 / ts.elapsed().as_secs_f64();
