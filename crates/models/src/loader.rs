@@ -145,6 +145,15 @@ impl WeightSource for Checkpoint {
         let bytes = &mmap[start + info.data_offsets.0..start + info.data_offsets.1];
         let dt = DType::try_from(info.dtype).map_err(|e| Error::Checkpoint { path: path.clone(), msg: format!("{key}: {e}") })?;
         let t = Tensor::from_raw_buffer(bytes, dt, &info.shape, &self.device)?;
+        // The tensor now owns its data: let the kernel drop the mapped file pages, so that loading
+        // never holds the checkpoint twice (file cache + tensors). The map is read-only and shared,
+        // so pages touched again later are simply re-read from the file.
+        #[cfg(unix)]
+        // SAFETY: MADV_DONTNEED on a read-only shared file mapping only discards clean page-cache
+        // pages of this process's view; no Rust reference into the range outlives this call.
+        unsafe {
+            let _ = mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start + info.data_offsets.0, bytes.len());
+        }
         self.used.borrow_mut().insert(key.to_string());
         // Integer buffers (position_ids) keep their type; floating weights go to the compute dtype.
         Ok(if dt.is_float() { t.to_dtype(self.dtype)? } else { t })
