@@ -22,10 +22,7 @@ fn matches_pil_within_one_grey_level() {
         assert_eq!(img.dimensions(), (c["width"].as_u64().unwrap() as u32, c["height"].as_u64().unwrap() as u32), "{input}: size after EXIF");
         let d = max_diff(&square_resized(&img, &cfg), &expected);
         // Resize alone, from PIL's own decode of the JPEG: must be exact.
-        let resize_only = match c["decoded"].as_str() {
-            Some(dec) => Some(max_diff(&square_resized(&load_image(&dir.join(dec)).unwrap(), &cfg), &expected)),
-            None => None,
-        };
+        let resize_only = c["decoded"].as_str().map(|dec| max_diff(&square_resized(&load_image(&dir.join(dec)).unwrap(), &cfg), &expected));
         rows.push((input.to_string(), d, resize_only));
     }
     for (input, d, r) in &rows {

@@ -231,13 +231,13 @@ impl BunnyConfig {
         if self.mm_projector_type != "mlp2x_gelu" {
             return bad(format!("mm_projector_type {:?} is not supported (only mlp2x_gelu)", self.mm_projector_type));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.rotary_dims() % 2 != 0 || self.rotary_dims() > self.head_dim() {
+        if !self.rotary_dims().is_multiple_of(2) || self.rotary_dims() > self.head_dim() {
             return bad(format!("partial_rotary_factor {} gives {} rotary dims of a {}-dim head", self.partial_rotary_factor, self.rotary_dims(), self.head_dim()));
         }
         let v = &self.vision_config;
@@ -245,7 +245,7 @@ impl BunnyConfig {
         if v.patch_size == 0 || v.patch_size > v.image_size {
             return bad(format!("vision patch_size {} does not fit image_size {}", v.patch_size, v.image_size));
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return bad(format!("vision hidden_size {} is not divisible by its heads {}", v.hidden_size, v.num_attention_heads));
         }
         if v.num_hidden_layers < 2 {
@@ -258,7 +258,7 @@ impl BunnyConfig {
             if q.cross_attention_freq == 0 {
                 return bad("qformer cross_attention_freq must be ≥ 1".into());
             }
-            if q.cross_attn_num_heads == 0 || self.mm_hidden_size % q.cross_attn_num_heads != 0 {
+            if q.cross_attn_num_heads == 0 || !self.mm_hidden_size.is_multiple_of(q.cross_attn_num_heads) {
                 return bad(format!("mm_hidden_size {} is not divisible by cross_attn_num_heads {}", self.mm_hidden_size, q.cross_attn_num_heads));
             }
         }

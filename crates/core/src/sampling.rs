@@ -60,7 +60,7 @@ pub struct AnswerJson {
 }
 
 /// Sampling settings; greedy when `temperature` is `None` or 0.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct SamplingParams {
     pub temperature: Option<f32>,
     pub top_k: Option<usize>,
@@ -68,11 +68,6 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self { temperature: None, top_k: None, top_p: None, seed: 0 }
-    }
-}
 
 /// Picks next tokens from logits; owns the RNG so that one seed gives one text.
 pub struct Sampler {

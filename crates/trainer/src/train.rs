@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor, Var};
 use models::adapter::AdaptedSource;
 use models::loader::{Checkpoint, WeightSource};
-use models::train_source::{LoraSpec, RandomSource, TrainSource, PEFT_PREFIX};
+use models::train_source::{LoraSpec, RandomSource, TrainSource};
 use models::{Bunny, Candle};
 use qadapt_core::image::PreprocessConfig;
 use qadapt_core::{BunnyConfig, ModelType, QFormerTokenizer, TextTokenizer};
@@ -466,6 +466,3 @@ fn append_metric(path: &Path, m: &Metric) -> anyhow::Result<()> {
     writeln!(f, "{}", serde_json::to_string(m)?)?;
     Ok(())
 }
-
-/// Keys of PEFT adapters are saved with this prefix; re-exported for the merge command.
-pub const ADAPTER_PREFIX: &str = PEFT_PREFIX;
