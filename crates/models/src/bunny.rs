@@ -9,7 +9,7 @@ use qadapt_core::{BunnyConfig, ModelType};
 use crate::adapter::AdaptedSource;
 use crate::loader::{is_known_extra, Checkpoint, Vb, WeightSource};
 use crate::ops::Ops;
-use crate::phi::{KvPair, Phi};
+use crate::phi::Phi;
 use crate::projector::Projector;
 use crate::prompter::PromptModule;
 use crate::siglip::SiglipVision;
@@ -116,18 +116,6 @@ impl Bunny {
         };
         let projected = self.mm_projector.forward(o, fused.as_ref().unwrap_or(&vision))?;
         Ok(ImageFeatures { vision, qformer_output, fused, projected })
-    }
-
-    /// One decoder step; see [`Phi::forward`].
-    pub fn decode<O: Ops>(
-        &self,
-        o: &mut O,
-        embeds: &O::T,
-        mask2d: &O::T,
-        position_ids: &O::T,
-        past: Option<&[KvPair<O::T>]>,
-    ) -> Result<(O::T, Vec<KvPair<O::T>>)> {
-        self.llm.forward(o, embeds, mask2d, position_ids, past)
     }
 }
 

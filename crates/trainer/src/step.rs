@@ -94,7 +94,7 @@ pub fn batch_loss(
     let mask = Tensor::from_vec(mask, (items.len(), max_len), &device)?;
     let pos = Tensor::arange(0i64, max_len as i64, &device)?.unsqueeze(0)?.repeat((items.len(), 1))?;
     let t_splice = t0.elapsed();
-    let (logits, _) = model.decode(o, &embeds, &mask, &pos, None)?; // [B, L, V]
+    let (logits, _) = model.llm.forward(o, &embeds, &mask, &pos, None)?; // [B, L, V]
     let t_llm = t0.elapsed();
 
     // Next-token targets: position t predicts label t+1.
