@@ -315,6 +315,13 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     let mut opt = AdamW::new(cfg.weight_decay);
     let mut start = 0;
     if let Some((n, dir)) = &ckpt {
+        // A kill can leave a checkpoint half-written under its temporary name: clear those.
+        for e in std::fs::read_dir(&cfg.out)?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) {
+                std::fs::remove_dir_all(e.path()).with_context(|| format!("removing stale {}", e.path().display()))?;
+            }
+        }
         opt.load(&dir.join("optimizer.safetensors"), &device)?;
         start = *n;
         tracing::info!(step = n, "resumed from {}", dir.display());

@@ -146,6 +146,8 @@ fn kill_and_resume_reproduces_the_losses() {
     child.wait().unwrap();
     assert!(!killed.join("final").exists(), "the run finished before it could be killed; make it longer");
     ok(bin().args(["stage1", "--resume", s(&killed)]).output().unwrap(), "resume");
+    let stale: Vec<_> = std::fs::read_dir(&killed).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(stale.is_empty(), "temporary checkpoint directories left behind: {stale:?}");
     let (x, y) = (losses(&straight), losses(&killed));
     assert_eq!(x.len(), 30);
     assert_eq!(x, y, "losses after kill -9 + resume differ from the uninterrupted run");
