@@ -33,6 +33,8 @@ pub struct Engine {
     pub tokenizer: TextTokenizer,
     pub qformer_tokenizer: Option<QFormerTokenizer>,
     pub preprocess: PreprocessConfig,
+    /// First tokens of the five Q-Align level words, fixed by the tokenizer.
+    level_ids: [u32; 5],
     ops: Candle,
 }
 
@@ -51,7 +53,8 @@ impl Engine {
         };
         let v = &model.config.vision_config;
         let preprocess = PreprocessConfig { image_size: v.image_size as u32, mean: v.image_mean, std: v.image_std };
-        Ok(Self { model, tokenizer, qformer_tokenizer, preprocess, ops: Candle::new(device.clone(), dtype) })
+        let level_ids = level_token_ids(&tokenizer)?;
+        Ok(Self { model, tokenizer, qformer_tokenizer, preprocess, level_ids, ops: Candle::new(device.clone(), dtype) })
     }
 
     fn device(&self) -> &Device {
@@ -185,18 +188,16 @@ impl Engine {
 
     /// The Q-Align 1–5 score with its level probabilities (DESIGN §5).
     pub fn score(&self, img: &RgbImage) -> Result<(f32, LevelProbs)> {
-        let levels = level_token_ids(&self.tokenizer)?;
         let logits = self.first_step_logits(img, template::SCORE_QUESTION, Some(template::SCORE_ANSWER_PREFIX))?;
-        let level_logits = levels.map(|id| logits[id as usize]);
+        let level_logits = self.level_ids.map(|id| logits[id as usize]);
         Ok(quality_score(level_logits))
     }
 
     /// [`Engine::score`] as the `--json` object: the likeliest level word is the answer.
     pub fn score_json(&self, img: &RgbImage) -> Result<AnswerJson> {
         let (score, probs) = self.score(img)?;
-        let levels = level_token_ids(&self.tokenizer)?;
         let arr = probs.to_array();
         let best = (0..5).fold(0, |b, i| if arr[i] > arr[b] { i } else { b });
-        Ok(AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![levels[best]], score: Some(score), level_probs: Some(probs) })
+        Ok(AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![self.level_ids[best]], score: Some(score), level_probs: Some(probs) })
     }
 }

@@ -51,7 +51,7 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
                 unfreeze_qformer: a.unfreeze_qformer,
                 qformer_init: a.qformer_init.clone(),
                 device: a.device.clone(),
-                dtype: a.dtype.name().into(),
+                dtype: a.dtype,
                 random_weights: a.random_weights,
             };
             (cfg, false)

@@ -57,7 +57,7 @@ pub struct TrainConfig {
     pub unfreeze_qformer: bool,
     pub qformer_init: Option<PathBuf>,
     pub device: String,
-    pub dtype: String,
+    pub dtype: crate::args::Dtype,
     /// Ignore the model's weights (there may be none): draw every base weight at random on the
     /// device. For benchmarks at real shapes without writing a checkpoint first.
     #[serde(default)]
@@ -218,12 +218,7 @@ fn load_trainables(dir: &Path, device: &candle_core::Device) -> anyhow::Result<H
 /// Runs a stage to the end (or resumes one); returns the summary it also prints and saves.
 pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     let device = crate::device(&cfg.device)?;
-    let dtype = match cfg.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        d => bail!("unknown dtype {d}"),
-    };
+    let dtype = cfg.dtype.candle();
     anyhow::ensure!(cfg.batch_size > 0 && cfg.grad_accum > 0, "--batch-size and --grad-accum must be ≥ 1");
     let mut config = BunnyConfig::from_file(&cfg.model.join("config.json"))?;
     if cfg.stage == Stage::Stage2 && config.model_type == ModelType::Bunny {

@@ -1,24 +1,18 @@
 //! `qadapt-train infer` end to end on the HF fixtures, and its errors on broken inputs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-const CASES: [&str; 4] = ["bunny_f32_bpe", "qadapt_f32_sharded", "qadapt_f16", "bunny_bf16_sharded"];
+use std::path::Path;
+use std::process::Output;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::{bin, copy_tree, fixtures, s, CASES};
 
 fn infer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qadapt-train")).arg("infer").args(args).output().expect("run qadapt-train")
+    bin().arg("infer").args(args).output().expect("run qadapt-train")
 }
 
 fn expected(case: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join(case).join("expected.json")).unwrap()).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -63,25 +57,12 @@ fn same_seed_same_sample() {
     assert_ne!(a, c, "different seeds gave the same 16 sampled tokens");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
-
 /// Runs infer on a broken copy of a fixture and checks: non-zero exit, one line on stderr, and
 /// that line names every `needle`.
 fn expect_error(case: &str, image: Option<&Path>, ask: &str, extra: &[&str], needles: &[&str], breakit: impl FnOnce(&Path)) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    copy_dir(&fixtures().join(case).join("model"), &model);
+    copy_tree(&fixtures().join(case).join("model"), &model).unwrap();
     breakit(&model);
     let default_image = fixtures().join(case).join("image.png");
     let image = image.unwrap_or(&default_image);

@@ -1,25 +1,14 @@
 //! The trainer end to end on a tiny model: synth → init → stage 1 → stage 2 → merge → infer, the
 //! trainable / frozen split of each stage, and kill -9 + `--resume` giving the uninterrupted losses.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qadapt-train"))
-}
-
-fn ok(out: Output, what: &str) -> Output {
-    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{bin, ok, s};
 
 fn config() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-qadapt.json")
