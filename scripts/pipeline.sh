@@ -3,12 +3,15 @@
 # stage 1 → stage 2 → merge → answers, a quality score and a held-out evaluation.
 # (Export and the ONNX runtime join this pipeline when they exist.)
 #
-#   bash scripts/pipeline.sh            # WORK=/tmp/qadapt-pipeline N=600 EPOCHS1=2 EPOCHS2=1 to change
+#   bash scripts/pipeline.sh            # WORK=/tmp/qadapt-pipeline N=1000 EPOCHS1=4 EPOCHS2=1 to change
+#
+# Stage 1 trains on all the data (--task all), not only the explanations as in the paper: a random
+# LLM cannot learn the short-answer formats through stage 2's connector and prompt module alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/qadapt-pipeline}
-N=${N:-600}
-EPOCHS1=${EPOCHS1:-2}
+N=${N:-1000}
+EPOCHS1=${EPOCHS1:-4}
 EPOCHS2=${EPOCHS2:-1}
 if [ -z "${QADAPT_TRAIN:-}" ]; then
   cargo build -q -p trainer --bin qadapt-train
@@ -16,7 +19,7 @@ if [ -z "${QADAPT_TRAIN:-}" ]; then
 fi
 T=$QADAPT_TRAIN
 rm -rf "$WORK" && mkdir -p "$WORK"
-common=(--images "$WORK/data" --batch-size 32 --max-length 256)
+common=(--images "$WORK/data" --batch-size 8 --max-length 256)
 
 echo "== synth: $N images with known distortions"
 "$T" synth --out "$WORK/data" --n "$N" --size 32
@@ -24,7 +27,7 @@ echo "== init: random tiny Q-Adapt (configs/tiny-qadapt.json), BPE + WordPiece t
 "$T" init --config configs/tiny-qadapt.json --out "$WORK/base" --data "$WORK/data/train.json"
 echo "== stage 1: LoRA on phi and SigLIP + connector"
 "$T" stage1 --model "$WORK/base" --data "$WORK/data/train.json" "${common[@]}" --out "$WORK/run1" --task all \
-  --epochs "$EPOCHS1" --lora-r 32 --lora-alpha 64 --lr 5e-3 --connector-lr 1e-2 --lora-dropout 0
+  --epochs "$EPOCHS1" --lora-r 32 --lora-alpha 64 --lr 1e-3 --connector-lr 1e-3 --lora-dropout 0
 echo "== stage 2: prompt module + connector, stage-1 LoRA merged and frozen"
 "$T" stage2 --model "$WORK/base" --stage1 "$WORK/run1" --data "$WORK/data/train.json" "${common[@]}" --out "$WORK/run2" \
   --epochs "$EPOCHS2" --lr 1e-3 --connector-lr 1e-3

@@ -12,6 +12,7 @@ use qadapt_core::{QFormerTokenizer, TextTokenizer};
 
 use crate::bunny::{Bunny, ImageFeatures, QFormerText};
 use crate::ops::Candle;
+use crate::phi::KvPair;
 use crate::{Error, Result};
 
 /// Generation settings.
@@ -132,7 +133,7 @@ impl Engine {
         Ok(logits)
     }
 
-    fn prefill(&self, embeds: &Tensor) -> Result<(Vec<f32>, Vec<(Tensor, Tensor)>)> {
+    fn prefill(&self, embeds: &Tensor) -> Result<(Vec<f32>, Vec<KvPair<Tensor>>)> {
         let len = embeds.dim(1)?;
         self.check_length(len)?;
         let mask = Tensor::ones((1, len), DType::I64, self.device())?;
@@ -149,13 +150,13 @@ impl Engine {
         let feats = self.image_features(&pixels, question)?;
         let prompt = self.prompt_ids(question, None)?;
         let embeds = self.splice(&prompt, &feats.projected)?;
-        let mut len = embeds.dim(1)?;
+        let start = embeds.dim(1)?;
         let (mut logits, mut past) = self.prefill(&embeds)?;
         let eos = self.model.config.eos_token_id;
-        let budget = opts.max_new_tokens.min(self.model.config.max_position_embeddings - len);
+        let budget = opts.max_new_tokens.min(self.model.config.max_position_embeddings - start);
         let mut ids: Vec<u32> = Vec::new();
         let mut shown = 0;
-        for step in 0..budget {
+        for (step, len) in (0..budget).zip(start..) {
             let next = sampler.next(&logits);
             if next == eos {
                 break;
@@ -177,7 +178,6 @@ impl Engine {
             let (l, present) = self.model.llm.forward(&mut self.ops.clone(), &e, &mask, &pos, Some(&past))?;
             logits = l.i((0, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             past = present;
-            len += 1;
         }
         let answer = self.tokenizer.decode(&ids)?;
         if answer.len() > shown {

@@ -52,6 +52,9 @@ pub struct Phi {
 /// Post-RoPE keys and values of one layer, each [B, H, L, Dh].
 pub type KvPair<T> = (T, T);
 
+/// What a decoder step returns: logits (or hidden states) and the present (K, V) of every layer.
+pub type Step<T> = (T, Vec<KvPair<T>>);
+
 impl Phi {
     /// Loads from the checkpoint root (keys `model.*` and `lm_head.*`).
     pub fn new(vb: &Vb, cfg: &BunnyConfig) -> Result<Self> {
@@ -95,7 +98,22 @@ impl Phi {
         mask2d: &O::T,
         position_ids: &O::T,
         past: Option<&[KvPair<O::T>]>,
-    ) -> Result<(O::T, Vec<KvPair<O::T>>)> {
+    ) -> Result<Step<O::T>> {
+        let (x, present) = self.hidden(o, embeds, mask2d, position_ids, past)?;
+        let logits = self.lm_head.forward(o, &x)?; // [B, S, V]
+        Ok((logits, present))
+    }
+
+    /// [`Phi::forward`] without the `lm_head`: the final-layer-normed hidden states [B, S, D]. Training
+    /// applies the head to the answer positions only, which skips most of the largest matmul.
+    pub fn hidden<O: Ops>(
+        &self,
+        o: &mut O,
+        embeds: &O::T,
+        mask2d: &O::T,
+        position_ids: &O::T,
+        past: Option<&[KvPair<O::T>]>,
+    ) -> Result<Step<O::T>> {
         if let Some(p) = past {
             if p.len() != self.layers.len() {
                 return Err(Error::Input(format!("past has {} layers, the model {}", p.len(), self.layers.len())));
@@ -133,8 +151,6 @@ impl Phi {
             x = o.add(&x, &m)?;
             present.push((k, v));
         }
-        let x = self.final_layernorm.forward(o, &x)?;
-        let logits = self.lm_head.forward(o, &x)?; // [B, S, V]
-        Ok((logits, present))
+        Ok((self.final_layernorm.forward(o, &x)?, present))
     }
 }

@@ -2,7 +2,7 @@
 //! spliced into each conversation, right padding, and the masked next-token loss.
 
 use anyhow::Context;
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use models::{Bunny, Candle, QFormerText};
 use qadapt_core::image::{load_image, pixel_values, PreprocessConfig};
 use qadapt_core::QFormerTokenizer;
@@ -56,45 +56,53 @@ pub fn batch_loss(
     let n_img = feats.dim(1)?;
     let hidden = feats.dim(2)?;
 
-    // Splice per sample, then pad on the right to the longest.
-    let mut rows = Vec::with_capacity(items.len());
+    // Splice by gathering: one table holds every text embedding of the batch, every image feature
+    // row and a zero row for padding; each position of the right-padded batch picks its row. One
+    // embedding call and one gather instead of a handful of small ops per sample.
+    let mut text_ids: Vec<u32> = Vec::new();
+    let mut picks: Vec<Vec<u32>> = Vec::with_capacity(items.len());
     let mut labels: Vec<Vec<i64>> = Vec::with_capacity(items.len());
+    let img_base = items.iter().map(|it| it.prompt.ids.len()).sum::<usize>();
     for (b, it) in items.iter().enumerate() {
         let ids = &it.prompt.ids;
         let split = it.prompt.image_pos.unwrap_or(ids.len());
-        let mut parts = Vec::new();
-        let mut lab = Vec::new();
-        if split > 0 {
-            parts.push(model.llm.embed(o, &Tensor::new(&ids[..split], &device)?.unsqueeze(0)?)?);
-            lab.extend_from_slice(&it.labels[..split]);
-        }
+        let (mut pick, mut lab) = (Vec::new(), Vec::new());
+        let mut text = |range: std::ops::Range<usize>, pick: &mut Vec<u32>, lab: &mut Vec<i64>| {
+            for t in range {
+                pick.push(text_ids.len() as u32);
+                text_ids.push(ids[t]);
+                lab.push(it.labels[t]);
+            }
+        };
+        text(0..split, &mut pick, &mut lab);
         if it.prompt.image_pos.is_some() {
-            parts.push(feats.i(b..b + 1)?);
+            pick.extend((0..n_img).map(|j| (img_base + b * n_img + j) as u32));
             lab.extend(std::iter::repeat_n(IGNORE, n_img));
         }
-        if split < ids.len() {
-            parts.push(model.llm.embed(o, &Tensor::new(&ids[split..], &device)?.unsqueeze(0)?)?);
-            lab.extend_from_slice(&it.labels[split..]);
-        }
-        rows.push(Tensor::cat(&parts, 1)?);
+        text(split..ids.len(), &mut pick, &mut lab);
+        picks.push(pick);
         labels.push(lab);
     }
     let max_len = labels.iter().map(Vec::len).max().unwrap_or(0);
+    let zero_row = (img_base + items.len() * n_img) as u32;
+    let mut index = Vec::with_capacity(items.len() * max_len);
     let mut mask = Vec::with_capacity(items.len() * max_len);
-    for (row, lab) in rows.iter_mut().zip(labels.iter_mut()) {
+    for (pick, lab) in picks.iter().zip(labels.iter_mut()) {
         let len = lab.len();
-        if len < max_len {
-            let pad = Tensor::zeros((1, max_len - len, hidden), row.dtype(), &device)?;
-            *row = Tensor::cat(&[row.clone(), pad], 1)?;
-            lab.extend(std::iter::repeat_n(IGNORE, max_len - len));
-        }
+        index.extend(pick.iter().copied().chain(std::iter::repeat_n(zero_row, max_len - len)));
+        lab.extend(std::iter::repeat_n(IGNORE, max_len - len));
         mask.extend(std::iter::repeat_n(1i64, len).chain(std::iter::repeat_n(0, max_len - len)));
     }
-    let embeds = Tensor::cat(&rows, 0)?; // [B, L, D]
+    let text_emb = model.llm.embed(o, &Tensor::new(text_ids.as_slice(), &device)?.unsqueeze(0)?)?.squeeze(0)?; // [T, D]
+    let table = Tensor::cat(
+        &[text_emb, feats.reshape((items.len() * n_img, hidden))?, Tensor::zeros((1, hidden), feats.dtype(), &device)?],
+        0,
+    )?; // [T + B·N + 1, D]
+    let embeds = table.index_select(&Tensor::new(index.as_slice(), &device)?, 0)?.reshape((items.len(), max_len, hidden))?; // [B, L, D]
     let mask = Tensor::from_vec(mask, (items.len(), max_len), &device)?;
     let pos = Tensor::arange(0i64, max_len as i64, &device)?.unsqueeze(0)?.repeat((items.len(), 1))?;
     let t_splice = t0.elapsed();
-    let (logits, _) = model.llm.forward(o, &embeds, &mask, &pos, None)?; // [B, L, V]
+    let (hidden_states, _) = model.llm.hidden(o, &embeds, &mask, &pos, None)?; // [B, L, D]
     let t_llm = t0.elapsed();
 
     // Next-token targets: position t predicts label t+1.
@@ -109,9 +117,9 @@ pub fn batch_loss(
         }
     }
     anyhow::ensure!(!targets.is_empty(), "a batch without answer tokens (were the answers truncated away?)");
-    let v = logits.dim(2)?;
-    let flat = logits.reshape((items.len() * max_len, v))?;
-    let picked = flat.index_select(&Tensor::new(rows_idx.as_slice(), &device)?, 0)?.to_dtype(DType::F32)?;
+    let flat = hidden_states.reshape((items.len() * max_len, hidden))?;
+    let picked = flat.index_select(&Tensor::new(rows_idx.as_slice(), &device)?, 0)?; // [N, D]
+    let picked = model.llm.lm_head.forward(o, &picked)?.to_dtype(DType::F32)?; // [N, V]
     let targets = Tensor::new(targets.as_slice(), &device)?;
     let loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
     tracing::trace!(pixels = ?t_px, vision = ?(t_vis - t_px), splice = ?(t_splice - t_vis), llm = ?(t_llm - t_splice), loss = ?(t0.elapsed() - t_llm), "forward");

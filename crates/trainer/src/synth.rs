@@ -20,17 +20,25 @@ pub const DISTORTIONS: [&str; 6] = ["blur", "noise", "compression", "over-exposu
 pub const LEVEL_BY_STRENGTH: [&str; 5] = ["excellent", "good", "fair", "poor", "bad"];
 const GRADE: [&str; 5] = ["no", "slight", "moderate", "strong", "severe"];
 
+/// A clean scene: a vertical gradient with stripes and one or two flat shapes. Exposure and colour
+/// balance are held near neutral (grey level 110–140, chroma within ±12) so that every distortion,
+/// at every strength, moves the image out of the clean range: the labels follow from the pixels.
 fn draw_base(rng: &mut StdRng, w: u32, h: u32) -> RgbImage {
-    let c0: [f32; 3] = [rng.random_range(40.0..200.0), rng.random_range(40.0..200.0), rng.random_range(40.0..200.0)];
-    let c1: [f32; 3] = [rng.random_range(40.0..200.0), rng.random_range(40.0..200.0), rng.random_range(40.0..200.0)];
-    let freq = rng.random_range(0.3..0.9f32);
+    fn colour(rng: &mut StdRng, lo: f32, hi: f32) -> [f32; 3] {
+        let g = rng.random_range(lo..hi);
+        std::array::from_fn(|_| g + rng.random_range(-12.0..12.0f32))
+    }
+    let (c0, c1) = (colour(rng, 110.0, 140.0), colour(rng, 110.0, 140.0));
+    // Fine stripes give every image texture that blur and compression visibly destroy.
+    let freq = rng.random_range(0.8..1.6f32);
+    let amp = rng.random_range(18.0..30.0f32);
     let mut img = RgbImage::from_fn(w, h, |x, y| {
         let t = y as f32 / h as f32;
-        let stripe = 10.0 * ((x as f32 * freq).sin());
+        let stripe = amp * ((x as f32 * freq).sin());
         Rgb(std::array::from_fn(|c| (c0[c] * (1.0 - t) + c1[c] * t + stripe).clamp(0.0, 255.0) as u8))
     });
     for _ in 0..rng.random_range(1..3) {
-        let col = Rgb([rng.random::<u8>(), rng.random::<u8>(), rng.random::<u8>()]);
+        let col = Rgb(colour(rng, 80.0, 170.0).map(|v| v.clamp(0.0, 255.0) as u8));
         let (cx, cy) = (rng.random_range(0..w) as i64, rng.random_range(0..h) as i64);
         let r = rng.random_range(4..(w.min(h) / 3).max(5)) as i64;
         let square = rng.random::<bool>();
@@ -58,7 +66,7 @@ fn distort(img: &RgbImage, kind: usize, s: usize, rng: &mut StdRng) -> anyhow::R
     };
     Ok(match (kind, s) {
         (_, 0) => img.clone(),
-        (0, _) => image::imageops::blur(img, 1.0 * sf),
+        (0, _) => image::imageops::blur(img, 0.5 * sf),
         (1, _) => {
             let mut out = img.clone();
             for p in out.pixels_mut() {
@@ -71,15 +79,15 @@ fn distort(img: &RgbImage, kind: usize, s: usize, rng: &mut StdRng) -> anyhow::R
         }
         (2, _) => {
             let mut bytes = Vec::new();
-            let q = [90u8, 30, 12, 6, 2][s];
+            let q = [90u8, 25, 10, 5, 2][s];
             image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut bytes), q).encode_image(img)?;
             image::load_from_memory(&bytes)?.to_rgb8()
         }
-        (3, _) => map(img, &|_, v| v * (1.0 + 0.35 * sf) + 25.0 * sf),
-        (4, _) => map(img, &|_, v| v * (1.0 - 0.2 * sf)),
+        (3, _) => map(img, &|_, v| v + 22.0 * sf),
+        (4, _) => map(img, &|_, v| v * (1.0 - 0.18 * sf)),
         _ => {
             let ch = rng.random_range(0..3);
-            map(img, &move |c, v| if c == ch { v + 30.0 * sf } else { v - 8.0 * sf })
+            map(img, &move |c, v| if c == ch { v + 25.0 * sf } else { v - 6.0 * sf })
         }
     })
 }
@@ -98,7 +106,9 @@ fn explanation(kind: usize, s: usize) -> String {
         };
         format!("The image shows {} {}, {effect}.", GRADE[s], DISTORTIONS[kind])
     };
-    format!("{what} Overall, the quality of the image is {}.", LEVEL_BY_STRENGTH[s])
+    // The verdict comes first, in the words of the Q-Align score prompt, so that it is read from the
+    // image rather than inferred from the grade word written before it.
+    format!("The quality of the image is {}. {what}", LEVEL_BY_STRENGTH[s])
 }
 
 fn cap(s: &str) -> String {
