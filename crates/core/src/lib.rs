@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod image;
 pub mod sampling;
 pub mod template;

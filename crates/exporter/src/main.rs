@@ -1,28 +1,104 @@
-//! qadapt-export: merges LoRA and writes the ONNX graphs (vision, embed, decoder) plus qadapt.json.
-//!
-//! Not built yet: the graph builder (the second interpreter of `models::ops::Ops`) lands with the
-//! export issue. Until then this binary says so and exits non-zero rather than pretending.
+//! qadapt-export: LoRA merged, the model traced into ONNX graphs (vision, embed, decoder), qadapt.json
+//! and the tokenizers written, each graph verified against candle through ONNX Runtime.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::Parser;
+use exporter::{default_tolerance, export, ExportOptions, FloatType};
+use indicatif::{ProgressBar, ProgressStyle};
 
-/// Export a (LoRA-merged) Bunny / Q-Adapt model to ONNX.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Dtype {
+    F32,
+    F16,
+}
+
+/// Export a Bunny / Q-Adapt model (LoRA merged) to ONNX for qadapt-run.
 #[derive(Debug, Parser)]
 #[command(name = "qadapt-export", version, about)]
 struct Cli {
-    /// HF model directory.
+    /// HF model directory (a hub checkpoint, `qadapt-train init` or `qadapt-train merge` output).
     #[arg(long)]
-    model: std::path::PathBuf,
-    /// Output directory.
+    model: PathBuf,
+    /// PEFT adapter directory to merge first (e.g. RUN/final of `qadapt-train stage1`).
     #[arg(long)]
-    out: std::path::PathBuf,
+    adapter: Option<PathBuf>,
+    /// Merge LoRA into the base weights before tracing (the only mode: adapters never reach the graphs).
+    #[arg(long, default_value_t = true)]
+    merge_lora: bool,
+    /// Output directory (written under a temporary name, renamed when complete).
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight and activation type of the graphs.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
+    /// ONNX opset (17 is what the graphs use; other values are refused).
+    #[arg(long, default_value_t = 17)]
+    opset: i64,
+    /// Weights to `<graph>.onnx.data` even below 2 GiB.
+    #[arg(long)]
+    external_data: bool,
+    /// Skip running the graphs through ONNX Runtime.
+    #[arg(long)]
+    no_verify: bool,
+    /// libonnxruntime.so for verification (default: ORT_DYLIB_PATH).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// Largest max relative error accepted by verification (default 1e-4 for f32, 2e-2 for f16).
+    #[arg(long)]
+    tolerance: Option<f32>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    eprintln!(
-        "error: ONNX export of {} to {} is not implemented yet (tracked by the qadapt-export issue)",
-        cli.model.display(),
-        cli.out.display()
-    );
-    std::process::ExitCode::from(2)
+fn run(cli: Cli) -> anyhow::Result<()> {
+    anyhow::ensure!(cli.opset == exporter::write::OPSET, "--opset {}: the graphs are written for opset {}", cli.opset, exporter::write::OPSET);
+    let ft = match cli.dtype {
+        Dtype::F32 => FloatType::F32,
+        Dtype::F16 => FloatType::F16,
+    };
+    let opts = ExportOptions {
+        model: cli.model,
+        adapter: cli.adapter,
+        out: cli.out,
+        ft,
+        external_data: cli.external_data,
+        verify: !cli.no_verify,
+        ort_lib: cli.ort_lib,
+        tolerance: cli.tolerance.unwrap_or(default_tolerance(ft)),
+    };
+    let bar = ProgressBar::new(0).with_style(ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} tensors").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let mut current = String::new();
+    let summary = export(&opts, |graph, done, total| {
+        if current != graph {
+            current = graph.to_string();
+            bar.set_message(current.clone());
+            bar.set_length(total as u64);
+        }
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    if cli.json {
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
+    println!("exported {} ({}):", summary.out.display(), if summary.verified { "verified against candle through ONNX Runtime" } else { "not verified" });
+    for g in &summary.graphs {
+        let err = g.max_rel_err.map(|e| format!("max rel err {e:.1e}")).unwrap_or_default();
+        println!("  {:<13} {:>6} nodes {:>5} tensors {:>10.2} MB{} {err}", g.file, g.nodes, g.initializers, g.bytes as f64 / 1e6, if g.external_data { " (+ .data)" } else { "" });
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,120 @@
+//! The three graphs and `qadapt.json`, each traced from the model's own forward passes.
+
+use std::path::Path;
+
+use models::{Bunny, QFormerText};
+use serde_json::json;
+
+use crate::graph::{FloatType, Graph};
+use crate::onnx_pb::tensor_proto::DataType;
+use crate::write::{Dim, Io, OPSET};
+use crate::Result;
+
+/// A traced graph with its interface.
+pub struct Traced {
+    /// File name in the export directory.
+    pub file: &'static str,
+    pub graph: Graph,
+    pub inputs: Vec<Io>,
+    pub outputs: Vec<Io>,
+}
+
+const B: Dim = Dim::Sym("batch");
+
+/// `decoder.onnx`: one step of phi-2 with KV cache (HF Optimum names). One graph serves prefill
+/// (past length 0) and decode.
+pub fn decoder(model: &Bunny, ft: FloatType) -> Result<Traced> {
+    let c = &model.config;
+    let (layers, heads, head_dim) = (c.num_hidden_layers, c.num_attention_heads, c.head_dim());
+    let mut g = Graph::new(ft);
+    let embeds = g.input("inputs_embeds", 3);
+    let mask = g.input("attention_mask", 2);
+    let pos = g.input("position_ids", 2);
+    let past: Vec<_> = (0..layers).map(|i| (g.input(&format!("past_key_values.{i}.key"), 4), g.input(&format!("past_key_values.{i}.value"), 4))).collect();
+    let (logits, present) = model.llm.forward(&mut g, &embeds, &mask, &pos, Some(&past))?;
+    g.output_f32(&logits, "logits");
+    for (i, (k, v)) in present.iter().enumerate() {
+        g.output(k, &format!("present.{i}.key"));
+        g.output(v, &format!("present.{i}.value"));
+    }
+    let kv = |name: String, len: &'static str| Io::new(name, ft.onnx(), vec![B, Dim::Fixed(heads as i64), Dim::Sym(len), Dim::Fixed(head_dim as i64)]);
+    let mut inputs = vec![
+        Io::new("inputs_embeds", ft.onnx(), vec![B, Dim::Sym("sequence"), Dim::Fixed(c.hidden_size as i64)]),
+        Io::new("attention_mask", DataType::Int64, vec![B, Dim::Sym("total_sequence")]),
+        Io::new("position_ids", DataType::Int64, vec![B, Dim::Sym("sequence")]),
+    ];
+    let mut outputs = vec![Io::new("logits", DataType::Float, vec![B, Dim::Sym("sequence"), Dim::Fixed(c.vocab_size as i64)])];
+    for i in 0..layers {
+        for part in ["key", "value"] {
+            inputs.push(kv(format!("past_key_values.{i}.{part}"), "past_sequence"));
+            outputs.push(kv(format!("present.{i}.{part}"), "total_sequence"));
+        }
+    }
+    Ok(Traced { file: "decoder.onnx", graph: g, inputs, outputs })
+}
+
+/// `embed.onnx`: token ids → input embeddings (a Gather on the embedding table). A graph rather
+/// than a raw table so that the runtime needs no second weight format and the table's dtype and
+/// layout stay the exporter's business.
+pub fn embed(model: &Bunny, ft: FloatType) -> Result<Traced> {
+    let mut g = Graph::new(ft);
+    let ids = g.input("input_ids", 2);
+    let e = model.llm.embed(&mut g, &ids)?;
+    g.output(&e, "inputs_embeds");
+    let inputs = vec![Io::new("input_ids", DataType::Int64, vec![B, Dim::Sym("sequence")])];
+    let outputs = vec![Io::new("inputs_embeds", ft.onnx(), vec![B, Dim::Sym("sequence"), Dim::Fixed(model.config.hidden_size as i64)])];
+    Ok(Traced { file: "embed.onnx", graph: g, inputs, outputs })
+}
+
+/// `vision.onnx`: pixels (and, for Q-Adapt, the question's Q-Former ids and mask) → the image
+/// features the decoder reads: SigLIP, the prompt module and the connector in one graph.
+pub fn vision(model: &Bunny, ft: FloatType) -> Result<Traced> {
+    let c = &model.config;
+    let s = c.vision_config.image_size as i64;
+    let mut g = Graph::new(ft);
+    let pixels = g.input("pixel_values", 4);
+    let mut inputs = vec![Io::new("pixel_values", ft.onnx(), vec![B, Dim::Fixed(3), Dim::Fixed(s), Dim::Fixed(s)])];
+    let feats = if model.is_qadapt() {
+        let ids = g.input("qformer_input_ids", 2);
+        let mask = g.input("qformer_attention_mask", 2);
+        inputs.push(Io::new("qformer_input_ids", DataType::Int64, vec![B, Dim::Sym("qformer_sequence")]));
+        inputs.push(Io::new("qformer_attention_mask", DataType::Int64, vec![B, Dim::Sym("qformer_sequence")]));
+        model.image_features(&mut g, &pixels, Some(QFormerText { input_ids: &ids, attention_mask: &mask }))?
+    } else {
+        model.image_features(&mut g, &pixels, None)?
+    };
+    g.output(&feats.projected, "image_features");
+    let n = c.vision_config.num_patches() as i64;
+    let outputs = vec![Io::new("image_features", ft.onnx(), vec![B, Dim::Fixed(n), Dim::Fixed(c.hidden_size as i64)])];
+    Ok(Traced { file: "vision.onnx", graph: g, inputs, outputs })
+}
+
+/// What the runtime needs besides the graphs.
+pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, level_ids: [u32; 5]) -> serde_json::Value {
+    let c = &model.config;
+    let v = &c.vision_config;
+    json!({
+        "format": 1,
+        "model_type": c.model_type.as_str(),
+        "dtype": match ft { FloatType::F32 => "f32", FloatType::F16 => "f16" },
+        "opset": OPSET,
+        "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
+        "image": {"size": v.image_size, "mean": v.image_mean, "std": v.image_std, "aspect_ratio": c.image_aspect_ratio, "tokens": v.num_patches()},
+        "decoder": {
+            "layers": c.num_hidden_layers, "heads": c.num_attention_heads, "head_dim": c.head_dim(),
+            "hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "max_positions": c.max_position_embeddings,
+        },
+        "tokens": {"bos": c.bos_token_id, "eos": c.eos_token_id, "pad": c.pad_token_id, "levels": level_ids},
+        "template": {
+            "system": qadapt_core::template::SYSTEM,
+            "image_token": qadapt_core::template::IMAGE_TOKEN,
+            "score_question": qadapt_core::template::SCORE_QUESTION,
+            "score_answer_prefix": qadapt_core::template::SCORE_ANSWER_PREFIX,
+            "levels": qadapt_core::sampling::LEVELS.iter().map(|(w, s)| json!({"word": w, "score": s})).collect::<Vec<_>>(),
+        },
+        "qformer": c.qformer_config.as_ref().filter(|_| model.is_qadapt()).map(|q| json!({
+            "tokenizer": "qformer", "max_text_length": q.max_text_length,
+        })),
+        "source": dir.display().to_string(),
+    })
+}

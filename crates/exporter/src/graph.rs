@@ -1,0 +1,470 @@
+//! The second interpreter of [`models::ops::Ops`]: instead of computing, it records every op as ONNX
+//! nodes (opset 17, standard domain only), so that the exported graphs are the very forward passes
+//! that train and run in candle.
+//!
+//! Weights stay candle tensors until the model is written ([`crate::write`]): a `param` is only
+//! registered as an initializer when an op consumes it, and a weight consumed by `linear` is stored
+//! transposed ([in, out]) so that the graph needs no Transpose node in front of every MatMul.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use models::ops::{Ops, Param};
+use models::{Error, Result};
+
+use crate::onnx_pb::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
+
+/// The float type activations and weights are exported in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatType {
+    F32,
+    F16,
+}
+
+impl FloatType {
+    /// The ONNX element type.
+    pub fn onnx(self) -> DataType {
+        match self {
+            FloatType::F32 => DataType::Float,
+            FloatType::F16 => DataType::Float16,
+        }
+    }
+    /// Bytes of one scalar in this type.
+    pub fn encode(self, v: &[f32]) -> Vec<u8> {
+        match self {
+            FloatType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            FloatType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        }
+    }
+    /// The most negative bias a masked attention score gets. f16 uses half its minimum so that a
+    /// score plus the bias cannot round to −∞ (a fully masked row would then become NaN).
+    pub fn mask_min(self) -> f32 {
+        match self {
+            FloatType::F32 => f32::MIN,
+            FloatType::F16 => half::f16::MIN.to_f32() / 2.0,
+        }
+    }
+}
+
+/// A value in the graph: its name and rank (ranks are static even where dims are not).
+#[derive(Debug, Clone)]
+pub struct V {
+    pub name: String,
+    pub rank: usize,
+    /// A weight not yet registered as an initializer (see the module docs).
+    param: Option<Param>,
+}
+
+/// What an initializer holds until it is written.
+#[derive(Debug, Clone)]
+pub enum InitData {
+    /// A checkpoint weight, converted to the export type when written (transposed if asked).
+    Weight { t: Tensor, transpose: bool },
+    /// A small constant already encoded.
+    Raw { dtype: DataType, dims: Vec<i64>, bytes: Vec<u8> },
+}
+
+/// A named initializer.
+#[derive(Debug, Clone)]
+pub struct Init {
+    pub name: String,
+    pub data: InitData,
+}
+
+/// Records a forward pass as ONNX nodes.
+#[derive(Debug)]
+pub struct Graph {
+    pub ft: FloatType,
+    pub nodes: Vec<NodeProto>,
+    pub inits: Vec<Init>,
+    registered: HashMap<String, usize>,
+    counter: usize,
+}
+
+fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: v.to_vec(), ..Default::default() }
+}
+fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: v, ..Default::default() }
+}
+fn attr_float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f: v, ..Default::default() }
+}
+
+impl Graph {
+    /// An empty graph exporting floats as `ft`.
+    pub fn new(ft: FloatType) -> Self {
+        Self { ft, nodes: Vec::new(), inits: Vec::new(), registered: HashMap::new(), counter: 0 }
+    }
+
+    /// A graph input value (its declaration is the writer's business).
+    pub fn input(&self, name: &str, rank: usize) -> V {
+        V { name: name.into(), rank, param: None }
+    }
+
+    fn fresh(&mut self, op: &str) -> String {
+        self.counter += 1;
+        format!("{op}_{}", self.counter)
+    }
+
+    /// The name of `v`, registering it as an initializer first if it is a pending weight.
+    fn name(&mut self, v: &V) -> String {
+        if let Some(p) = &v.param {
+            self.register(&p.key, InitData::Weight { t: p.t.clone(), transpose: false });
+        }
+        v.name.clone()
+    }
+
+    fn register(&mut self, name: &str, data: InitData) {
+        if !self.registered.contains_key(name) {
+            self.registered.insert(name.to_string(), self.inits.len());
+            self.inits.push(Init { name: name.to_string(), data });
+        }
+    }
+
+    /// Appends a node with one output; returns the output value.
+    pub fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, rank: usize) -> V {
+        let out = self.fresh(op);
+        self.nodes.push(NodeProto {
+            op_type: op.into(),
+            name: out.clone(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            attribute: attrs,
+            ..Default::default()
+        });
+        V { name: out, rank, param: None }
+    }
+
+    /// Renames `v` as a graph output (an Identity node).
+    pub fn output(&mut self, v: &V, name: &str) {
+        let input = self.name(v);
+        self.nodes.push(NodeProto { op_type: "Identity".into(), name: format!("out_{name}"), input: vec![input], output: vec![name.into()], ..Default::default() });
+    }
+
+    /// Declares `v` as a graph output in f32 (a Cast first when exporting f16).
+    pub fn output_f32(&mut self, v: &V, name: &str) {
+        let x = self.to_f32(v);
+        self.output(&x, name);
+    }
+
+    /// An int64 constant.
+    pub fn ints(&mut self, v: &[i64]) -> String {
+        let name = format!("const_i64_{}", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("_")).replace('-', "m");
+        self.register(&name, InitData::Raw { dtype: DataType::Int64, dims: vec![v.len() as i64], bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() });
+        name
+    }
+
+    /// An int64 scalar constant.
+    fn int_scalar(&mut self, v: i64) -> String {
+        let name = format!("const_i64s_{v}");
+        self.register(&name, InitData::Raw { dtype: DataType::Int64, dims: vec![], bytes: v.to_le_bytes().to_vec() });
+        name
+    }
+
+    /// A float constant (scalar when `dims` is empty) in the export type, or in f32 when `f32`.
+    fn floats(&mut self, v: &[f32], dims: &[i64], f32_: bool) -> String {
+        let ft = if f32_ { FloatType::F32 } else { self.ft };
+        self.counter += 1;
+        let name = format!("const_f_{}", self.counter);
+        self.register(&name, InitData::Raw { dtype: ft.onnx(), dims: dims.to_vec(), bytes: ft.encode(v) });
+        name
+    }
+
+    fn scalar(&mut self, v: f32) -> String {
+        self.floats(&[v], &[], false)
+    }
+
+    fn cast(&mut self, x: &str, to: DataType, rank: usize) -> V {
+        self.node("Cast", &[x], vec![attr_int("to", to as i64)], rank)
+    }
+
+    /// `x` in f32 (a Cast node when exporting f16).
+    fn to_f32(&mut self, x: &V) -> V {
+        let n = self.name(x);
+        match self.ft {
+            FloatType::F32 => V { name: n, rank: x.rank, param: None },
+            FloatType::F16 => self.cast(&n, DataType::Float, x.rank),
+        }
+    }
+
+    /// `x` (f32) back in the export type.
+    fn from_f32(&mut self, x: V) -> V {
+        match self.ft {
+            FloatType::F32 => x,
+            FloatType::F16 => self.cast(&x.name, DataType::Float16, x.rank),
+        }
+    }
+
+    fn binary(&mut self, op: &str, a: &V, b: &V) -> V {
+        let (na, nb) = (self.name(a), self.name(b));
+        self.node(op, &[&na, &nb], vec![], a.rank.max(b.rank))
+    }
+
+    fn unary(&mut self, op: &str, x: &V) -> V {
+        let n = self.name(x);
+        self.node(op, &[&n], vec![], x.rank)
+    }
+
+    fn unsqueeze(&mut self, x: &V, axes: &[i64]) -> V {
+        let (n, a) = (self.name(x), self.ints(axes));
+        self.node("Unsqueeze", &[&n, &a], vec![], x.rank + axes.len())
+    }
+
+    fn reshape(&mut self, x: &V, shape: &[i64]) -> V {
+        let (n, s) = (self.name(x), self.ints(shape));
+        self.node("Reshape", &[&n, &s], vec![], shape.len())
+    }
+
+    fn permute(&mut self, x: &V, perm: &[i64]) -> V {
+        let n = self.name(x);
+        self.node("Transpose", &[&n], vec![attr_ints("perm", perm)], x.rank)
+    }
+
+    fn slice(&mut self, x: &V, axis: i64, start: i64, end: i64) -> V {
+        let n = self.name(x);
+        let (s, e, a) = (self.ints(&[start]), self.ints(&[end]), self.ints(&[axis]));
+        self.node("Slice", &[&n, &s, &e, &a], vec![], x.rank)
+    }
+
+    /// `Shape(x)[i]` as an int64 scalar.
+    fn dim(&mut self, x: &V, i: i64) -> V {
+        let n = self.name(x);
+        let shape = self.node("Shape", &[&n], vec![], 1);
+        let idx = self.int_scalar(i);
+        self.node("Gather", &[&shape.name, &idx], vec![attr_int("axis", 0)], 0)
+    }
+
+    fn concat(&mut self, names: &[&str], axis: i64, rank: usize) -> V {
+        self.node("Concat", names, vec![attr_int("axis", axis)], rank)
+    }
+
+    fn gelu_tanh_impl(&mut self, x: &V) -> V {
+        // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+        let x3 = {
+            let sq = self.binary("Mul", x, x);
+            self.binary("Mul", &sq, x)
+        };
+        let c = self.scalar(0.044715);
+        let cx3 = self.node("Mul", &[&x3.name, &c], vec![], x.rank);
+        let inner = self.binary("Add", x, &cx3);
+        let k = self.scalar((2.0f64 / std::f64::consts::PI).sqrt() as f32);
+        let scaled = self.node("Mul", &[&inner.name, &k], vec![], x.rank);
+        let t = self.unary("Tanh", &scaled);
+        self.half_x_one_plus(x, &t)
+    }
+
+    /// `0.5·x·(1 + t)`.
+    fn half_x_one_plus(&mut self, x: &V, t: &V) -> V {
+        let one = self.scalar(1.0);
+        let onep = self.node("Add", &[&t.name, &one], vec![], x.rank);
+        let xt = self.binary("Mul", x, &onep);
+        let half = self.scalar(0.5);
+        self.node("Mul", &[&xt.name, &half], vec![], x.rank)
+    }
+}
+
+impl Ops for Graph {
+    type T = V;
+
+    fn param(&mut self, p: &Param) -> Result<V> {
+        Ok(V { name: p.key.clone(), rank: p.dims().len(), param: Some(p.clone()) })
+    }
+
+    fn linear(&mut self, x: &V, w: &V, b: Option<&V>) -> Result<V> {
+        let wn = match &w.param {
+            Some(p) => {
+                let name = format!("{}^T", p.key);
+                self.register(&name, InitData::Weight { t: p.t.clone(), transpose: true });
+                name
+            }
+            None => {
+                let n = self.name(w);
+                self.node("Transpose", &[&n], vec![attr_ints("perm", &[1, 0])], 2).name
+            }
+        };
+        let xn = self.name(x);
+        let y = self.node("MatMul", &[&xn, &wn], vec![], x.rank);
+        Ok(match b {
+            Some(b) => self.binary("Add", &y, b),
+            None => y,
+        })
+    }
+    fn matmul(&mut self, a: &V, b: &V) -> Result<V> {
+        Ok(self.binary("MatMul", a, b))
+    }
+    fn add(&mut self, a: &V, b: &V) -> Result<V> {
+        Ok(self.binary("Add", a, b))
+    }
+    fn sub(&mut self, a: &V, b: &V) -> Result<V> {
+        Ok(self.binary("Sub", a, b))
+    }
+    fn mul(&mut self, a: &V, b: &V) -> Result<V> {
+        Ok(self.binary("Mul", a, b))
+    }
+    fn affine(&mut self, x: &V, mul: f64, add: f64) -> Result<V> {
+        let n = self.name(x);
+        let mut y = V { name: n, rank: x.rank, param: None };
+        if mul != 1.0 {
+            let m = self.scalar(mul as f32);
+            y = self.node("Mul", &[&y.name, &m], vec![], x.rank);
+        }
+        if add != 0.0 {
+            let a = self.scalar(add as f32);
+            y = self.node("Add", &[&y.name, &a], vec![], x.rank);
+        }
+        Ok(y)
+    }
+    fn layer_norm(&mut self, x: &V, w: &V, b: &V, eps: f64) -> Result<V> {
+        // Statistics in f32 as in the candle interpreter; the affine part in the export type.
+        let width = match &w.param {
+            Some(p) => p.dims()[0],
+            None => return Err(Error::Input("layer_norm: the scale must be a weight".into())),
+        };
+        let xf = self.to_f32(x);
+        let ones = self.floats(&vec![1.0; width], &[width as i64], true);
+        let zeros = self.floats(&vec![0.0; width], &[width as i64], true);
+        let y = self.node("LayerNormalization", &[&xf.name, &ones, &zeros], vec![attr_int("axis", -1), attr_float("epsilon", eps as f32)], x.rank);
+        let y = self.from_f32(y);
+        let y = self.binary("Mul", &y, w);
+        Ok(self.binary("Add", &y, b))
+    }
+    fn gelu_tanh(&mut self, x: &V) -> Result<V> {
+        Ok(self.gelu_tanh_impl(x))
+    }
+    fn gelu_erf(&mut self, x: &V) -> Result<V> {
+        let r = self.scalar(std::f32::consts::FRAC_1_SQRT_2);
+        let n = self.name(x);
+        let xs = self.node("Mul", &[&n, &r], vec![], x.rank);
+        let e = self.unary("Erf", &xs);
+        Ok(self.half_x_one_plus(x, &e))
+    }
+    fn relu(&mut self, x: &V) -> Result<V> {
+        Ok(self.unary("Relu", x))
+    }
+    fn sigmoid(&mut self, x: &V) -> Result<V> {
+        Ok(self.unary("Sigmoid", x))
+    }
+    fn softmax_last(&mut self, x: &V) -> Result<V> {
+        let xf = self.to_f32(x);
+        let y = self.node("Softmax", &[&xf.name], vec![attr_int("axis", -1)], x.rank);
+        Ok(self.from_f32(y))
+    }
+    fn transpose(&mut self, x: &V, d1: usize, d2: usize) -> Result<V> {
+        let mut perm: Vec<i64> = (0..x.rank as i64).collect();
+        if d1 >= x.rank || d2 >= x.rank {
+            return Err(Error::Input(format!("transpose({d1}, {d2}) of a rank-{} value", x.rank)));
+        }
+        perm.swap(d1, d2);
+        Ok(self.permute(x, &perm))
+    }
+    fn split_heads(&mut self, x: &V, heads: usize) -> Result<V> {
+        let r = self.reshape(x, &[0, 0, heads as i64, -1]);
+        Ok(self.permute(&r, &[0, 2, 1, 3]))
+    }
+    fn merge_heads(&mut self, x: &V) -> Result<V> {
+        let t = self.permute(x, &[0, 2, 1, 3]);
+        Ok(self.reshape(&t, &[0, 0, -1]))
+    }
+    fn narrow(&mut self, x: &V, dim: usize, start: usize, len: Option<usize>) -> Result<V> {
+        let end = len.map(|l| (start + l) as i64).unwrap_or(i64::MAX);
+        Ok(self.slice(x, dim as i64, start as i64, end))
+    }
+    fn cat(&mut self, xs: &[V], dim: usize) -> Result<V> {
+        let names: Vec<String> = xs.iter().map(|x| self.name(x)).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let rank = xs.first().map(|x| x.rank).unwrap_or(0);
+        Ok(self.concat(&refs, dim as i64, rank))
+    }
+    fn embedding(&mut self, table: &V, ids: &V) -> Result<V> {
+        let (t, i) = (self.name(table), self.name(ids));
+        Ok(self.node("Gather", &[&t, &i], vec![attr_int("axis", 0)], ids.rank + 1))
+    }
+    fn patchify(&mut self, pixels: &V, w: &V, b: &V, patch: usize) -> Result<V> {
+        let (p, wn, bn) = (self.name(pixels), self.name(w), self.name(b));
+        let k = patch as i64;
+        let y = self.node("Conv", &[&p, &wn, &bn], vec![attr_ints("kernel_shape", &[k, k]), attr_ints("strides", &[k, k])], 4);
+        let y = self.reshape(&y, &[0, 0, -1]); // [B, D, N]
+        Ok(self.permute(&y, &[0, 2, 1]))
+    }
+    fn expand_batch(&mut self, x: &V, like: &V) -> Result<V> {
+        let (xn, ln) = (self.name(x), self.name(like));
+        let like_shape = self.node("Shape", &[&ln], vec![], 1);
+        let x_shape = self.node("Shape", &[&xn], vec![], 1);
+        let b = self.slice(&like_shape, 0, 0, 1);
+        let rest = self.slice(&x_shape, 0, 1, i64::MAX);
+        let shape = self.concat(&[&b.name, &rest.name], 0, 1);
+        Ok(self.node("Expand", &[&xn, &shape.name], vec![], x.rank))
+    }
+    fn rope_tables(&mut self, position_ids: &V, rot_dims: usize, theta: f64) -> Result<(V, V)> {
+        let inv: Vec<f32> = (0..rot_dims / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot_dims as f64)) as f32).collect();
+        let inv = self.floats(&inv, &[(rot_dims / 2) as i64], true);
+        let pn = self.name(position_ids);
+        let pos = self.cast(&pn, DataType::Float, 2);
+        let pos = self.unsqueeze(&pos, &[2]); // [B, L, 1]
+        let freqs = self.node("Mul", &[&pos.name, &inv], vec![], 3); // [B, L, rot/2]
+        let emb = self.concat(&[&freqs.name, &freqs.name], 2, 3);
+        let emb = self.unsqueeze(&emb, &[1]); // [B, 1, L, rot]
+        let cos = self.unary("Cos", &emb);
+        let sin = self.unary("Sin", &emb);
+        Ok((self.from_f32(cos), self.from_f32(sin)))
+    }
+    fn rope(&mut self, x: &V, cos: &V, sin: &V, rot_dims: usize) -> Result<V> {
+        let (r, h) = (rot_dims as i64, (rot_dims / 2) as i64);
+        let xr = self.slice(x, 3, 0, r);
+        let x1 = self.slice(&xr, 3, 0, h);
+        let x2 = self.slice(&xr, 3, h, r);
+        let nx2 = self.unary("Neg", &x2);
+        let rotated = self.concat(&[&nx2.name, &x1.name], 3, 4);
+        let a = self.binary("Mul", &xr, cos);
+        let b = self.binary("Mul", &rotated, sin);
+        let y = self.binary("Add", &a, &b);
+        // The pass-through part is empty when all dims rotate; Concat takes the empty slice.
+        let pass = self.slice(x, 3, r, i64::MAX);
+        Ok(self.concat(&[&y.name, &pass.name], 3, 4))
+    }
+    fn causal_bias(&mut self, mask2d: &V, query_like: &V) -> Result<V> {
+        let total = self.dim(mask2d, 1);
+        let s = self.dim(query_like, 2);
+        let (zero, one) = (self.int_scalar(0), self.int_scalar(1));
+        let start = self.node("Sub", &[&total.name, &s.name], vec![], 0);
+        let k = self.node("Range", &[&zero, &total.name, &one], vec![], 1); // [P+S]
+        let q = self.node("Range", &[&start.name, &total.name, &one], vec![], 1); // [S]
+        let k = self.unsqueeze(&k, &[0]); // [1, P+S]
+        let q = self.unsqueeze(&q, &[1]); // [S, 1]
+        let causal = self.binary("LessOrEqual", &k, &q); // [S, P+S]
+        let mn = self.name(mask2d);
+        let keep = self.cast(&mn, DataType::Bool, 2);
+        let keep = self.unsqueeze(&keep, &[1, 2]); // [B, 1, 1, P+S]
+        let keep = self.binary("And", &keep, &causal); // [B, 1, S, P+S]
+        let (z, m) = (self.scalar(0.0), self.scalar(self.ft.mask_min()));
+        Ok(self.node("Where", &[&keep.name, &z, &m], vec![], 4))
+    }
+    fn padding_bias(&mut self, mask2d: &V, fill: f64) -> Result<V> {
+        let n = self.name(mask2d);
+        let m = self.cast(&n, self.ft.onnx(), 2);
+        let b = self.affine(&m, -fill, fill)?;
+        Ok(self.unsqueeze(&b, &[1, 2]))
+    }
+    fn ones_mask(&mut self, like: &V) -> Result<V> {
+        let n = self.name(like);
+        let shape = self.node("Shape", &[&n], vec![], 1);
+        let bl = self.slice(&shape, 0, 0, 2);
+        let value = AttributeProto {
+            name: "value".into(),
+            r#type: AttributeType::Tensor as i32,
+            t: Some(crate::onnx_pb::TensorProto { dims: vec![1], data_type: DataType::Int64 as i32, int64_data: vec![1], ..Default::default() }),
+            ..Default::default()
+        };
+        Ok(self.node("ConstantOfShape", &[&bl.name], vec![value], 2))
+    }
+    fn positions_like(&mut self, like: &V) -> Result<V> {
+        let l = self.dim(like, 1);
+        let (zero, one) = (self.int_scalar(0), self.int_scalar(1));
+        let r = self.node("Range", &[&zero, &l.name, &one], vec![], 1);
+        Ok(self.unsqueeze(&r, &[0]))
+    }
+    fn dropout(&mut self, x: &V, _p: f32) -> Result<V> {
+        Ok(x.clone())
+    }
+}

@@ -1,0 +1,156 @@
+//! ONNX export of Bunny / Q-Adapt: the model's own forward passes (written once over
+//! [`models::ops::Ops`]) traced by a graph builder ([`graph::Graph`]) into `vision.onnx`, `embed.onnx`
+//! and `decoder.onnx`, plus `qadapt.json` and the tokenizers; then checked against candle through ONNX
+//! Runtime ([`verify`]). Module map: [`graph`] → [`export`] (what each graph holds) → [`write`]
+//! (protobuf, external data) → [`verify`].
+
+pub mod export;
+pub mod graph;
+#[allow(clippy::all, missing_docs)]
+pub mod onnx_pb;
+pub mod verify;
+pub mod write;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use models::Bunny;
+
+pub use graph::FloatType;
+
+/// What can go wrong while exporting.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Model(#[from] models::Error),
+    #[error(transparent)]
+    Core(#[from] qadapt_core::error::Error),
+    #[error("{0}")]
+    Io(String),
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    #[error("verification failed: {0}")]
+    Mismatch(String),
+}
+
+impl From<std::io::Error> for ExportError {
+    fn from(e: std::io::Error) -> Self {
+        ExportError::Io(e.to_string())
+    }
+}
+
+impl From<candle_core::Error> for ExportError {
+    fn from(e: candle_core::Error) -> Self {
+        ExportError::Model(models::Error::from(e))
+    }
+}
+
+/// The exporter's result type.
+pub type Result<T> = std::result::Result<T, ExportError>;
+
+/// What to export and how.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// HF model directory (base or already merged).
+    pub model: PathBuf,
+    /// A PEFT adapter directory (`adapter_model.safetensors` [+ `non_lora_trainables.safetensors`]),
+    /// merged into the weights before tracing.
+    pub adapter: Option<PathBuf>,
+    pub out: PathBuf,
+    pub ft: FloatType,
+    /// Weights to `<graph>.onnx.data` (forced above 2 GiB per graph whatever this says).
+    pub external_data: bool,
+    /// Run each graph through ONNX Runtime against candle; fail above `tolerance`.
+    pub verify: bool,
+    pub ort_lib: Option<PathBuf>,
+    pub tolerance: f32,
+}
+
+/// Default verification tolerance (max relative error) per export type.
+pub fn default_tolerance(ft: FloatType) -> f32 {
+    match ft {
+        FloatType::F32 => 1e-4,
+        FloatType::F16 => 2e-2,
+    }
+}
+
+/// One written graph.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GraphSummary {
+    pub file: String,
+    pub nodes: usize,
+    pub initializers: usize,
+    pub bytes: u64,
+    pub external_data: bool,
+    /// Worst relative error against candle over the graph's outputs (when verified).
+    pub max_rel_err: Option<f32>,
+}
+
+/// What an export did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportSummary {
+    pub out: PathBuf,
+    pub graphs: Vec<GraphSummary>,
+    pub verified: bool,
+}
+
+/// 2 GiB, protobuf's limit on one message.
+const PROTO_LIMIT: u64 = 2 * 1024 * 1024 * 1024 - 64 * 1024 * 1024;
+
+/// Exports a model; `progress(graph, done, total)` is called per written tensor. The directory
+/// appears only complete: it is written under a temporary name and renamed, and a failed
+/// verification leaves nothing behind.
+pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)) -> Result<ExportSummary> {
+    if !opts.model.is_dir() {
+        return Err(ExportError::Io(format!("model directory {} not found", opts.model.display())));
+    }
+    // Start ONNX Runtime first: a missing library should fail before minutes of tracing.
+    let env = if opts.verify { Some(verify::environment(opts.ort_lib.as_deref())?) } else { None };
+    let model = Bunny::load(&opts.model, opts.adapter.as_deref(), &Device::Cpu, DType::F32)?;
+    let tokenizer = qadapt_core::TextTokenizer::from_dir(&opts.model)?;
+    let level_ids = qadapt_core::sampling::level_token_ids(&tokenizer)?;
+    let mut graphs = Vec::new();
+    qadapt_core::files::write_dir_atomic(&opts.out, |dir: &Path| -> Result<()> {
+        for traced in [export::vision(&model, opts.ft)?, export::embed(&model, opts.ft)?, export::decoder(&model, opts.ft)?] {
+            let total = traced.graph.inits.len();
+            let external = opts.external_data || write::weight_bytes(&traced.graph) > PROTO_LIMIT;
+            let mut done = 0;
+            let bytes = write::write_model(&traced.graph, &traced.inputs, &traced.outputs, &dir.join(traced.file), external, "qadapt-export", || {
+                done += 1;
+                progress(traced.file, done, total);
+            })?;
+            graphs.push(GraphSummary {
+                file: traced.file.into(),
+                nodes: traced.graph.nodes.len(),
+                initializers: total,
+                bytes,
+                external_data: external,
+                max_rel_err: None,
+            });
+        }
+        qadapt_core::files::copy_tokenizers(&opts.model, dir)?;
+        let manifest = export::manifest(&model, &opts.model, opts.ft, level_ids);
+        let text = serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Io(format!("qadapt.json: {e}")))?;
+        std::fs::write(dir.join("qadapt.json"), text)?;
+        if let Some(env) = &env {
+            let mut failures = Vec::new();
+            for (file, report) in verify::verify(env, &model, dir, opts.ft, 0)? {
+                let worst = report.iter().map(|(_, e)| *e).fold(0.0f32, f32::max);
+                for (name, err) in &report {
+                    tracing::debug!(graph = %file, output = %name, rel_err = err, "verified");
+                    if !(*err <= opts.tolerance) {
+                        failures.push(format!("{file} {name}: max relative error {err:.2e} > {:.0e}", opts.tolerance));
+                    }
+                }
+                if let Some(g) = graphs.iter_mut().find(|g| g.file == file) {
+                    g.max_rel_err = Some(worst);
+                }
+            }
+            if !failures.is_empty() {
+                return Err(ExportError::Mismatch(failures.join("; ")));
+            }
+        }
+        Ok(())
+    })?;
+    Ok(ExportSummary { out: opts.out.clone(), graphs, verified: opts.verify })
+}
