@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, no downloads: synthetic EIQA data → random tiny Q-Adapt →
-# stage 1 → stage 2 → merge → answers, a quality score and a held-out evaluation.
-# (Export and the ONNX runtime join this pipeline when they exist.)
+# stage 1 → stage 2 → merge → ONNX export → answers, a quality score and a held-out evaluation
+# (from candle; qadapt-run, the ONNX Runtime server, takes over the answers when it exists).
 #
 #   bash scripts/pipeline.sh            # WORK=/tmp/qadapt-pipeline N=1000 EPOCHS1=4 EPOCHS2=1 to change
 #
@@ -14,7 +14,7 @@ N=${N:-1000}
 EPOCHS1=${EPOCHS1:-4}
 EPOCHS2=${EPOCHS2:-1}
 if [ -z "${QADAPT_TRAIN:-}" ]; then
-  cargo build -q -p trainer --bin qadapt-train
+  cargo build -q -p trainer --bin qadapt-train -p exporter --bin qadapt-export
   QADAPT_TRAIN=target/debug/qadapt-train
 fi
 T=$QADAPT_TRAIN
@@ -33,6 +33,10 @@ echo "== stage 2: prompt module + connector, stage-1 LoRA merged and frozen"
   --epochs "$EPOCHS2" --lr 1e-3 --connector-lr 1e-3
 echo "== merge"
 "$T" merge --model "$WORK/base" --stage1 "$WORK/run1" --stage2 "$WORK/run2" --out "$WORK/merged"
+echo "== export: ONNX graphs (vision, embed, decoder with KV cache) + qadapt.json"
+if [ -n "${ORT_DYLIB_PATH:-}" ]; then verify=(); else
+  echo "   (ORT_DYLIB_PATH unset: graphs not verified through ONNX Runtime; see scripts/get-onnxruntime.sh)"; verify=(--no-verify); fi
+"${QADAPT_EXPORT:-target/debug/qadapt-export}" --model "$WORK/merged" --out "$WORK/export" "${verify[@]}"
 img=$(awk -F, '$3=="test"{print $1; exit}' "$WORK/data/labels.csv")
 echo "== infer on a held-out image ($img)"
 "$T" infer --model "$WORK/merged" --image "$WORK/data/$img" --ask "Describe the quality of this image and explain your judgement." --max-new-tokens 48

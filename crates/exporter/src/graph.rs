@@ -144,7 +144,7 @@ impl Graph {
 
     /// Declares `v` as a graph output in f32 (a Cast first when exporting f16).
     pub fn output_f32(&mut self, v: &V, name: &str) {
-        let x = self.to_f32(v);
+        let x = self.as_f32(v);
         self.output(&x, name);
     }
 
@@ -180,7 +180,7 @@ impl Graph {
     }
 
     /// `x` in f32 (a Cast node when exporting f16).
-    fn to_f32(&mut self, x: &V) -> V {
+    fn as_f32(&mut self, x: &V) -> V {
         let n = self.name(x);
         match self.ft {
             FloatType::F32 => V { name: n, rank: x.rank, param: None },
@@ -189,7 +189,7 @@ impl Graph {
     }
 
     /// `x` (f32) back in the export type.
-    fn from_f32(&mut self, x: V) -> V {
+    fn back_from_f32(&mut self, x: V) -> V {
         match self.ft {
             FloatType::F32 => x,
             FloatType::F16 => self.cast(&x.name, DataType::Float16, x.rank),
@@ -321,11 +321,11 @@ impl Ops for Graph {
             Some(p) => p.dims()[0],
             None => return Err(Error::Input("layer_norm: the scale must be a weight".into())),
         };
-        let xf = self.to_f32(x);
+        let xf = self.as_f32(x);
         let ones = self.floats(&vec![1.0; width], &[width as i64], true);
         let zeros = self.floats(&vec![0.0; width], &[width as i64], true);
         let y = self.node("LayerNormalization", &[&xf.name, &ones, &zeros], vec![attr_int("axis", -1), attr_float("epsilon", eps as f32)], x.rank);
-        let y = self.from_f32(y);
+        let y = self.back_from_f32(y);
         let y = self.binary("Mul", &y, w);
         Ok(self.binary("Add", &y, b))
     }
@@ -346,9 +346,9 @@ impl Ops for Graph {
         Ok(self.unary("Sigmoid", x))
     }
     fn softmax_last(&mut self, x: &V) -> Result<V> {
-        let xf = self.to_f32(x);
+        let xf = self.as_f32(x);
         let y = self.node("Softmax", &[&xf.name], vec![attr_int("axis", -1)], x.rank);
-        Ok(self.from_f32(y))
+        Ok(self.back_from_f32(y))
     }
     fn transpose(&mut self, x: &V, d1: usize, d2: usize) -> Result<V> {
         let mut perm: Vec<i64> = (0..x.rank as i64).collect();
@@ -407,7 +407,7 @@ impl Ops for Graph {
         let emb = self.unsqueeze(&emb, &[1]); // [B, 1, L, rot]
         let cos = self.unary("Cos", &emb);
         let sin = self.unary("Sin", &emb);
-        Ok((self.from_f32(cos), self.from_f32(sin)))
+        Ok((self.back_from_f32(cos), self.back_from_f32(sin)))
     }
     fn rope(&mut self, x: &V, cos: &V, sin: &V, rot_dims: usize) -> Result<V> {
         let (r, h) = (rot_dims as i64, (rot_dims / 2) as i64);

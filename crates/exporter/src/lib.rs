@@ -14,7 +14,10 @@ pub mod write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use models::adapter::AdaptedSource;
+use models::loader::{Checkpoint, WeightSource};
 use models::Bunny;
+use qadapt_core::BunnyConfig;
 
 pub use graph::FloatType;
 
@@ -53,12 +56,14 @@ pub type Result<T> = std::result::Result<T, ExportError>;
 pub struct ExportOptions {
     /// HF model directory (base or already merged).
     pub model: PathBuf,
-    /// A PEFT adapter directory (`adapter_model.safetensors` [+ `non_lora_trainables.safetensors`]),
-    /// merged into the weights before tracing.
-    pub adapter: Option<PathBuf>,
+    /// Stage-1 run (or any PEFT adapter directory: `adapter_model.safetensors` [+
+    /// `non_lora_trainables.safetensors`]), merged into the weights before tracing.
+    pub stage1: Option<PathBuf>,
+    /// Stage-2 run (prompt module and connector), applied over stage 1.
+    pub stage2: Option<PathBuf>,
     pub out: PathBuf,
     pub ft: FloatType,
-    /// Weights to `<graph>.onnx.data` (forced above 2 GiB per graph whatever this says).
+    /// Weights to `<graph>.onnx.data` (always for graphs above 128 MiB of weights).
     pub external_data: bool,
     /// Run each graph through ONNX Runtime against candle; fail above `tolerance`.
     pub verify: bool,
@@ -94,8 +99,50 @@ pub struct ExportSummary {
     pub verified: bool,
 }
 
-/// 2 GiB, protobuf's limit on one message.
-const PROTO_LIMIT: u64 = 2 * 1024 * 1024 * 1024 - 64 * 1024 * 1024;
+/// Graphs whose weights exceed this keep them in `<graph>.onnx.data`: protobuf cannot hold 2 GiB, and
+/// an inline graph is held twice in memory while encoded (measured: a 1.2 GB inline vision graph took
+/// a 3B f16 export's peak RSS to 1.34× its weight bytes).
+const EXTERNAL_ABOVE: u64 = 128 * 1024 * 1024;
+
+/// `RUN/final` when a run directory is given, else the directory itself.
+fn adapter_dir(run: &Path) -> PathBuf {
+    let f = run.join("final");
+    if f.is_dir() {
+        f
+    } else {
+        run.to_path_buf()
+    }
+}
+
+/// The base model with stage 1's LoRA merged and stage 2's tensors over it, as `qadapt-train merge`
+/// writes them, but in memory. A stage-2 run carries its own config.json (the prompt module's shape).
+fn load(opts: &ExportOptions, dtype: DType) -> Result<Bunny> {
+    let dev = Device::Cpu;
+    let stage2 = opts.stage2.as_deref().map(adapter_dir);
+    let config_path = match &stage2 {
+        Some(d) if d.join("config.json").is_file() => d.join("config.json"),
+        _ => opts.model.join("config.json"),
+    };
+    let config = BunnyConfig::from_file(&config_path)?;
+    let ck = Checkpoint::open(&opts.model, &dev, dtype)?;
+    let s1 = match &opts.stage1 {
+        Some(r) => Some(AdaptedSource::open(&ck, &adapter_dir(r), &dev, dtype)?),
+        None => None,
+    };
+    let base: &dyn WeightSource = match &s1 {
+        Some(s) => s,
+        None => &ck,
+    };
+    let s2 = match &stage2 {
+        Some(d) => Some(AdaptedSource::open(base, d, &dev, dtype)?),
+        None => None,
+    };
+    let src: &dyn WeightSource = match &s2 {
+        Some(s) => s,
+        None => base,
+    };
+    Ok(Bunny::new(src, config)?)
+}
 
 /// Exports a model; `progress(graph, done, total)` is called per written tensor. The directory
 /// appears only complete: it is written under a temporary name and renamed, and a failed
@@ -106,14 +153,19 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
     }
     // Start ONNX Runtime first: a missing library should fail before minutes of tracing.
     let env = if opts.verify { Some(verify::environment(opts.ort_lib.as_deref())?) } else { None };
-    let model = Bunny::load(&opts.model, opts.adapter.as_deref(), &Device::Cpu, DType::F32)?;
+    // Weights are held in the export type: an f16 export of a 3B model never holds an f32 copy.
+    let dtype = match opts.ft {
+        FloatType::F32 => DType::F32,
+        FloatType::F16 => DType::F16,
+    };
+    let model = load(opts, dtype)?;
     let tokenizer = qadapt_core::TextTokenizer::from_dir(&opts.model)?;
     let level_ids = qadapt_core::sampling::level_token_ids(&tokenizer)?;
     let mut graphs = Vec::new();
     qadapt_core::files::write_dir_atomic(&opts.out, |dir: &Path| -> Result<()> {
         for traced in [export::vision(&model, opts.ft)?, export::embed(&model, opts.ft)?, export::decoder(&model, opts.ft)?] {
             let total = traced.graph.inits.len();
-            let external = opts.external_data || write::weight_bytes(&traced.graph) > PROTO_LIMIT;
+            let external = opts.external_data || write::weight_bytes(&traced.graph) > EXTERNAL_ABOVE;
             let mut done = 0;
             let bytes = write::write_model(&traced.graph, &traced.inputs, &traced.outputs, &dir.join(traced.file), external, "qadapt-export", || {
                 done += 1;
@@ -134,11 +186,12 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
         std::fs::write(dir.join("qadapt.json"), text)?;
         if let Some(env) = &env {
             let mut failures = Vec::new();
-            for (file, report) in verify::verify(env, &model, dir, opts.ft, 0)? {
+            for (file, report) in verify::verify(env, &model, dir, opts.ft, dtype, 0)? {
                 let worst = report.iter().map(|(_, e)| *e).fold(0.0f32, f32::max);
                 for (name, err) in &report {
                     tracing::debug!(graph = %file, output = %name, rel_err = err, "verified");
-                    if !(*err <= opts.tolerance) {
+                    // NaN fails too.
+                    if err.is_nan() || *err > opts.tolerance {
                         failures.push(format!("{file} {name}: max relative error {err:.2e} > {:.0e}", opts.tolerance));
                     }
                 }

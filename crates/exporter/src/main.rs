@@ -21,9 +21,12 @@ struct Cli {
     /// HF model directory (a hub checkpoint, `qadapt-train init` or `qadapt-train merge` output).
     #[arg(long)]
     model: PathBuf,
-    /// PEFT adapter directory to merge first (e.g. RUN/final of `qadapt-train stage1`).
+    /// Stage-1 run of `qadapt-train` (or a PEFT adapter directory): LoRA merged before tracing.
+    #[arg(long, alias = "adapter")]
+    stage1: Option<PathBuf>,
+    /// Stage-2 run (prompt module and connector), applied over stage 1.
     #[arg(long)]
-    adapter: Option<PathBuf>,
+    stage2: Option<PathBuf>,
     /// Merge LoRA into the base weights before tracing (the only mode: adapters never reach the graphs).
     #[arg(long, default_value_t = true)]
     merge_lora: bool,
@@ -36,7 +39,7 @@ struct Cli {
     /// ONNX opset (17 is what the graphs use; other values are refused).
     #[arg(long, default_value_t = 17)]
     opset: i64,
-    /// Weights to `<graph>.onnx.data` even below 2 GiB.
+    /// Weights to `<graph>.onnx.data` for every graph (always done above 128 MiB of weights).
     #[arg(long)]
     external_data: bool,
     /// Skip running the graphs through ONNX Runtime.
@@ -61,7 +64,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let opts = ExportOptions {
         model: cli.model,
-        adapter: cli.adapter,
+        stage1: cli.stage1,
+        stage2: cli.stage2,
         out: cli.out,
         ft,
         external_data: cli.external_data,

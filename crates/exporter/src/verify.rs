@@ -89,10 +89,11 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
 /// The worst relative error of one graph, per output.
 pub type Report = Vec<(String, f32)>;
 
-/// Runs the three graphs in `dir` against `model` (loaded in f32 on the CPU).
-pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft: FloatType, seed: u64) -> Result<Vec<(String, Report)>> {
+/// Runs the three graphs in `dir` against `model` (loaded in `dtype` on the CPU, which runs the
+/// candle side in that type too).
+pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft: FloatType, dtype: DType, seed: u64) -> Result<Vec<(String, Report)>> {
     let dev = Device::Cpu;
-    let mut o = Candle::new(dev.clone(), DType::F32);
+    let mut o = Candle::new(dev.clone(), dtype);
     let mut rng = StdRng::seed_from_u64(seed);
     let c = &model.config;
     let mut all = Vec::new();
@@ -100,8 +101,9 @@ pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft
     // decoder: batch 2, 3 new positions after 4 cached ones.
     let (b, p, s) = (2usize, 4usize, 3usize);
     let (layers, heads, hd, d) = (c.num_hidden_layers, c.num_attention_heads, c.head_dim(), c.hidden_size);
-    let embeds = Tensor::randn(0f32, 1.0, (b, s, d), &dev)?;
-    let past: Vec<(Tensor, Tensor)> = (0..layers).map(|_| Ok((Tensor::randn(0f32, 1.0, (b, heads, p, hd), &dev)?, Tensor::randn(0f32, 1.0, (b, heads, p, hd), &dev)?))).collect::<Result<_>>()?;
+    let randn = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dtype)?) };
+    let embeds = randn(&[b, s, d])?;
+    let past: Vec<(Tensor, Tensor)> = (0..layers).map(|_| Ok((randn(&[b, heads, p, hd])?, randn(&[b, heads, p, hd])?))).collect::<Result<_>>()?;
     // The second row is left-padded by one position, as a batched runtime does.
     let mask: Vec<i64> = (0..b).flat_map(|r| (0..p + s).map(move |j| i64::from(!(r == 1 && j == 0)))).collect();
     let pos: Vec<i64> = (0..b).flat_map(|_| (p..p + s).map(|x| x as i64)).collect();
@@ -134,7 +136,7 @@ pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft
 
     // vision: pixels in the normalised range, a question of 6 tokens with the second row padded.
     let sz = c.vision_config.image_size;
-    let pixels = Tensor::rand(0f32, 1.0, (b, 3, sz, sz), &dev)?.affine(2.0, -1.0)?;
+    let pixels = Tensor::rand(0f32, 1.0, (b, 3, sz, sz), &dev)?.affine(2.0, -1.0)?.to_dtype(dtype)?;
     let mut inputs = vec![("pixel_values".to_string(), Input::F(pixels.clone()))];
     let feats = match (&c.qformer_config, model.is_qadapt()) {
         (Some(q), true) => {
