@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, no downloads: synthetic EIQA data → random tiny Q-Adapt →
-# stage 1 → stage 2 → merge → ONNX export → answers, a quality score and a held-out evaluation
-# (from candle; qadapt-run, the ONNX Runtime server, takes over the answers when it exists).
+# stage 1 → stage 2 → merge → ONNX export → answers and a quality score from candle and from
+# qadapt-run on ONNX Runtime (when ORT_DYLIB_PATH is set) → a held-out evaluation.
 #
 #   bash scripts/pipeline.sh            # WORK=/tmp/qadapt-pipeline N=1000 EPOCHS1=4 EPOCHS2=1 to change
 #
@@ -14,7 +14,7 @@ N=${N:-1000}
 EPOCHS1=${EPOCHS1:-4}
 EPOCHS2=${EPOCHS2:-1}
 if [ -z "${QADAPT_TRAIN:-}" ]; then
-  cargo build -q -p trainer --bin qadapt-train -p exporter --bin qadapt-export
+  cargo build -q -p trainer --bin qadapt-train -p exporter --bin qadapt-export -p runtime --bin qadapt-run
   QADAPT_TRAIN=target/debug/qadapt-train
 fi
 T=$QADAPT_TRAIN
@@ -41,5 +41,13 @@ img=$(awk -F, '$3=="test"{print $1; exit}' "$WORK/data/labels.csv")
 echo "== infer on a held-out image ($img)"
 "$T" infer --model "$WORK/merged" --image "$WORK/data/$img" --ask "Describe the quality of this image and explain your judgement." --max-new-tokens 48
 "$T" infer --model "$WORK/merged" --image "$WORK/data/$img" --score
+if [ -n "${ORT_DYLIB_PATH:-}" ]; then
+  echo "== qadapt-run (ONNX Runtime, CPU) on the same image"
+  R=${QADAPT_RUN:-target/debug/qadapt-run}
+  "$R" --model "$WORK/export" --image "$WORK/data/$img" --ask "Describe the quality of this image and explain your judgement." --max-new-tokens 48
+  "$R" --model "$WORK/export" --image "$WORK/data/$img" --score
+else
+  echo "== qadapt-run skipped: set ORT_DYLIB_PATH (bash scripts/get-onnxruntime.sh prints it)"
+fi
 echo "== eval on held-out images"
 "$T" eval --model "$WORK/merged" --data "$WORK/data/test.json" --images "$WORK/data" --labels "$WORK/data/labels.csv" ${EVAL_JSON:+--json}

@@ -132,6 +132,50 @@ impl Sampler {
     }
 }
 
+/// The decoding loop shared by the candle engine and the ONNX runtime: picks a token from `logits`,
+/// stops at `eos` or after `budget` tokens, hands the answer to `on_text` as it grows (only once the
+/// text is valid UTF-8: byte-level BPE may split a character), and asks `step` for the logits after
+/// each new token (not after the last).
+pub fn decode_loop<E: From<Error>>(
+    sampler: &mut Sampler,
+    tokenizer: &TextTokenizer,
+    eos: u32,
+    budget: usize,
+    mut logits: Vec<f32>,
+    mut step: impl FnMut(u32) -> std::result::Result<Vec<f32>, E>,
+    mut on_text: impl FnMut(&str),
+) -> std::result::Result<AnswerJson, E> {
+    let mut ids: Vec<u32> = Vec::new();
+    let mut shown = 0;
+    for i in 0..budget {
+        let next = sampler.next(&logits);
+        if next == eos {
+            break;
+        }
+        ids.push(next);
+        let text = tokenizer.decode(&ids)?;
+        if !text.ends_with('\u{FFFD}') && text.len() > shown {
+            on_text(&text[shown..]);
+            shown = text.len();
+        }
+        if i + 1 < budget {
+            logits = step(next)?;
+        }
+    }
+    let answer = tokenizer.decode(&ids)?;
+    if answer.len() > shown {
+        on_text(&answer[shown..]);
+    }
+    Ok(AnswerJson { answer, token_ids: ids, score: None, level_probs: None })
+}
+
+/// The `--score` line both binaries print: the score and each level's probability.
+pub fn score_line(res: &AnswerJson) -> String {
+    let probs = res.level_probs.map(|p| p.to_array()).unwrap_or_default();
+    let levels: Vec<String> = LEVELS.iter().zip(probs).map(|((w, _), p)| format!("{w} {p:.3}")).collect();
+    format!("score {:.4}  ({})", res.score.unwrap_or(f32::NAN), levels.join(", "))
+}
+
 /// Index of the largest logit; the first one wins ties, as torch.argmax does.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use image::RgbImage;
 use qadapt_core::image::{pixel_values, PreprocessConfig};
-use qadapt_core::sampling::{level_token_ids, quality_score, AnswerJson, LevelProbs, Sampler, SamplingParams, LEVELS};
+use qadapt_core::sampling::{decode_loop, level_token_ids, quality_score, AnswerJson, LevelProbs, Sampler, SamplingParams, LEVELS};
 use qadapt_core::template::{self, PromptIds};
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
 
@@ -150,40 +150,20 @@ impl Engine {
         let feats = self.image_features(&pixels, question)?;
         let prompt = self.prompt_ids(question, None)?;
         let embeds = self.splice(&prompt, &feats.projected)?;
-        let start = embeds.dim(1)?;
-        let (mut logits, mut past) = self.prefill(&embeds)?;
-        let eos = self.model.config.eos_token_id;
-        let budget = opts.max_new_tokens.min(self.model.config.max_position_embeddings - start);
-        let mut ids: Vec<u32> = Vec::new();
-        let mut shown = 0;
-        for (step, len) in (0..budget).zip(start..) {
-            let next = sampler.next(&logits);
-            if next == eos {
-                break;
-            }
-            ids.push(next);
-            let text = self.tokenizer.decode(&ids)?;
-            // Print only once the text is valid UTF-8 at the end (byte-level BPE may split a char).
-            if !text.ends_with('\u{FFFD}') && text.len() > shown {
-                on_text(&text[shown..]);
-                shown = text.len();
-            }
-            if step + 1 == budget {
-                break;
-            }
+        let mut len = embeds.dim(1)?;
+        let (logits, mut past) = self.prefill(&embeds)?;
+        let budget = opts.max_new_tokens.min(self.model.config.max_position_embeddings - len);
+        let step = |next: u32| -> Result<Vec<f32>> {
             let t = Tensor::new(&[next], self.device())?.unsqueeze(0)?;
             let e = self.model.llm.embed(&mut self.ops.clone(), &t)?;
             let mask = Tensor::ones((1, len + 1), DType::I64, self.device())?;
             let pos = Tensor::new(&[len as i64], self.device())?.unsqueeze(0)?;
             let (l, present) = self.model.llm.forward(&mut self.ops.clone(), &e, &mask, &pos, Some(&past))?;
-            logits = l.i((0, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             past = present;
-        }
-        let answer = self.tokenizer.decode(&ids)?;
-        if answer.len() > shown {
-            on_text(&answer[shown..]);
-        }
-        Ok(AnswerJson { answer, token_ids: ids, score: None, level_probs: None })
+            len += 1;
+            Ok(l.i((0, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        };
+        decode_loop(&mut sampler, &self.tokenizer, self.model.config.eos_token_id, budget, logits, step, &mut on_text)
     }
 
     /// The Q-Align 1–5 score with its level probabilities (DESIGN §5).

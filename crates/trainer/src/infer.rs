@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use models::engine::{Engine, GenerateOptions};
 use qadapt_core::image::load_image;
-use qadapt_core::sampling::{SamplingParams, LEVELS};
+use qadapt_core::sampling::{score_line, SamplingParams};
 
 use crate::args::InferArgs;
 
@@ -21,9 +21,7 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&res)?)?;
         } else {
-            let probs = res.level_probs.map(|p| p.to_array()).unwrap_or_default();
-            let levels: Vec<String> = LEVELS.iter().zip(probs).map(|((w, _), p)| format!("{w} {p:.3}")).collect();
-            writeln!(out, "score {:.4}  ({})", res.score.unwrap_or(f32::NAN), levels.join(", "))?;
+            writeln!(out, "{}", score_line(&res))?;
         }
         return Ok(());
     }
