@@ -29,7 +29,7 @@ impl FloatType {
             FloatType::F16 => DataType::Float16,
         }
     }
-    /// Bytes of one scalar in this type.
+    /// Little-endian bytes of `v` in this type.
     pub fn encode(self, v: &[f32]) -> Vec<u8> {
         match self {
             FloatType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),

@@ -101,7 +101,11 @@ pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft
     // decoder: batch 2, 3 new positions after 4 cached ones.
     let (b, p, s) = (2usize, 4usize, 3usize);
     let (layers, heads, hd, d) = (c.num_hidden_layers, c.num_attention_heads, c.head_dim(), c.hidden_size);
-    let randn = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dtype)?) };
+    // Inputs come from the seeded RNG, so that a failed verification can be reproduced.
+    let mut randn = |shape: &[usize]| -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| models::train_source::normal(&mut rng) as f32).collect();
+        Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?)
+    };
     let embeds = randn(&[b, s, d])?;
     let past: Vec<(Tensor, Tensor)> = (0..layers).map(|_| Ok((randn(&[b, heads, p, hd])?, randn(&[b, heads, p, hd])?))).collect::<Result<_>>()?;
     // The second row is left-padded by one position, as a batched runtime does.
@@ -136,7 +140,8 @@ pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft
 
     // vision: pixels in the normalised range, a question of 6 tokens with the second row padded.
     let sz = c.vision_config.image_size;
-    let pixels = Tensor::rand(0f32, 1.0, (b, 3, sz, sz), &dev)?.affine(2.0, -1.0)?.to_dtype(dtype)?;
+    let px: Vec<f32> = (0..b * 3 * sz * sz).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+    let pixels = Tensor::from_vec(px, (b, 3, sz, sz), &dev)?.to_dtype(dtype)?;
     let mut inputs = vec![("pixel_values".to_string(), Input::F(pixels.clone()))];
     let feats = match (&c.qformer_config, model.is_qadapt()) {
         (Some(q), true) => {
