@@ -66,6 +66,10 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     pub top_p: Option<f32>,
     pub seed: u64,
+    /// HF's repetition penalty (> 0; 1 = none): logits of every token already generated are divided
+    /// by it when positive and multiplied by it when negative. The prompt is not penalised: Bunny
+    /// generates from `inputs_embeds`, so HF's logits processors see only the new tokens.
+    pub repetition_penalty: Option<f32>,
 }
 
 
@@ -73,6 +77,8 @@ pub struct SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Tokens the repetition penalty applies to (prompt and answer so far), when one is set.
+    seen: std::collections::HashSet<u32>,
 }
 
 impl Sampler {
@@ -91,11 +97,41 @@ impl Sampler {
         if params.top_k == Some(0) {
             return Err(Error::Prompt("top-k must be ≥ 1".into()));
         }
-        Ok(Self { params, rng: StdRng::seed_from_u64(params.seed) })
+        if let Some(r) = params.repetition_penalty {
+            if !(r > 0.0 && r.is_finite()) {
+                return Err(Error::Prompt(format!("repetition penalty must be > 0, got {r}")));
+            }
+        }
+        Ok(Self { params, rng: StdRng::seed_from_u64(params.seed), seen: Default::default() })
     }
 
-    /// The next token id for one row of logits (over the full padded vocabulary).
+    /// Records tokens the repetition penalty applies to ([`Sampler::next`] adds each chosen token).
+    pub fn observe(&mut self, ids: &[u32]) {
+        if self.params.repetition_penalty.is_some() {
+            self.seen.extend(ids.iter().copied());
+        }
+    }
+
+    /// The next token id for one row of logits, after the repetition penalty.
     pub fn next(&mut self, logits: &[f32]) -> u32 {
+        let id = match self.params.repetition_penalty {
+            Some(r) if r != 1.0 && !self.seen.is_empty() => {
+                let mut l = logits.to_vec();
+                for &i in &self.seen {
+                    if let Some(v) = l.get_mut(i as usize) {
+                        *v = if *v > 0.0 { *v / r } else { *v * r };
+                    }
+                }
+                self.pick(&l)
+            }
+            _ => self.pick(logits),
+        };
+        self.observe(&[id]);
+        id
+    }
+
+    /// Temperature, top-k and top-p over one row of logits (the full padded vocabulary).
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         let t = match self.params.temperature {
             Some(t) if t > 0.0 => t,
             _ => return argmax(logits),
@@ -192,6 +228,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn repetition_penalty_as_hf() {
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: Some(3.0), ..Default::default() }).unwrap();
+        s.observe(&[0]);
+        // 2.0 / 3 < 1.0: the seen token loses its lead; -1.0 · 3 < -2.0 for negative logits.
+        assert_eq!(s.next(&[2.0, 1.0, -5.0]), 1);
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: Some(3.0), ..Default::default() }).unwrap();
+        s.observe(&[0]);
+        assert_eq!(s.next(&[-1.0, -2.0, -9.0]), 1);
+        // The chosen token is penalised next time: 1.5 / 3 < 1.0.
+        assert_eq!(s.next(&[-9.0, 1.5, 1.0]), 2);
+        let mut plain = Sampler::new(SamplingParams::default()).unwrap();
+        plain.observe(&[0]);
+        assert_eq!(plain.next(&[2.0, 1.0]), 0, "no penalty set: observed tokens are not touched");
+    }
+
+    #[test]
     fn score_of_certain_levels() {
         let (s, p) = quality_score([0.0, 0.0, 0.0, 0.0, 0.0]);
         assert!((s - 3.0).abs() < 1e-6 && (p.good - 0.2).abs() < 1e-6);
@@ -202,7 +254,7 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_and_top_k_one_is_greedy() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let p = SamplingParams { temperature: Some(1.0), top_k: None, top_p: Some(0.9), seed: 7 };
+        let p = SamplingParams { temperature: Some(1.0), top_k: None, top_p: Some(0.9), seed: 7, repetition_penalty: None };
         let a: Vec<u32> = { let mut s = Sampler::new(p).unwrap(); (0..20).map(|_| s.next(&logits)).collect() };
         let b: Vec<u32> = { let mut s = Sampler::new(p).unwrap(); (0..20).map(|_| s.next(&logits)).collect() };
         assert_eq!(a, b);
@@ -215,5 +267,6 @@ mod tests {
     fn bad_params_are_errors() {
         assert!(Sampler::new(SamplingParams { top_p: Some(0.0), ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams { temperature: Some(-1.0), ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams { repetition_penalty: Some(0.0), ..Default::default() }).is_err());
     }
 }

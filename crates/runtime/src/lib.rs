@@ -171,6 +171,13 @@ pub struct Runtime {
 /// One layer's cached key and value, flattened [B, H, P, Dh].
 type Kv = (Vec<f32>, Vec<f32>);
 
+/// What a prefill leaves: the last position's logits, the cache and the sequence length.
+struct Prefill {
+    logits: Vec<f32>,
+    past: Vec<Kv>,
+    len: usize,
+}
+
 fn floats(shape: Vec<i64>, v: Vec<f32>, f16: bool) -> Result<SessionInputValue<'static>> {
     let t: DynValue = if f16 {
         Tensor::from_array((shape, v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>())).map_err(ort_err("input"))?.into_dyn()
@@ -271,8 +278,8 @@ impl Runtime {
         Ok(logits[(s - 1) * v..].to_vec())
     }
 
-    /// Prefill of a question (and answer prefix): last logits, the cache, the sequence length.
-    fn prefill(&mut self, img: &RgbImage, question: &str, prefix: Option<&str>) -> Result<(Vec<f32>, Vec<Kv>, usize)> {
+    /// Prefill of a question (and answer prefix).
+    fn prefill(&mut self, img: &RgbImage, question: &str, prefix: Option<&str>) -> Result<Prefill> {
         let feats = self.image_features(img, question)?;
         let prompt: PromptIds = template::tokenize_prompt(&self.tokenizer, &template::prompt(&template::user_turn(question), prefix))?;
         let len = prompt.spliced_len(self.manifest.image.tokens);
@@ -292,13 +299,13 @@ impl Runtime {
         }
         let mut past = vec![(Vec::new(), Vec::new()); self.manifest.decoder.layers];
         let logits = self.step(embeds, &mut past, 0)?;
-        Ok((logits, past, len))
+        Ok(Prefill { logits, past, len })
     }
 
     /// Answers a question about an image; `on_text` receives the answer as it grows.
     pub fn generate(&mut self, img: &RgbImage, question: &str, opts: &GenerateOptions, mut on_text: impl FnMut(&str)) -> Result<AnswerJson> {
         let mut sampler = Sampler::new(opts.sampling)?;
-        let (logits, mut past, mut len) = self.prefill(img, question, None)?;
+        let Prefill { logits, mut past, mut len } = self.prefill(img, question, None)?;
         let budget = opts.max_new_tokens.min(self.manifest.decoder.max_positions - len);
         let (eos, tokenizer) = (self.manifest.tokens.eos, std::sync::Arc::clone(&self.tokenizer));
         let step = |next: u32| -> Result<Vec<f32>> {
@@ -312,7 +319,7 @@ impl Runtime {
 
     /// The Q-Align 1–5 score with its level probabilities.
     pub fn score(&mut self, img: &RgbImage) -> Result<(f32, LevelProbs)> {
-        let (logits, _, _) = self.prefill(img, template::SCORE_QUESTION, Some(template::SCORE_ANSWER_PREFIX))?;
+        let logits = self.prefill(img, template::SCORE_QUESTION, Some(template::SCORE_ANSWER_PREFIX))?.logits;
         Ok(quality_score(self.manifest.tokens.levels.map(|id| logits[id as usize])))
     }
 

@@ -42,6 +42,9 @@ struct Cli {
     /// Same seed, same text.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// HF repetition penalty over the tokens generated so far (1 = none).
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
     /// Execution provider; `auto` picks TensorRT, else CUDA, else CPU, and says which.
     #[arg(long, value_enum, default_value_t = Ep::Cpu)]
     ep: Ep,
@@ -75,7 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let question = cli.ask.as_deref().context("--ask is required unless --score is given")?;
     let opts = GenerateOptions {
         max_new_tokens: cli.max_new_tokens,
-        sampling: SamplingParams { temperature: cli.temperature, top_k: cli.top_k, top_p: cli.top_p, seed: cli.seed },
+        sampling: SamplingParams { temperature: cli.temperature, top_k: cli.top_k, top_p: cli.top_p, seed: cli.seed, repetition_penalty: cli.repetition_penalty },
     };
     let stream = !cli.json;
     let res = rt.generate(&img, question, &opts, |piece| {

@@ -80,6 +80,9 @@ pub struct InferArgs {
     /// RNG seed: the same seed gives the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// HF repetition penalty over the tokens generated so far (1 = none).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
     /// Compute the Q-Align 1–5 quality score instead of generating.
     #[arg(long)]
     pub score: bool,
