@@ -14,7 +14,7 @@ pub mod write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use models::adapter::AdaptedSource;
+use models::adapter::{adapter_dir, AdaptedSource};
 use models::loader::{Checkpoint, WeightSource};
 use models::Bunny;
 use qadapt_core::BunnyConfig;
@@ -103,16 +103,6 @@ pub struct ExportSummary {
 /// an inline graph is held twice in memory while encoded (measured: a 1.2 GB inline vision graph took
 /// a 3B f16 export's peak RSS to 1.34× its weight bytes).
 const EXTERNAL_ABOVE: u64 = 128 * 1024 * 1024;
-
-/// `RUN/final` when a run directory is given, else the directory itself.
-fn adapter_dir(run: &Path) -> PathBuf {
-    let f = run.join("final");
-    if f.is_dir() {
-        f
-    } else {
-        run.to_path_buf()
-    }
-}
 
 /// The base model with stage 1's LoRA merged and stage 2's tensors over it, as `qadapt-train merge`
 /// writes them, but in memory. A stage-2 run carries its own config.json (the prompt module's shape).

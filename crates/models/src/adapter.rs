@@ -138,3 +138,14 @@ impl WeightSource for AdaptedSource<'_> {
         }
     }
 }
+
+/// The adapter directory of a `qadapt-train` run: `RUN/final` when there is one, else `run` itself
+/// (a checkpoint or a PEFT adapter directory given directly).
+pub fn adapter_dir(run: &Path) -> PathBuf {
+    let f = run.join("final");
+    if f.is_dir() {
+        f
+    } else {
+        run.to_path_buf()
+    }
+}

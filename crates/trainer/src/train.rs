@@ -108,15 +108,7 @@ pub struct Metric {
     pub samples_per_s: f64,
 }
 
-/// The directory holding a run's final adapter (`RUN/final`), or RUN itself when it holds one.
-pub fn adapter_dir(run: &Path) -> PathBuf {
-    let f = run.join("final");
-    if f.is_dir() {
-        f
-    } else {
-        run.to_path_buf()
-    }
-}
+pub use models::adapter::adapter_dir;
 
 fn group_of(key: &str) -> &'static str {
     if key.contains(".lora_") {
