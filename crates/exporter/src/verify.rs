@@ -6,25 +6,19 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use models::{Bunny, Candle, QFormerText};
 use ort::session::Session;
-use ort::value::{DynValue, Tensor as OrtTensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::graph::FloatType;
 use crate::{ExportError, Result};
 
-/// Loads ONNX Runtime: `lib` (a `libonnxruntime.so`), else `ORT_DYLIB_PATH`.
-pub fn environment(lib: Option<&Path>) -> Result<ort::environment::Environment> {
-    let builder = match lib {
-        Some(p) => ort::init_from(p).map_err(|e| ExportError::Ort(format!("loading ONNX Runtime from {}: {e}", p.display())))?,
-        None => {
-            if std::env::var_os("ORT_DYLIB_PATH").is_none() {
-                return Err(ExportError::Ort("--verify needs ONNX Runtime: pass --ort-lib PATH/libonnxruntime.so or set ORT_DYLIB_PATH (or --no-verify)".into()));
-            }
-            ort::init()
-        }
-    };
-    builder.with_name("qadapt-export").build().map_err(|e| ExportError::Ort(format!("starting ONNX Runtime: {e}")))
+/// ONNX Runtime for verification (the runtime's process-wide environment): `lib`, else
+/// `ORT_DYLIB_PATH`.
+pub fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Environment> {
+    if lib.is_none() && std::env::var_os("ORT_DYLIB_PATH").is_none() {
+        return Err(ExportError::Ort("--verify needs ONNX Runtime: pass --ort-lib PATH/libonnxruntime.so or set ORT_DYLIB_PATH (or --no-verify)".into()));
+    }
+    runtime::environment(lib).map_err(|e| ExportError::Ort(e.to_string()))
 }
 
 /// One graph input: floats (sent in the export type) or int64.
@@ -37,18 +31,19 @@ fn ort_err(what: &str) -> impl Fn(ort::Error) -> ExportError + '_ {
     move |e| ExportError::Ort(format!("{what}: {e}"))
 }
 
-fn to_ort(x: &Input, ft: FloatType) -> Result<DynValue> {
-    Ok(match x {
+fn run_err(e: runtime::RunError) -> ExportError {
+    ExportError::Ort(e.to_string())
+}
+
+fn to_ort(x: &Input, ft: FloatType) -> Result<ort::session::SessionInputValue<'static>> {
+    match x {
         Input::F(t) => {
             let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
             let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            match ft {
-                FloatType::F32 => OrtTensor::from_array((shape, v)).map_err(ort_err("input"))?.into_dyn(),
-                FloatType::F16 => OrtTensor::from_array((shape, v.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>())).map_err(ort_err("input"))?.into_dyn(),
-            }
+            runtime::floats(shape, v, ft == FloatType::F16).map_err(run_err)
         }
-        Input::I(shape, v) => OrtTensor::from_array((shape.iter().map(|&d| d as i64).collect::<Vec<_>>(), v.clone())).map_err(ort_err("input"))?.into_dyn(),
-    })
+        Input::I(shape, v) => runtime::ints(shape.iter().map(|&d| d as i64).collect(), v.clone()).map_err(run_err),
+    }
 }
 
 /// Runs `graph` and returns the named outputs as f32.
@@ -57,16 +52,13 @@ fn run_ort(env: &ort::environment::Environment, graph: &Path, inputs: &[(&str, &
     let mut session = Session::builder(env).map_err(ort_err(&what))?.commit_from_file(graph).map_err(ort_err(&what))?;
     let mut feed = Vec::with_capacity(inputs.len());
     for (name, x) in inputs {
-        feed.push((std::borrow::Cow::Owned(name.to_string()), ort::session::SessionInputValue::from(to_ort(x, ft)?)));
+        feed.push((std::borrow::Cow::Owned(name.to_string()), to_ort(x, ft)?));
     }
     let out = session.run(feed).map_err(ort_err(&what))?;
     let mut res = Vec::new();
     for name in outputs {
         let v = out.get(*name).ok_or_else(|| ExportError::Ort(format!("{what}: no output {name}")))?;
-        let data = match v.try_extract_tensor::<f32>() {
-            Ok((_, d)) => d.to_vec(),
-            Err(_) => v.try_extract_tensor::<half::f16>().map_err(ort_err(&what))?.1.iter().map(|x| x.to_f32()).collect(),
-        };
+        let data = runtime::out_f32(v).map_err(run_err)?;
         res.push(data);
     }
     Ok(res)

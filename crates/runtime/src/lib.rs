@@ -109,7 +109,8 @@ pub struct GenerateOptions {
 /// ONNX Runtime allows one environment per process.
 static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
 
-/// Loads ONNX Runtime once: `lib`, else `ORT_DYLIB_PATH`.
+/// Loads ONNX Runtime once per process (a second environment is refused): `lib`, else
+/// `ORT_DYLIB_PATH`. The exporter's verification shares it.
 pub fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Environment> {
     if let Some(env) = ENV.get() {
         return Ok(env);
@@ -178,7 +179,8 @@ struct Prefill {
     len: usize,
 }
 
-fn floats(shape: Vec<i64>, v: Vec<f32>, f16: bool) -> Result<SessionInputValue<'static>> {
+/// A float input of `shape`, sent as f16 when `f16` (the graphs' float type).
+pub fn floats(shape: Vec<i64>, v: Vec<f32>, f16: bool) -> Result<SessionInputValue<'static>> {
     let t: DynValue = if f16 {
         Tensor::from_array((shape, v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>())).map_err(ort_err("input"))?.into_dyn()
     } else {
@@ -187,11 +189,13 @@ fn floats(shape: Vec<i64>, v: Vec<f32>, f16: bool) -> Result<SessionInputValue<'
     Ok(t.into())
 }
 
-fn ints(shape: Vec<i64>, v: Vec<i64>) -> Result<SessionInputValue<'static>> {
+/// An int64 input of `shape`.
+pub fn ints(shape: Vec<i64>, v: Vec<i64>) -> Result<SessionInputValue<'static>> {
     Ok(Tensor::from_array((shape, v)).map_err(ort_err("input"))?.into_dyn().into())
 }
 
-fn out_f32(v: &DynValue) -> Result<Vec<f32>> {
+/// A float output (f32 or f16) as f32.
+pub fn out_f32(v: &DynValue) -> Result<Vec<f32>> {
     match v.try_extract_tensor::<f32>() {
         Ok((_, d)) => Ok(d.to_vec()),
         Err(_) => Ok(v.try_extract_tensor::<half::f16>().map_err(ort_err("output"))?.1.iter().map(|x| x.to_f32()).collect()),
