@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod files;
 pub mod image;
+pub mod metrics;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;

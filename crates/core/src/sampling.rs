@@ -3,7 +3,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::tokenizer::TextTokenizer;
 use crate::{Error, Result};
@@ -24,7 +24,7 @@ pub fn level_token_ids(tok: &TextTokenizer) -> Result<[u32; 5]> {
 }
 
 /// Probabilities of the five levels, in `LEVELS` order.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LevelProbs {
     pub excellent: f32,
     pub good: f32,
@@ -51,7 +51,7 @@ pub fn quality_score(level_logits: [f32; 5]) -> (f32, LevelProbs) {
 }
 
 /// What `--json` prints: `{"answer", "token_ids", "score", "level_probs"}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnswerJson {
     pub answer: String,
     pub token_ids: Vec<u32>,
@@ -168,10 +168,62 @@ impl Sampler {
     }
 }
 
+/// One sequence's decoding state: the tokens chosen so far and how much of their text was handed
+/// out. The single-sequence loop ([`decode_loop`]) and the runtime's batched loop both drive it, so
+/// a row of a batch stops and streams exactly as a lone sequence does.
+pub struct Decoding {
+    ids: Vec<u32>,
+    shown: usize,
+    budget: usize,
+    done: bool,
+}
+
+impl Decoding {
+    /// A sequence that may grow by at most `budget` tokens.
+    pub fn new(budget: usize) -> Self {
+        Self { ids: Vec::new(), shown: 0, budget, done: budget == 0 }
+    }
+
+    /// Whether the sequence has stopped (end of text or budget spent).
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Picks the next token from `logits` and hands new text to `on_text` (only once it is valid
+    /// UTF-8: byte-level BPE may split a character). Returns the token when the model must be
+    /// stepped with it, `None` once the sequence has stopped.
+    pub fn advance(&mut self, sampler: &mut Sampler, tokenizer: &TextTokenizer, eos: u32, logits: &[f32], mut on_text: impl FnMut(&str)) -> Result<Option<u32>> {
+        if self.done {
+            return Ok(None);
+        }
+        let next = sampler.next(logits);
+        if next == eos {
+            self.done = true;
+            return Ok(None);
+        }
+        self.ids.push(next);
+        let text = tokenizer.decode(&self.ids)?;
+        if !text.ends_with('\u{FFFD}') && text.len() > self.shown {
+            on_text(&text[self.shown..]);
+            self.shown = text.len();
+        }
+        self.done = self.ids.len() >= self.budget;
+        Ok(if self.done { None } else { Some(next) })
+    }
+
+    /// The answer, flushing any text not yet handed out.
+    pub fn finish(self, tokenizer: &TextTokenizer, mut on_text: impl FnMut(&str)) -> Result<AnswerJson> {
+        let answer = tokenizer.decode(&self.ids)?;
+        if answer.len() > self.shown {
+            on_text(&answer[self.shown..]);
+        }
+        Ok(AnswerJson { answer, token_ids: self.ids, score: None, level_probs: None })
+    }
+}
+
 /// The decoding loop shared by the candle engine and the ONNX runtime: picks a token from `logits`,
-/// stops at `eos` or after `budget` tokens, hands the answer to `on_text` as it grows (only once the
-/// text is valid UTF-8: byte-level BPE may split a character), and asks `step` for the logits after
-/// each new token (not after the last).
+/// stops at `eos` or after `budget` tokens, hands the answer to `on_text` as it grows, and asks
+/// `step` for the logits after each new token (not after the last).
 pub fn decode_loop<E: From<Error>>(
     sampler: &mut Sampler,
     tokenizer: &TextTokenizer,
@@ -181,28 +233,18 @@ pub fn decode_loop<E: From<Error>>(
     mut step: impl FnMut(u32) -> std::result::Result<Vec<f32>, E>,
     mut on_text: impl FnMut(&str),
 ) -> std::result::Result<AnswerJson, E> {
-    let mut ids: Vec<u32> = Vec::new();
-    let mut shown = 0;
-    for i in 0..budget {
-        let next = sampler.next(&logits);
-        if next == eos {
-            break;
-        }
-        ids.push(next);
-        let text = tokenizer.decode(&ids)?;
-        if !text.ends_with('\u{FFFD}') && text.len() > shown {
-            on_text(&text[shown..]);
-            shown = text.len();
-        }
-        if i + 1 < budget {
-            logits = step(next)?;
-        }
+    let mut seq = Decoding::new(budget);
+    while let Some(next) = seq.advance(sampler, tokenizer, eos, &logits, &mut on_text)? {
+        logits = step(next)?;
     }
-    let answer = tokenizer.decode(&ids)?;
-    if answer.len() > shown {
-        on_text(&answer[shown..]);
-    }
-    Ok(AnswerJson { answer, token_ids: ids, score: None, level_probs: None })
+    Ok(seq.finish(tokenizer, on_text)?)
+}
+
+/// Log-softmax of one row of logits at `id`.
+pub fn log_prob(logits: &[f32], id: u32) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    logits.get(id as usize).map_or(f64::NEG_INFINITY, |&x| x as f64 - lse)
 }
 
 /// The `--score` line both binaries print: the score and each level's probability.

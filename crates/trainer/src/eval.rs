@@ -11,6 +11,7 @@ use qadapt_core::image::load_image;
 use serde::Serialize;
 
 use crate::data::{self, Task};
+pub use qadapt_core::metrics::{pearson, spearman};
 
 /// Accuracy of one question kind.
 #[derive(Debug, Clone, Serialize)]
@@ -47,38 +48,6 @@ fn kind_of(q: &str, a: &str) -> (&'static str, f64) {
     } else {
         ("what", 1.0 / 7.0)
     }
-}
-
-fn ranks(v: &[f64]) -> Vec<f64> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-    let mut r = vec![0.0; v.len()];
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
-            j += 1;
-        }
-        for k in i..=j {
-            r[idx[k]] = (i + j) as f64 / 2.0;
-        }
-        i = j + 1;
-    }
-    r
-}
-
-/// Pearson correlation.
-pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
-    let n = x.len() as f64;
-    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
-    let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
-    let (vx, vy): (f64, f64) = (x.iter().map(|a| (a - mx).powi(2)).sum(), y.iter().map(|b| (b - my).powi(2)).sum());
-    cov / (vx.sqrt() * vy.sqrt()).max(1e-12)
-}
-
-/// Spearman rank correlation (ties get mean ranks).
-pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
-    pearson(&ranks(x), &ranks(y))
 }
 
 /// Evaluates a model (with an optional adapter) on held-out data and labels.
@@ -126,17 +95,4 @@ pub fn run(model: &Path, adapter: Option<&Path>, data_file: &Path, images: &Path
         }
     }
     Ok(EvalReport { answering: by_kind, overall_accuracy: c as f64 / t.max(1) as f64, srocc, plcc, scored_images: scored })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rank_correlations() {
-        let x = [1.0, 2.0, 3.0, 4.0];
-        assert!((spearman(&x, &[10.0, 20.0, 25.0, 100.0]) - 1.0).abs() < 1e-12);
-        assert!((spearman(&x, &[4.0, 3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
-        assert_eq!(ranks(&[3.0, 1.0, 3.0]), vec![1.5, 0.0, 1.5]);
-    }
 }

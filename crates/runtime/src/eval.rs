@@ -1,0 +1,278 @@
+//! `qadapt-run eval`: Q-Bench A1 accuracy (overall, per question type and per concern) and IQA
+//! correlation (SROCC / PLCC of the Q-Align score against mean opinion scores, with a scatter plot).
+//! An image that cannot be read is counted and skipped, not fatal.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use image::RgbImage;
+use qadapt_core::image::load_image;
+use qadapt_core::metrics::{pearson, spearman};
+use serde::{Deserialize, Serialize};
+
+use crate::{GenerateOptions, Result, RunError, Runtime};
+
+/// How a Q-Bench answer is chosen (DESIGN §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChooseBy {
+    /// Greedy generation; the answer's option letter (or the option's text) is the choice.
+    Generate,
+    /// The option whose letter answer (`"A."`, …) has the lowest loss: generation constrained to the options.
+    Likelihood,
+}
+
+/// A Q-Bench A1 row. `type` and `concern` are ints in the released files, names in some copies.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QBenchRow {
+    pub img_path: String,
+    pub question: String,
+    pub candidates: Vec<String>,
+    pub correct_ans: String,
+    #[serde(default, rename = "type")]
+    pub kind: Option<serde_json::Value>,
+    #[serde(default)]
+    pub concern: Option<serde_json::Value>,
+}
+
+/// Correct out of total.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Tally {
+    pub correct: usize,
+    pub total: usize,
+    pub accuracy: f64,
+}
+
+impl Tally {
+    fn add(&mut self, ok: bool) {
+        self.total += 1;
+        self.correct += usize::from(ok);
+        self.accuracy = self.correct as f64 / self.total as f64;
+    }
+}
+
+/// What `eval --qbench` reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QBenchReport {
+    pub overall: Tally,
+    pub by_type: BTreeMap<String, Tally>,
+    pub by_concern: BTreeMap<String, Tally>,
+    /// Rows whose image could not be read (not counted in the accuracies).
+    pub failed: Vec<String>,
+}
+
+const LETTERS: [&str; 8] = ["A", "B", "C", "D", "E", "F", "G", "H"];
+
+fn label(v: &Option<serde_json::Value>, names: &[&str]) -> String {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|i| names.get(i as usize)).map_or_else(|| n.to_string(), |s| s.to_string()),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        _ => "unknown".into(),
+    }
+}
+
+/// The Q-Bench prompt: the question, the options as `A. …` lines, and the letter instruction.
+pub fn qbench_prompt(question: &str, candidates: &[String]) -> String {
+    let listing: String = candidates.iter().zip(LETTERS).map(|(c, l)| format!("{l}. {c}\n")).collect();
+    format!("{question}\n{listing}Answer with the option's letter from the given choices directly.")
+}
+
+/// The option a generated answer names: its leading letter (`"B"`, `"B."`, `"B. text"`), else the
+/// option whose text it is.
+pub fn parse_choice(answer: &str, candidates: &[String]) -> Option<usize> {
+    let a = answer.trim();
+    let norm = |s: &str| s.trim().trim_end_matches('.').to_lowercase();
+    let first = a.chars().next()?;
+    let rest = a[first.len_utf8()..].chars().next();
+    if first.is_ascii_uppercase() && rest.is_none_or(|c| !c.is_alphanumeric()) {
+        let i = (first as u8 - b'A') as usize;
+        if i < candidates.len() {
+            return Some(i);
+        }
+    }
+    candidates.iter().position(|c| norm(c) == norm(a))
+}
+
+/// Q-Bench A1 accuracy of `rows` with images under `images`; `tick` after each row.
+pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy, mut tick: impl FnMut()) -> Result<QBenchReport> {
+    let mut rep = QBenchReport::default();
+    let opts = GenerateOptions { max_new_tokens: 16, sampling: Default::default() };
+    for row in rows {
+        let path = images.join(&row.img_path);
+        let img = match load_image(&path) {
+            Ok(i) => i,
+            Err(e) => {
+                rep.failed.push(format!("{}: {e}", path.display()));
+                tick();
+                continue;
+            }
+        };
+        let want = row.candidates.iter().position(|c| c == &row.correct_ans);
+        let prompt = qbench_prompt(&row.question, &row.candidates);
+        let got = match by {
+            ChooseBy::Generate => parse_choice(&rt.generate(&img, &prompt, &opts, |_| {})?.answer, &row.candidates),
+            ChooseBy::Likelihood => {
+                let opts: Vec<String> = LETTERS.iter().take(row.candidates.len()).map(|l| format!("{l}.")).collect();
+                let refs: Vec<&str> = opts.iter().map(String::as_str).collect();
+                Some(Runtime::best_choice(&rt.choices(&img, &prompt, &refs)?))
+            }
+        };
+        let ok = want.is_some() && got == want;
+        rep.overall.add(ok);
+        rep.by_type.entry(label(&row.kind, &["yes-or-no", "what", "how"])).or_default().add(ok);
+        rep.by_concern.entry(label(&row.concern, &["distortion", "other", "in-context distortion", "in-context other"])).or_default().add(ok);
+        tick();
+    }
+    Ok(rep)
+}
+
+/// Reads a Q-Bench A1 JSON file (a list of rows).
+pub fn read_qbench(path: &Path) -> Result<Vec<QBenchRow>> {
+    let text = std::fs::read_to_string(path).map_err(|e| RunError::Input(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| RunError::Input(format!("{}: {e} (want a list of {{img_path, question, candidates, correct_ans}})", path.display())))
+}
+
+/// One IQA label: an image and its mean opinion score.
+#[derive(Debug, Clone, Serialize)]
+pub struct Label {
+    pub image: String,
+    pub mos: f64,
+}
+
+/// Reads a labels CSV with a header naming `image` and `mos` columns (others ignored); with
+/// `split`, keeps the rows whose `split` column equals it.
+pub fn read_labels(path: &Path, split: Option<&str>) -> Result<Vec<Label>> {
+    let bad = |m: String| RunError::Input(format!("{}: {m}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().ok_or_else(|| bad("empty".into()))?.split(',').map(|h| h.trim().to_lowercase()).collect();
+    let col = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
+    let ic = col(&["image", "image_name", "img_path", "filename"]).ok_or_else(|| bad("no image column in the header".into()))?;
+    let mc = col(&["mos", "score", "dmos"]).ok_or_else(|| bad("no mos column in the header".into()))?;
+    let sc = col(&["split"]);
+    if split.is_some() && sc.is_none() {
+        return Err(bad("--split given but the file has no split column".into()));
+    }
+    let mut out = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let get = |c: usize| f.get(c).copied().ok_or_else(|| bad(format!("line {}: too few columns", i + 2)));
+        if let (Some(want), Some(c)) = (split, sc) {
+            if get(c)? != want {
+                continue;
+            }
+        }
+        let mos: f64 = get(mc)?.parse().map_err(|_| bad(format!("line {}: bad mos {:?}", i + 2, f.get(mc))))?;
+        out.push(Label { image: get(ic)?.to_string(), mos });
+    }
+    Ok(out)
+}
+
+/// What `eval --iqa` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct IqaReport {
+    pub scored: usize,
+    pub srocc: f64,
+    pub plcc: f64,
+    pub failed: Vec<String>,
+    /// (mos, predicted score) of every scored image.
+    #[serde(skip)]
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Scores every labelled image (`batch` at a time) and correlates with the MOS; `tick(n)` after
+/// each batch of n.
+pub fn iqa(rt: &mut Runtime, labels: &[Label], images: &Path, batch: usize, mut tick: impl FnMut(usize)) -> Result<IqaReport> {
+    let (mut points, mut failed) = (Vec::new(), Vec::new());
+    for chunk in labels.chunks(batch.max(1)) {
+        let mut ok: Vec<(f64, RgbImage)> = Vec::new();
+        for l in chunk {
+            let path = images.join(&l.image);
+            match load_image(&path) {
+                Ok(img) => ok.push((l.mos, img)),
+                Err(e) => failed.push(format!("{}: {e}", path.display())),
+            }
+        }
+        if !ok.is_empty() {
+            let refs: Vec<&RgbImage> = ok.iter().map(|(_, i)| i).collect();
+            for ((mos, _), (score, _)) in ok.iter().zip(rt.score_batch(&refs)?) {
+                points.push((*mos, score as f64));
+            }
+        }
+        tick(chunk.len());
+    }
+    if points.len() < 3 {
+        return Err(RunError::Input(format!("only {} images could be scored; correlations need at least 3", points.len())));
+    }
+    let (mos, pred): (Vec<f64>, Vec<f64>) = points.iter().copied().unzip();
+    Ok(IqaReport { scored: points.len(), srocc: spearman(&pred, &mos), plcc: pearson(&pred, &mos), failed, points })
+}
+
+const FONT: &[u8] = include_bytes!("../../trainer/assets/DejaVuSans.ttf");
+
+/// Draws predicted score against MOS into a PNG at `path`.
+pub fn scatter_png(rep: &IqaReport, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let err = |e: String| RunError::Input(format!("plotting {}: {e}", path.display()));
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| err("cannot load the embedded font".into()))?;
+    let (w, h) = (640u32, 560u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let range = |v: &mut dyn Iterator<Item = f64>| {
+            let (lo, hi) = v.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+            let pad = ((hi - lo) * 0.05).max(1e-3);
+            (lo - pad)..(hi + pad)
+        };
+        let xr = range(&mut rep.points.iter().map(|p| p.0));
+        let yr = range(&mut rep.points.iter().map(|p| p.1));
+        let caption = format!("n = {}   SROCC {:.3}   PLCC {:.3}", rep.scored, rep.srocc, rep.plcc);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(xr, yr)
+            .map_err(|e| err(e.to_string()))?;
+        chart.configure_mesh().x_desc("MOS").y_desc("predicted score").draw().map_err(|e| err(e.to_string()))?;
+        chart
+            .draw_series(rep.points.iter().map(|&(x, y)| Circle::new((x, y), 3, RGBColor(20, 60, 160).mix(0.6).filled())))
+            .map_err(|e| err(e.to_string()))?;
+        root.present().map_err(|e| err(e.to_string()))?;
+    }
+    let img = RgbImage::from_raw(w, h, buf).ok_or_else(|| err("buffer size".into()))?;
+    img.save(path).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_are_read_from_letters_or_text() {
+        let c: Vec<String> = ["Yes", "No", "Not sure"].map(String::from).to_vec();
+        assert_eq!(parse_choice("B.", &c), Some(1));
+        assert_eq!(parse_choice(" C. Not sure", &c), Some(2));
+        assert_eq!(parse_choice("A", &c), Some(0));
+        assert_eq!(parse_choice("no.", &c), Some(1));
+        assert_eq!(parse_choice("D.", &c), None);
+        assert_eq!(parse_choice("Blurry", &c), None);
+        assert_eq!(parse_choice("", &c), None);
+        assert_eq!(qbench_prompt("Is it sharp?", &c[..2]), "Is it sharp?\nA. Yes\nB. No\nAnswer with the option's letter from the given choices directly.");
+    }
+
+    #[test]
+    fn labels_need_image_and_mos_columns() {
+        let dir = std::env::temp_dir().join(format!("qadapt-labels-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("l.csv");
+        std::fs::write(&p, "image,mos,split\na.png,3.5,test\nb.png,1.0,train\n").expect("write");
+        let all = read_labels(&p, None).expect("read");
+        assert_eq!(all.len(), 2);
+        assert_eq!(read_labels(&p, Some("test")).expect("split").len(), 1);
+        std::fs::write(&p, "file,quality\na.png,3\n").expect("write");
+        assert!(read_labels(&p, None).unwrap_err().to_string().contains("no image column"));
+        std::fs::write(&p, "image,mos\na.png,high\n").expect("write");
+        assert!(read_labels(&p, None).unwrap_err().to_string().contains("bad mos"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

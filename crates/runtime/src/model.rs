@@ -1,0 +1,312 @@
+//! [`Runtime`]: the three graphs of an export on one execution provider, and what is computed with
+//! them — image features, prefill, batched decoding, the Q-Align score and option likelihoods.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use image::RgbImage;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
+use ort::value::DynValue;
+use qadapt_core::image::{pixel_values, PreprocessConfig};
+use qadapt_core::sampling::{log_prob, quality_score, AnswerJson, Decoding, LevelProbs, Sampler, SamplingParams, LEVELS};
+use qadapt_core::template::{self, PromptIds};
+use qadapt_core::tokenizer::END_OF_TEXT;
+use qadapt_core::{QFormerTokenizer, TextTokenizer};
+
+use crate::{dispatch, environment, float_value, ints, int_value, ort_err, out_f32, Ep, Manifest, Placement, Result, RunError};
+
+/// Generation settings.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+/// The KV cache of a batch after `len` positions: each layer's key and value as the decoder
+/// returned them, left where the execution provider computed them (device memory on CUDA), so a
+/// decoding step copies only the new token's embedding in and its logits out.
+pub struct Cache {
+    kv: Vec<DynValue>,
+    len: usize,
+    batch: usize,
+}
+
+/// One option of [`Runtime::choices`] with its likelihood as the complete answer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Choice {
+    pub option: String,
+    /// Σ log p over the option's tokens and the closing `<|endoftext|>`.
+    pub log_prob: f64,
+    pub tokens: usize,
+    /// Mean negative log-likelihood per token: the "option loss" the choice is made by.
+    pub loss: f64,
+}
+
+/// An opened export directory.
+pub struct Runtime {
+    pub manifest: Manifest,
+    /// Shared so the decoding loop can read it while the sessions run.
+    pub tokenizer: Arc<TextTokenizer>,
+    pub qformer_tokenizer: Option<QFormerTokenizer>,
+    pub preprocess: PreprocessConfig,
+    /// The execution provider the sessions run on.
+    pub ep: &'static str,
+    vision: Session,
+    embed: Session,
+    decoder: Session,
+    f16: bool,
+    /// Where the decoder leaves the cache (the EP's device) and the logits (host).
+    kv_mem: MemoryInfo<'static>,
+    host_mem: MemoryInfo<'static>,
+}
+
+impl Runtime {
+    /// Opens `dir` (qadapt.json, the graphs, the tokenizers) on `ep` with default placement.
+    pub fn open(dir: &Path, ep: Ep, device_id: i32, fp16: bool, ort_lib: Option<&Path>) -> Result<Self> {
+        Self::open_with(dir, &Placement { ep, device_id, fp16, ..Default::default() }, ort_lib)
+    }
+
+    /// Opens `dir` on the providers of `place`.
+    pub fn open_with(dir: &Path, place: &Placement, ort_lib: Option<&Path>) -> Result<Self> {
+        let bad = |msg: String| RunError::Export { path: dir.to_path_buf(), msg };
+        if !dir.is_dir() {
+            return Err(bad("export directory not found".into()));
+        }
+        let mpath = dir.join("qadapt.json");
+        let text = std::fs::read_to_string(&mpath).map_err(|e| RunError::Export { path: mpath.clone(), msg: format!("{e} (not a qadapt-export directory?)") })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| RunError::Export { path: mpath.clone(), msg: format!("invalid: {e}") })?;
+        let env = environment(ort_lib)?;
+        let cache = dir.join("trt-cache");
+        let mut chosen = "cpu";
+        let mut open = |file: &str| -> Result<Session> {
+            let path = dir.join(file);
+            if !path.is_file() {
+                return Err(RunError::Export { path, msg: "graph missing".into() });
+            }
+            let (eps, name) = dispatch(place, file, &manifest, &cache);
+            chosen = name;
+            let b = Session::builder(env).map_err(ort_err(file))?;
+            let mut b = b.with_execution_providers(&eps).map_err(|e| RunError::Ep { ep: name.into(), msg: e.to_string() })?;
+            b.commit_from_file(&path).map_err(ort_err(path.display()))
+        };
+        let (vision, embed, decoder) = (open(&manifest.graphs.vision)?, open(&manifest.graphs.embed)?, open(&manifest.graphs.decoder)?);
+        let tokenizer = Arc::new(TextTokenizer::from_dir(dir)?);
+        let qformer_tokenizer = match &manifest.qformer {
+            Some(q) => Some(QFormerTokenizer::from_dir(dir, q.max_text_length)?),
+            None => None,
+        };
+        let preprocess = PreprocessConfig { image_size: manifest.image.size, mean: manifest.image.mean, std: manifest.image.std };
+        let mem = |dev, id| MemoryInfo::new(dev, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err("memory info"));
+        let host_mem = mem(AllocationDevice::CPU, 0)?;
+        let kv_mem = if chosen == "cpu" { mem(AllocationDevice::CPU, 0)? } else { mem(AllocationDevice::CUDA, place.device_id)? };
+        let f16 = manifest.dtype == "f16";
+        Ok(Self { manifest, tokenizer, qformer_tokenizer, preprocess, ep: chosen, vision, embed, decoder, f16, kv_mem, host_mem })
+    }
+
+    /// Image features [B·N·D] of a batch of images asked the same question (the Q-Former reads it).
+    pub fn image_features(&mut self, imgs: &[&RgbImage], question: &str) -> Result<Vec<f32>> {
+        let (s, b) = (self.preprocess.image_size as i64, imgs.len());
+        let mut px = Vec::with_capacity(b * 3 * (s * s) as usize);
+        for img in imgs {
+            px.extend(pixel_values(img, &self.preprocess));
+        }
+        let mut feed = vec![("pixel_values".to_string(), crate::floats(vec![b as i64, 3, s, s], px, self.f16)?)];
+        if let Some(qt) = &self.qformer_tokenizer {
+            let ids: Vec<i64> = qt.encode(&template::qformer_text(question))?.into_iter().map(i64::from).collect();
+            let t = ids.len() as i64;
+            let rows: Vec<i64> = (0..b).flat_map(|_| ids.iter().copied()).collect();
+            feed.push(("qformer_attention_mask".into(), ints(vec![b as i64, t], vec![1; rows.len()])?));
+            feed.push(("qformer_input_ids".into(), ints(vec![b as i64, t], rows)?));
+        }
+        let out = self.vision.run(feed).map_err(ort_err("vision"))?;
+        out_f32(&out["image_features"])
+    }
+
+    /// Embeddings [B·L·D] of `ids` laid out [B, L].
+    fn embed(&mut self, ids: &[u32], b: usize) -> Result<Vec<f32>> {
+        let v: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        let shape = vec![b as i64, (v.len() / b) as i64];
+        let out = self.embed.run(vec![("input_ids".to_string(), ints(shape, v)?)]).map_err(ort_err("embed"))?;
+        out_f32(&out["inputs_embeds"])
+    }
+
+    /// An empty cache for a batch of `batch` rows.
+    fn empty_cache(&self, batch: usize) -> Result<Cache> {
+        let d = &self.manifest.decoder;
+        let shape = vec![batch as i64, d.heads as i64, 0, d.head_dim as i64];
+        let kv = (0..2 * d.layers).map(|_| float_value(shape.clone(), Vec::new(), self.f16)).collect::<Result<_>>()?;
+        Ok(Cache { kv, len: 0, batch })
+    }
+
+    /// One decoder pass over `embeds` [B, S, D] after the cached positions. Returns the logits
+    /// [B·V] of the last position, or [B·S·V] of every position when `all`, and the grown cache.
+    /// `cache` is only read, so several continuations can start from one prefill.
+    fn step(&mut self, embeds: Vec<f32>, cache: &Cache, all: bool) -> Result<(Vec<f32>, Cache)> {
+        let d = &self.manifest.decoder;
+        let b = cache.batch;
+        let s = embeds.len() / (b * d.hidden_size);
+        let total = cache.len + s;
+        let e = |w: &'static str| ort_err(format!("decoder {w}"));
+        let mut bind = self.decoder.create_binding().map_err(e("binding"))?;
+        bind.bind_input("inputs_embeds", &float_value(vec![b as i64, s as i64, d.hidden_size as i64], embeds, self.f16)?).map_err(e("inputs_embeds"))?;
+        bind.bind_input("attention_mask", &int_value(vec![b as i64, total as i64], vec![1; b * total])?).map_err(e("attention_mask"))?;
+        let pos: Vec<i64> = (0..b).flat_map(|_| cache.len as i64..total as i64).collect();
+        bind.bind_input("position_ids", &int_value(vec![b as i64, s as i64], pos)?).map_err(e("position_ids"))?;
+        for (i, pair) in cache.kv.chunks(2).enumerate() {
+            bind.bind_input(format!("past_key_values.{i}.key"), &pair[0]).map_err(e("past"))?;
+            bind.bind_input(format!("past_key_values.{i}.value"), &pair[1]).map_err(e("past"))?;
+        }
+        bind.bind_output_to_device("logits", &self.host_mem).map_err(e("logits"))?;
+        for i in 0..d.layers {
+            bind.bind_output_to_device(format!("present.{i}.key"), &self.kv_mem).map_err(e("present"))?;
+            bind.bind_output_to_device(format!("present.{i}.value"), &self.kv_mem).map_err(e("present"))?;
+        }
+        let layers = d.layers;
+        let mut out = self.decoder.run_binding(&bind).map_err(e("run"))?;
+        let mut kv = Vec::with_capacity(2 * layers);
+        for i in 0..layers {
+            for name in [format!("present.{i}.key"), format!("present.{i}.value")] {
+                kv.push(out.remove(&name).ok_or_else(|| RunError::Ort(format!("decoder output {name} missing")))?);
+            }
+        }
+        let logits = out_f32(out.get("logits").ok_or_else(|| RunError::Ort("decoder output logits missing".into()))?)?;
+        let logits = if all || s == 1 {
+            logits
+        } else {
+            let v = logits.len() / (b * s);
+            (0..b).flat_map(|r| logits[(r * s + s - 1) * v..(r * s + s) * v].iter().copied()).collect()
+        };
+        Ok((logits, Cache { kv, len: total, batch: b }))
+    }
+
+    /// The tokenized prompt of a question (and answer prefix), checked against the positions.
+    fn prompt(&self, question: &str, prefix: Option<&str>) -> Result<PromptIds> {
+        let prompt = template::tokenize_prompt(&self.tokenizer, &template::prompt(&template::user_turn(question), prefix))?;
+        let len = prompt.spliced_len(self.manifest.image.tokens);
+        if len >= self.manifest.decoder.max_positions {
+            return Err(RunError::Input(format!(
+                "the prompt is {len} tokens with the image; the model takes at most {} (max_positions)",
+                self.manifest.decoder.max_positions
+            )));
+        }
+        Ok(prompt)
+    }
+
+    /// Prefill of one question (and answer prefix) over a batch of images: every row has the same
+    /// prompt, so no row is padded. Returns the last position's logits [B·V] and the cache.
+    fn prefill(&mut self, imgs: &[&RgbImage], question: &str, prefix: Option<&str>) -> Result<(Vec<f32>, Cache)> {
+        let b = imgs.len();
+        if b == 0 {
+            return Err(RunError::Input("no images".into()));
+        }
+        let prompt = self.prompt(question, prefix)?;
+        let feats = self.image_features(imgs, question)?;
+        let split = prompt.image_pos.unwrap_or(prompt.ids.len());
+        let before = self.embed(&prompt.ids[..split], 1)?;
+        let after = if split < prompt.ids.len() { self.embed(&prompt.ids[split..], 1)? } else { Vec::new() };
+        let per_image = feats.len() / b;
+        let mut embeds = Vec::with_capacity(b * (before.len() + per_image + after.len()));
+        for r in 0..b {
+            embeds.extend_from_slice(&before);
+            if prompt.image_pos.is_some() {
+                embeds.extend_from_slice(&feats[r * per_image..(r + 1) * per_image]);
+            }
+            embeds.extend_from_slice(&after);
+        }
+        let empty = self.empty_cache(b)?;
+        self.step(embeds, &empty, false)
+    }
+
+    /// Answers one question about each image of a batch, decoding all rows together; a finished
+    /// row idles (fed `<|endoftext|>`) until the last one stops. Every row samples with its own
+    /// [`Sampler`] seeded alike, so a row's text is the one a lone run gives. `on_text` receives
+    /// (row, new text) as the answers grow.
+    pub fn generate_batch(&mut self, imgs: &[&RgbImage], question: &str, opts: &GenerateOptions, mut on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
+        let (mut logits, mut cache) = self.prefill(imgs, question, None)?;
+        let b = imgs.len();
+        let budget = opts.max_new_tokens.min(self.manifest.decoder.max_positions - cache.len);
+        let eos = self.manifest.tokens.eos;
+        let tokenizer = Arc::clone(&self.tokenizer);
+        let mut rows: Vec<(Sampler, Decoding)> = (0..b).map(|_| Ok((Sampler::new(opts.sampling)?, Decoding::new(budget)))).collect::<Result<_>>()?;
+        loop {
+            let v = logits.len() / b;
+            let mut next = vec![eos; b];
+            let mut going = false;
+            for (r, (sampler, seq)) in rows.iter_mut().enumerate() {
+                if let Some(t) = seq.advance(sampler, &tokenizer, eos, &logits[r * v..(r + 1) * v], |s| on_text(r, s))? {
+                    next[r] = t;
+                    going = true;
+                }
+            }
+            if !going {
+                break;
+            }
+            let e = self.embed(&next, b)?;
+            (logits, cache) = self.step(e, &cache, false)?;
+        }
+        rows.into_iter().enumerate().map(|(r, (_, seq))| Ok(seq.finish(&tokenizer, |s| on_text(r, s))?)).collect()
+    }
+
+    /// Answers a question about an image; `on_text` receives the answer as it grows.
+    pub fn generate(&mut self, img: &RgbImage, question: &str, opts: &GenerateOptions, mut on_text: impl FnMut(&str)) -> Result<AnswerJson> {
+        let mut out = self.generate_batch(&[img], question, opts, |_, s| on_text(s))?;
+        Ok(out.remove(0))
+    }
+
+    /// The Q-Align 1–5 score with its level probabilities, for each image of a batch.
+    pub fn score_batch(&mut self, imgs: &[&RgbImage]) -> Result<Vec<(f32, LevelProbs)>> {
+        let logits = self.prefill(imgs, template::SCORE_QUESTION, Some(template::SCORE_ANSWER_PREFIX))?.0;
+        let v = logits.len() / imgs.len();
+        Ok(logits.chunks(v).map(|row| quality_score(self.manifest.tokens.levels.map(|id| row[id as usize]))).collect())
+    }
+
+    /// The Q-Align 1–5 score with its level probabilities.
+    pub fn score(&mut self, img: &RgbImage) -> Result<(f32, LevelProbs)> {
+        Ok(self.score_batch(&[img])?.remove(0))
+    }
+
+    /// [`Runtime::score`] as the `--json` object: the likeliest level word is the answer.
+    pub fn score_json(&mut self, img: &RgbImage) -> Result<AnswerJson> {
+        let (score, probs) = self.score(img)?;
+        Ok(self.score_answer(score, probs))
+    }
+
+    /// The `--json` object of a score.
+    pub fn score_answer(&self, score: f32, probs: LevelProbs) -> AnswerJson {
+        let arr = probs.to_array();
+        let best = (0..5).fold(0, |b, i| if arr[i] > arr[b] { i } else { b });
+        AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![self.manifest.tokens.levels[best]], score: Some(score), level_probs: Some(probs) }
+    }
+
+    /// Multiple choice by likelihood: each option scored as the complete answer to `question`
+    /// (its tokens as training renders an answer, `" {option}<|endoftext|>"`), all continuing one
+    /// prefill. The best option has the lowest loss (mean negative log-likelihood per token).
+    pub fn choices(&mut self, img: &RgbImage, question: &str, options: &[&str]) -> Result<Vec<Choice>> {
+        if options.is_empty() {
+            return Err(RunError::Input("no options to choose from".into()));
+        }
+        let (first, cache) = self.prefill(&[img], question, None)?;
+        let mut out = Vec::with_capacity(options.len());
+        for opt in options {
+            let ids = self.tokenizer.encode(&format!(" {opt}{END_OF_TEXT}"))?;
+            if cache.len + ids.len() > self.manifest.decoder.max_positions {
+                return Err(RunError::Input(format!("option {opt:?} does not fit in the model's positions")));
+            }
+            let mut lp = log_prob(&first, ids[0]);
+            if ids.len() > 1 {
+                let e = self.embed(&ids[..ids.len() - 1], 1)?;
+                let (logits, _) = self.step(e, &cache, true)?;
+                let v = logits.len() / (ids.len() - 1);
+                lp += ids[1..].iter().enumerate().map(|(i, &id)| log_prob(&logits[i * v..(i + 1) * v], id)).sum::<f64>();
+            }
+            out.push(Choice { option: opt.to_string(), log_prob: lp, tokens: ids.len(), loss: -lp / ids.len() as f64 });
+        }
+        Ok(out)
+    }
+
+    /// The index of the best choice (lowest loss; the first wins ties).
+    pub fn best_choice(choices: &[Choice]) -> usize {
+        (0..choices.len()).fold(0, |b, i| if choices[i].loss < choices[b].loss { i } else { b })
+    }
+}
