@@ -4,39 +4,9 @@
 //!
 //! Needs `ORT_DYLIB_PATH` (`.ci/run` fetches libonnxruntime from the PyPI wheel).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-const CASES: [&str; 4] = ["bunny_f32_bpe", "qadapt_f32_sharded", "qadapt_f16", "bunny_bf16_sharded"];
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn run() -> Command {
-    assert!(std::env::var_os("ORT_DYLIB_PATH").is_some(), "set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (see .ci/run)");
-    Command::new(env!("CARGO_BIN_EXE_qadapt-run"))
-}
-
-fn export(case: &str, out: &Path) {
-    let opts = exporter::ExportOptions {
-        model: fixtures().join(case).join("model"),
-        stage1: None,
-        stage2: None,
-        out: out.to_path_buf(),
-        ft: exporter::FloatType::F32,
-        external_data: false,
-        verify: false,
-        ort_lib: None,
-        tolerance: 1e-4,
-    };
-    exporter::export(&opts, |_, _, _| {}).unwrap();
-}
-
-fn ok(o: Output, what: &str) -> serde_json::Value {
-    assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
-}
+use common::{export, fixtures, ok, run, CASES};
 
 #[test]
 fn answers_and_scores_match_hf_on_every_fixture() {
