@@ -1,0 +1,239 @@
+//! `qadapt-run serve` through a real HTTP client (ureq): answers equal HF's on the fixture export,
+//! streaming equals the whole answer, 32 concurrent clients all get their own answer (and are
+//! batched), a full queue answers 503, limits answer 4xx, and shutdown drains in-flight work.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use common::{export, expected, fixtures, images};
+use runtime::serve::{Config, Server};
+use runtime::{Ep, Runtime};
+use serde_json::{json, Value};
+
+const CASE: &str = "qadapt_f32_sharded";
+
+fn data_url(p: &Path) -> String {
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap()))
+}
+
+fn start(dir: &Path, cfg: Config) -> (Server, String) {
+    let rt = Runtime::open(dir, Ep::Cpu, 0, false, None).unwrap();
+    let server = Server::start(rt, "127.0.0.1:0", cfg).unwrap();
+    let url = format!("http://{}", server.addr().unwrap());
+    (server, url)
+}
+
+fn chat(question: &str, image: &str, max_tokens: usize, stream: bool) -> Value {
+    json!({
+        "model": "qadapt",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": question}]}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}
+
+/// (status, body) of a POST, error statuses included.
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    match ureq::post(url).send_json(body.clone()) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// The streamed text and the number of `data:` events before `[DONE]`.
+fn stream(url: &str, body: &Value) -> (String, usize) {
+    let r = ureq::post(url).send_json(body.clone()).unwrap();
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let (mut text, mut events, mut done) = (String::new(), 0, false);
+    for line in BufReader::new(r.into_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        text += v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        events += 1;
+    }
+    assert!(done, "the stream ended without [DONE]");
+    (text, events)
+}
+
+#[test]
+fn serves_hf_answers_streams_batches_and_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(CASE);
+    export(CASE, &dir);
+    let exp = expected(CASE);
+    let img = data_url(&fixtures().join(CASE).join("image.png"));
+    let (server, url) = start(&dir, Config { max_image_bytes: 64 << 10, max_new_tokens: 64, ..Config::default() });
+
+    let health: Value = ureq::get(&format!("{url}/health")).call().unwrap().into_json().unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["ep"], "cpu");
+
+    // The answer and the score equal HF transformers'.
+    let q = exp["questions"]["ask"].as_str().unwrap();
+    let max_new = exp["max_new_tokens"].as_u64().unwrap() as usize;
+    let (code, r) = post(&format!("{url}/v1/chat/completions"), &chat(q, &img, max_new, false));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["token_ids"], exp["greedy_ids"], "chat ids vs HF");
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    let whole = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let (code, s) = post(&format!("{url}/v1/score"), &json!({"image": img}));
+    assert_eq!(code, 200, "{s}");
+    let (ours, hf) = (s["score"].as_f64().unwrap(), exp["score"].as_f64().unwrap());
+    assert!((ours - hf).abs() < 1e-4, "score {ours} vs HF {hf}");
+
+    // Streaming gives the same text, in more than one event.
+    let (text, events) = stream(&format!("{url}/v1/chat/completions"), &chat(q, &img, max_new, true));
+    assert_eq!(text, whole);
+    assert!(events >= 2, "{events} events");
+
+    // 32 concurrent clients over 8 images: each gets the answer a lone request gets.
+    let pics: Vec<String> = images(&tmp.path().join("imgs"), 8).iter().map(|p| data_url(p)).collect();
+    let lone: Vec<(Value, Value)> = pics
+        .iter()
+        .map(|p| (post(&format!("{url}/v1/chat/completions"), &chat("Is it blurry?", p, 8, false)).1["token_ids"].clone(), post(&format!("{url}/v1/score"), &json!({"image": p})).1["score"].clone()))
+        .collect();
+    let metric = |name: &str| -> f64 {
+        let m = ureq::get(&format!("{url}/metrics")).call().unwrap().into_string().unwrap();
+        m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap_or("0").parse().unwrap()
+    };
+    let (batches0, jobs0) = (metric("qadapt_batches_total"), metric("qadapt_batched_jobs_total"));
+    let (pics, lone, base) = (Arc::new(pics), Arc::new(lone), Arc::new(url.clone()));
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            let (pics, lone, base) = (Arc::clone(&pics), Arc::clone(&lone), Arc::clone(&base));
+            std::thread::spawn(move || {
+                let k = i % 8;
+                if i % 2 == 0 {
+                    let (code, r) = post(&format!("{base}/v1/chat/completions"), &chat("Is it blurry?", &pics[k], 8, false));
+                    assert_eq!(code, 200, "client {i}: {r}");
+                    assert_eq!(r["token_ids"], lone[k].0, "client {i}: chat differs from a lone request");
+                } else {
+                    let (code, r) = post(&format!("{base}/v1/score"), &json!({"image": pics[k]}));
+                    assert_eq!(code, 200, "client {i}: {r}");
+                    let (a, b) = (r["score"].as_f64().unwrap(), lone[k].1.as_f64().unwrap());
+                    assert!((a - b).abs() < 1e-5, "client {i}: score {a} vs lone {b}");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (batches, jobs) = (metric("qadapt_batches_total") - batches0, metric("qadapt_batched_jobs_total") - jobs0);
+    println!("32 concurrent clients: {jobs} jobs in {batches} batches");
+    assert_eq!(jobs, 32.0);
+    assert!(batches < jobs, "no two requests shared a batch");
+
+    // Limits and bad requests: a clear 4xx each.
+    let big = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(vec![0u8; 70 << 10]));
+    let corrupt = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\n broken"));
+    let chat_url = format!("{url}/v1/chat/completions");
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (chat("q", &big, 8, false), 413, "limit"),
+        (chat("q", &img, 65, false), 400, "max_tokens"),
+        (chat(&"very ".repeat(600), &img, 8, false), 400, "tokens"),
+        (chat("q", &corrupt, 8, false), 400, "image"),
+        (chat("q", "data:image/png;base64,@@@", 8, false), 400, "base64"),
+        (json!({"messages": [{"role": "user", "content": "no image here"}]}), 400, "image_url"),
+        (json!({"prompt": "hi"}), 400, "messages"),
+        (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "q"}]}], "temperature": -1.0}), 400, "temperature"),
+    ];
+    for (body, want, needle) in cases {
+        let (code, r) = post(&chat_url, &body);
+        let msg = r["error"]["message"].as_str().unwrap_or("").to_string();
+        println!("{code} {msg}");
+        assert_eq!(code, want, "{needle}: {r}");
+        assert!(msg.contains(needle), "{msg} does not mention {needle}");
+    }
+    let raw = ureq::post(&chat_url).set("Content-Type", "application/json").send_string("{not json");
+    assert!(matches!(raw, Err(ureq::Error::Status(400, _))));
+    assert!(matches!(ureq::get(&format!("{url}/nope")).call(), Err(ureq::Error::Status(404, _))));
+    assert!(matches!(ureq::get(&chat_url).call(), Err(ureq::Error::Status(405, _))));
+    let metrics = ureq::get(&format!("{url}/metrics")).call().unwrap().into_string().unwrap();
+    assert!(metrics.contains("qadapt_requests_total{path=\"/v1/chat/completions\",code=\"413\"} 1"), "{metrics}");
+
+    // Shutdown while a long answer streams: the stream still ends with [DONE]; then no listener.
+    let s_url = chat_url.clone();
+    let img2 = img.clone();
+    let long = std::thread::spawn(move || stream(&s_url, &chat("Describe the image in detail.", &img2, 64, true)));
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    server.shutdown();
+    let (text, _) = long.join().unwrap();
+    println!("streamed through shutdown: {} chars", text.len());
+    assert!(ureq::get(&format!("{url}/health")).call().is_err(), "still answering after shutdown");
+}
+
+/// A queue of one with a batch of one: of 16 simultaneous requests, some get 503 and the rest
+/// their answer.
+#[test]
+fn a_full_queue_answers_503() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(CASE);
+    export(CASE, &dir);
+    let img = Arc::new(data_url(&fixtures().join(CASE).join("image.png")));
+    let (server, url) = start(&dir, Config { max_queue: 1, max_batch: 1, ..Config::default() });
+    let url = Arc::new(format!("{url}/v1/chat/completions"));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, img) = (Arc::clone(&url), Arc::clone(&img));
+            std::thread::spawn(move || post(&url, &chat("Describe the image.", &img, 48, false)))
+        })
+        .collect();
+    let codes: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).map(|(code, r)| {
+        if code == 503 {
+            assert!(r["error"]["message"].as_str().unwrap().contains("queue is full"), "{r}");
+        }
+        code
+    }).collect();
+    let busy = codes.iter().filter(|&&c| c == 503).count();
+    println!("16 requests, queue 1: {busy} × 503, {} × 200", codes.iter().filter(|&&c| c == 200).count());
+    assert!(busy >= 1, "no 503 with a queue of one");
+    assert!(codes.iter().all(|&c| c == 200 || c == 503), "{codes:?}");
+    assert!(codes.contains(&200));
+    server.shutdown();
+}
+
+/// The binary: `serve --port 0` prints its address, answers, and exits 0 on SIGTERM.
+#[test]
+fn the_binary_serves_and_stops_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(CASE);
+    export(CASE, &dir);
+    let mut child = common::run()
+        .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line}")).to_string();
+    let h: Value = ureq::get(&format!("{url}/health")).call().unwrap().into_json().unwrap();
+    assert_eq!(h["status"], "ok");
+    let ok = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "serve did not stop on SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(status.success(), "exit {status}: {rest}");
+    assert!(rest.contains("stopped"), "{rest}");
+}
