@@ -6,10 +6,12 @@ import argparse, json, os, time
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--export", required=True)
 ap.add_argument("--inputs", required=True, help="the JSON bench_run wrote (QADAPT_BENCH_DUMP)")
+ap.add_argument("--image", required=True)
 ap.add_argument("--new", type=int, default=32)
 ap.add_argument("--reps", type=int, default=5)
 ap.add_argument("--batch", type=int, default=1)
@@ -21,11 +23,27 @@ ft = np.float16 if d["f16"] else np.float32
 B, S = a.batch, d["image_size"]
 sess = {g: ort.InferenceSession(os.path.join(a.export, f"{g}.onnx"), providers=[a.provider]) for g in ("vision", "embed", "decoder")}
 out_names = [o.name for o in sess["decoder"].get_outputs()]
-px = np.asarray(d["pixel_values"], dtype=ft).reshape(1, 3, S, S).repeat(B, 0)
-vis_in = {"pixel_values": px}
+img = Image.open(a.image).convert("RGB")
+vis_in = {}
 if d["qformer_ids"] is not None:
     q = np.asarray(d["qformer_ids"], dtype=np.int64)[None].repeat(B, 0)
     vis_in.update(qformer_input_ids=q, qformer_attention_mask=np.ones_like(q))
+
+
+def pixels(im):
+    """Bunny's preprocessing as a Python server does it: pad to a square with the mean colour
+    (image_aspect_ratio "pad"), PIL bicubic resize, normalise with mean = std = 0.5."""
+    w, h = im.size
+    side = max(w, h)
+    sq = Image.new("RGB", (side, side), (127, 127, 127))
+    sq.paste(im, ((side - w) // 2, (side - h) // 2))
+    x = np.asarray(sq.resize((S, S), Image.BICUBIC), dtype=np.float32) / 255.0
+    return ((x - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+# The PIL pixels must be the ones qadapt-run computed (its preprocessing is PIL-exact).
+ref = np.asarray(d["pixel_values"], dtype=np.float32).reshape(3, S, S)
+assert np.abs(pixels(img) - ref).max() < 1e-2, "PIL pixels differ from qadapt-run's"
 ids, pos = d["prompt_ids"], d["image_pos"]
 
 
@@ -34,7 +52,8 @@ def embed(tok):
 
 
 def generate(n):
-    feats = sess["vision"].run(None, vis_in)[0]
+    px = np.stack([pixels(img) for _ in range(B)]).astype(ft)
+    feats = sess["vision"].run(None, {"pixel_values": px, **vis_in})[0]
     pre = embed([ids[:pos]] * B)
     post = embed([ids[pos:]] * B)
     x = np.concatenate([pre, feats, post], axis=1)

@@ -170,13 +170,9 @@ impl Runtime {
                 kv.push(out.remove(&name).ok_or_else(|| RunError::Ort(format!("decoder output {name} missing")))?);
             }
         }
-        let logits = out_f32(out.get("logits").ok_or_else(|| RunError::Ort("decoder output logits missing".into()))?)?;
-        let logits = if all || s == 1 {
-            logits
-        } else {
-            let v = logits.len() / (b * s);
-            (0..b).flat_map(|r| logits[(r * s + s - 1) * v..(r * s + s) * v].iter().copied()).collect()
-        };
+        let logits = out.get("logits").ok_or_else(|| RunError::Ort("decoder output logits missing".into()))?;
+        // A prefill's logits are [B, S, V]; copy out only the rows that are read.
+        let logits = if all || s == 1 { out_f32(logits)? } else { last_rows(logits, b, s)? };
         Ok((logits, Cache { kv, len: total, batch: b }))
     }
 
@@ -308,5 +304,17 @@ impl Runtime {
     /// The index of the best choice (lowest loss; the first wins ties).
     pub fn best_choice(choices: &[Choice]) -> usize {
         (0..choices.len()).fold(0, |b, i| if choices[i].loss < choices[b].loss { i } else { b })
+    }
+}
+
+/// The last position's row of each sequence of a [B, S, V] float output, as f32.
+fn last_rows(v: &DynValue, b: usize, s: usize) -> Result<Vec<f32>> {
+    fn pick<T: Copy>(d: &[T], b: usize, s: usize, f: impl Fn(T) -> f32) -> Vec<f32> {
+        let v = d.len() / (b * s);
+        (0..b).flat_map(|r| d[(r * s + s - 1) * v..(r * s + s) * v].iter().map(|&x| f(x))).collect()
+    }
+    match v.try_extract_tensor::<f32>() {
+        Ok((_, d)) => Ok(pick(d, b, s, |x| x)),
+        Err(_) => Ok(pick(v.try_extract_tensor::<half::f16>().map_err(ort_err("logits"))?.1, b, s, |x| x.to_f32())),
     }
 }
