@@ -84,11 +84,13 @@ pub struct Placement {
     pub fp16: bool,
     /// The largest batch the TensorRT profiles cover.
     pub max_batch: usize,
+    /// TensorRT engine and timing cache (default: `EXPORT/trt-cache`).
+    pub trt_cache: Option<PathBuf>,
 }
 
 impl Default for Placement {
     fn default() -> Self {
-        Self { ep: Ep::Cpu, device_id: 0, fp16: false, max_batch: 8 }
+        Self { ep: Ep::Cpu, device_id: 0, fp16: false, max_batch: 8, trt_cache: None }
     }
 }
 

@@ -49,11 +49,14 @@ struct ModelArgs {
     /// libonnxruntime.so to load (default: ORT_DYLIB_PATH).
     #[arg(long)]
     ort_lib: Option<PathBuf>,
+    /// TensorRT engine and timing cache directory (default: EXPORT/trt-cache).
+    #[arg(long)]
+    trt_cache: Option<PathBuf>,
 }
 
 impl ModelArgs {
     fn open(&self, max_batch: usize) -> anyhow::Result<Runtime> {
-        let place = Placement { ep: self.ep, device_id: self.device_id, fp16: self.fp16, max_batch };
+        let place = Placement { ep: self.ep, device_id: self.device_id, fp16: self.fp16, max_batch, trt_cache: self.trt_cache.clone() };
         let rt = Runtime::open_with(&self.model, &place, self.ort_lib.as_deref()).with_context(|| format!("opening {}", self.model.display()))?;
         if self.ep == Ep::Auto {
             eprintln!("execution provider: {}", rt.ep);

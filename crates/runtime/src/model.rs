@@ -77,7 +77,7 @@ impl Runtime {
         let text = std::fs::read_to_string(&mpath).map_err(|e| RunError::Export { path: mpath.clone(), msg: format!("{e} (not a qadapt-export directory?)") })?;
         let manifest: Manifest = serde_json::from_str(&text).map_err(|e| RunError::Export { path: mpath.clone(), msg: format!("invalid: {e}") })?;
         let env = environment(ort_lib)?;
-        let cache = dir.join("trt-cache");
+        let cache = place.trt_cache.clone().unwrap_or_else(|| dir.join("trt-cache"));
         let mut chosen = "cpu";
         let mut open = |file: &str| -> Result<Session> {
             let path = dir.join(file);

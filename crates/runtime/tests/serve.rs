@@ -164,15 +164,48 @@ fn serves_hf_answers_streams_batches_and_limits() {
     let metrics = ureq::get(&format!("{url}/metrics")).call().unwrap().into_string().unwrap();
     assert!(metrics.contains("qadapt_requests_total{path=\"/v1/chat/completions\",code=\"413\"} 1"), "{metrics}");
 
-    // Shutdown while a long answer streams: the stream still ends with [DONE]; then no listener.
-    let s_url = chat_url.clone();
-    let img2 = img.clone();
-    let long = std::thread::spawn(move || stream(&s_url, &chat("Describe the image in detail.", &img2, 64, true)));
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    // Shutdown while answers stream: once each stream has begun (its first event read), shut down;
+    // every stream still ends with [DONE] and the text a lone request gets; then no listener.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let streams: Vec<_> = pics
+        .iter()
+        .take(4)
+        .map(|p| {
+            let (s_url, p, tx) = (chat_url.clone(), p.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let r = ureq::post(&s_url).send_json(chat("Describe the image in detail.", &p, 64, true)).unwrap();
+                let mut lines = BufReader::new(r.into_reader()).lines();
+                let first = lines.next().unwrap().unwrap();
+                assert!(first.starts_with("data: "), "{first}");
+                tx.send(()).unwrap();
+                let (mut text, mut done) = (String::new(), false);
+                for line in lines {
+                    let line = line.unwrap();
+                    match line.strip_prefix("data: ") {
+                        Some("[DONE]") => done = true,
+                        Some(d) => text += serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"].as_str().unwrap_or(""),
+                        None => {}
+                    }
+                }
+                assert!(done, "a stream cut by the shutdown");
+                text
+            })
+        })
+        .collect();
+    for _ in 0..4 {
+        rx.recv().unwrap();
+    }
     server.shutdown();
-    let (text, _) = long.join().unwrap();
-    println!("streamed through shutdown: {} chars", text.len());
+    let texts: Vec<String> = streams.into_iter().map(|t| t.join().unwrap()).collect();
+    println!("4 streams through shutdown: {:?} chars", texts.iter().map(String::len).collect::<Vec<_>>());
     assert!(ureq::get(&format!("{url}/health")).call().is_err(), "still answering after shutdown");
+    // The drained answers are the ones a fresh server gives.
+    let (server, url) = start(&dir, Config::default());
+    for (p, t) in pics.iter().take(4).zip(&texts) {
+        let (_, r) = post(&format!("{url}/v1/chat/completions"), &chat("Describe the image in detail.", p, 64, false));
+        assert_eq!(r["choices"][0]["message"]["content"].as_str().unwrap(), t);
+    }
+    server.shutdown();
 }
 
 /// A queue of one with a batch of one: of 16 simultaneous requests, some get 503 and the rest
