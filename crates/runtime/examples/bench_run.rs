@@ -40,6 +40,9 @@ fn main() -> anyhow::Result<()> {
         let out = rt.generate_batch(&imgs, &a[3], &GenerateOptions { max_new_tokens: n, sampling: Default::default() }, |_, _| {})?;
         Ok((t.elapsed().as_secs_f64() * 1e3, out[0].token_ids.clone()))
     };
+    let t_pre = Instant::now();
+    let _ = qadapt_core::image::pixel_values(&img, &rt.preprocess);
+    let preprocess_ms = t_pre.elapsed().as_secs_f64() * 1e3;
     run(&mut rt, 2)?; // warm-up: first runs allocate arenas (and build TensorRT engines)
     let (mut ttft, mut full) = (Vec::new(), Vec::new());
     let mut ids = Vec::new();
@@ -57,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     let steps = ids.len().saturating_sub(1).max(1);
     println!(
         "{}",
-        serde_json::json!({"ep": rt.ep, "batch": batch, "ttft_ms": t1, "decode_ms_per_token": (tn - t1) / steps as f64, "tokens": ids.len(), "ids": ids, "open_s": open_s})
+        serde_json::json!({"ep": rt.ep, "batch": batch, "ttft_ms": t1, "decode_ms_per_token": (tn - t1) / steps as f64, "tokens": ids.len(), "ids": ids, "open_s": open_s, "preprocess_ms": preprocess_ms})
     );
     Ok(())
 }
