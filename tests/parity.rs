@@ -50,7 +50,7 @@ fn run_case(case: &str, report: &mut Report) {
         let len = embeds.dim(1).unwrap();
         let mask = Tensor::ones((1, len), DType::I64, &Device::Cpu).unwrap();
         let pos = Tensor::arange(0i64, len as i64, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let (logits, _) = engine.model.llm.forward(&mut models::Candle::new(Device::Cpu, DType::F32), &embeds, &mask, &pos, None).unwrap();
+        let (logits, _) = engine.model.llm.forward(&mut models::Candle::new(Device::Cpu, DType::F32), &embeds, &mask, &pos, None, None).unwrap();
         report.check(case, &format!("{p}.logits"), &logits.i((0, len - 1)).unwrap(), exp.t(&format!("{p}.logits")));
     }
 

@@ -31,7 +31,8 @@ pub fn decoder(model: &Bunny, ft: FloatType) -> Result<Traced> {
     let mask = g.input("attention_mask", 2);
     let pos = g.input("position_ids", 2);
     let past: Vec<_> = (0..layers).map(|i| (g.input(&format!("past_key_values.{i}.key"), 4), g.input(&format!("past_key_values.{i}.value"), 4))).collect();
-    let (logits, present) = model.llm.forward(&mut g, &embeds, &mask, &pos, Some(&past))?;
+    let keep = g.input("num_logits_to_keep", 0);
+    let (logits, present) = model.llm.forward(&mut g, &embeds, &mask, &pos, Some(&past), Some(&keep))?;
     g.output_f32(&logits, "logits");
     for (i, (k, v)) in present.iter().enumerate() {
         g.output(k, &format!("present.{i}.key"));
@@ -43,13 +44,14 @@ pub fn decoder(model: &Bunny, ft: FloatType) -> Result<Traced> {
         Io::new("attention_mask", DataType::Int64, vec![B, Dim::Sym("total_sequence")]),
         Io::new("position_ids", DataType::Int64, vec![B, Dim::Sym("sequence")]),
     ];
-    let mut outputs = vec![Io::new("logits", DataType::Float, vec![B, Dim::Sym("sequence"), Dim::Fixed(c.vocab_size as i64)])];
+    let mut outputs = vec![Io::new("logits", DataType::Float, vec![B, Dim::Sym("kept_sequence"), Dim::Fixed(c.vocab_size as i64)])];
     for i in 0..layers {
         for part in ["key", "value"] {
             inputs.push(kv(format!("past_key_values.{i}.{part}"), "past_sequence"));
             outputs.push(kv(format!("present.{i}.{part}"), "total_sequence"));
         }
     }
+    inputs.push(Io::new("num_logits_to_keep", DataType::Int64, vec![]));
     Ok(Traced { file: "decoder.onnx", graph: g, inputs, outputs })
 }
 

@@ -464,6 +464,13 @@ impl Ops for Graph {
         let r = self.node("Range", &[&zero, &l.name, &one], vec![], 1);
         Ok(self.unsqueeze(&r, &[0]))
     }
+    fn last_positions(&mut self, x: &V, keep: &V) -> Result<V> {
+        let (xn, kn) = (self.name(x), self.name(keep));
+        let neg = self.node("Neg", &[&kn], vec![], keep.rank);
+        let start = if keep.rank == 0 { self.unsqueeze(&neg, &[0]) } else { neg };
+        let (end, axis) = (self.ints(&[i64::MAX]), self.ints(&[1]));
+        Ok(self.node("Slice", &[&xn, &start.name, &end, &axis], vec![], x.rank))
+    }
     fn dropout(&mut self, x: &V, _p: f32) -> Result<V> {
         Ok(x.clone())
     }

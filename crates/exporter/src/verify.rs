@@ -105,11 +105,15 @@ pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft
     let pos: Vec<i64> = (0..b).flat_map(|_| (p..p + s).map(|x| x as i64)).collect();
     let mask_t = Tensor::from_vec(mask.clone(), (b, p + s), &dev)?;
     let pos_t = Tensor::from_vec(pos.clone(), (b, s), &dev)?;
-    let (logits, present) = model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, Some(&past))?;
+    // Logits of the last 2 of the 3 positions: the slice is checked too.
+    let keep = 2i64;
+    let keep_t = Tensor::new(keep, &dev)?;
+    let (logits, present) = model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, Some(&past), Some(&keep_t))?;
     let mut inputs: Vec<(String, Input)> = vec![
         ("inputs_embeds".into(), Input::F(embeds)),
         ("attention_mask".into(), Input::I(vec![b, p + s], mask)),
         ("position_ids".into(), Input::I(vec![b, s], pos)),
+        ("num_logits_to_keep".into(), Input::I(vec![], vec![keep])),
     ];
     let mut names = vec!["logits".to_string()];
     let mut want = vec![flat(&logits)?];

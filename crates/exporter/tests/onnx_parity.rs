@@ -1,4 +1,4 @@
-//! Exports of every HF parity fixture, run through ONNX Runtime (CPU) by a minimal greedy loop,
+//! Exports of every HF parity fixture, run through ONNX Runtime (CPU) by the runtime's greedy loop,
 //! reproduce the HF image features, logits, greedy ids and Q-Align score; the f16 export stays within
 //! its stated tolerance; broken inputs fail clearly and leave no export directory behind.
 //!
@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, IndexOp, Tensor};
-use ort::session::{Session, SessionInputValue};
-use ort::value::Tensor as OrtTensor;
 use qadapt_core::sampling::quality_score;
+use runtime::{Ep, Runtime};
 use qadapt_core::template::SCORE_QUESTION;
 use qadapt_core::QFormerTokenizer;
 
@@ -25,15 +24,6 @@ fn export_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qadapt-export"))
 }
 
-/// ONNX Runtime allows one environment per process: the tests share it.
-fn env() -> &'static ort::environment::Environment {
-    static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
-    ENV.get_or_init(|| {
-        assert!(std::env::var_os("ORT_DYLIB_PATH").is_some(), "set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (see .ci/run)");
-        ort::init().build().expect("ONNX Runtime")
-    })
-}
-
 fn export(case: &str, out: &Path, extra: &[&str]) {
     let model = fixtures().join(case).join("model");
     let o = export_bin().args(["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(extra).output().unwrap();
@@ -41,114 +31,15 @@ fn export(case: &str, out: &Path, extra: &[&str]) {
     println!("{}", String::from_utf8_lossy(&o.stdout).trim_end());
 }
 
-/// One layer's cached (key, value), flattened.
-type Kv = (Vec<f32>, Vec<f32>);
-
-/// The three graphs and what the loop needs from qadapt.json.
-struct Exported {
-    vision: Session,
-    embed: Session,
-    decoder: Session,
-    f16: bool,
-    layers: usize,
-    heads: usize,
-    head_dim: usize,
-    hidden: usize,
-    eos: u32,
-    levels: [u32; 5],
+/// The export opened by the runtime (CPU provider); the tests feed it HF's own pixel values and
+/// prompt ids through its lower-level entry points.
+fn open(dir: &Path) -> Runtime {
+    assert!(std::env::var_os("ORT_DYLIB_PATH").is_some(), "set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (see .ci/run)");
+    Runtime::open(dir, Ep::Cpu, 0, false, None).unwrap()
 }
 
-fn floats(shape: Vec<i64>, v: Vec<f32>, f16: bool) -> SessionInputValue<'static> {
-    if f16 {
-        OrtTensor::from_array((shape, v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>())).unwrap().into_dyn().into()
-    } else {
-        OrtTensor::from_array((shape, v)).unwrap().into_dyn().into()
-    }
-}
-
-fn ints(shape: Vec<i64>, v: Vec<i64>) -> SessionInputValue<'static> {
-    OrtTensor::from_array((shape, v)).unwrap().into_dyn().into()
-}
-
-fn out_f32(v: &ort::value::DynValue) -> Vec<f32> {
-    match v.try_extract_tensor::<f32>() {
-        Ok((_, d)) => d.to_vec(),
-        Err(_) => v.try_extract_tensor::<half::f16>().unwrap().1.iter().map(|x| x.to_f32()).collect(),
-    }
-}
-
-impl Exported {
-    fn open(env: &ort::environment::Environment, dir: &Path) -> Self {
-        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("qadapt.json")).unwrap()).unwrap();
-        let open = |f: &str| Session::builder(env).unwrap().commit_from_file(dir.join(f)).unwrap();
-        let d = &j["decoder"];
-        let u = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
-        let levels: Vec<u32> = j["tokens"]["levels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        Exported {
-            vision: open("vision.onnx"),
-            embed: open("embed.onnx"),
-            decoder: open("decoder.onnx"),
-            f16: j["dtype"] == "f16",
-            layers: u(&d["layers"]),
-            heads: u(&d["heads"]),
-            head_dim: u(&d["head_dim"]),
-            hidden: u(&d["hidden_size"]),
-            eos: j["tokens"]["eos"].as_u64().unwrap() as u32,
-            levels: levels.try_into().unwrap(),
-        }
-    }
-
-    fn image_features(&mut self, pixels: &Tensor, qformer: Option<Vec<i64>>) -> Vec<f32> {
-        let shape: Vec<i64> = pixels.dims().iter().map(|&d| d as i64).collect();
-        let mut feed = vec![("pixel_values".to_string(), floats(shape, pixels.flatten_all().unwrap().to_vec1().unwrap(), self.f16))];
-        if let Some(ids) = qformer {
-            let t = ids.len() as i64;
-            feed.push(("qformer_attention_mask".into(), ints(vec![1, t], vec![1; ids.len()])));
-            feed.push(("qformer_input_ids".into(), ints(vec![1, t], ids)));
-        }
-        let out = self.vision.run(feed).unwrap();
-        out_f32(&out["image_features"])
-    }
-
-    fn embed(&mut self, ids: &[i64]) -> Vec<f32> {
-        let out = self.embed.run(vec![("input_ids".to_string(), ints(vec![1, ids.len() as i64], ids.to_vec()))]).unwrap();
-        out_f32(&out["inputs_embeds"])
-    }
-
-    /// One decoder step over `embeds` (rows of `hidden`) after `past`; returns the last row's logits.
-    fn step(&mut self, embeds: Vec<f32>, past: &mut [Kv], past_len: usize) -> Vec<f32> {
-        let s = embeds.len() / self.hidden;
-        let total = past_len + s;
-        let mut feed = vec![
-            ("inputs_embeds".to_string(), floats(vec![1, s as i64, self.hidden as i64], embeds, self.f16)),
-            ("attention_mask".to_string(), ints(vec![1, total as i64], vec![1; total])),
-            ("position_ids".to_string(), ints(vec![1, s as i64], (past_len as i64..total as i64).collect())),
-        ];
-        let kv_shape = vec![1, self.heads as i64, past_len as i64, self.head_dim as i64];
-        for (i, (k, v)) in past.iter().enumerate() {
-            feed.push((format!("past_key_values.{i}.key"), floats(kv_shape.clone(), k.clone(), self.f16)));
-            feed.push((format!("past_key_values.{i}.value"), floats(kv_shape.clone(), v.clone(), self.f16)));
-        }
-        let out = self.decoder.run(feed).unwrap();
-        for (i, kv) in past.iter_mut().enumerate() {
-            *kv = (out_f32(&out[format!("present.{i}.key").as_str()]), out_f32(&out[format!("present.{i}.value").as_str()]));
-        }
-        let logits = out_f32(&out["logits"]);
-        let v = logits.len() / s;
-        logits[(s - 1) * v..].to_vec()
-    }
-
-    /// Prefill of a prompt (`-200` marks the image) → last logits and the cache.
-    fn prefill(&mut self, input_ids: &[i64], feats: &[f32]) -> (Vec<f32>, Vec<Kv>, usize) {
-        let at = input_ids.iter().position(|&i| i == -200).expect("prompt without the image placeholder");
-        let mut embeds = self.embed(&input_ids[..at]);
-        embeds.extend_from_slice(feats);
-        embeds.extend(self.embed(&input_ids[at + 1..]));
-        let len = embeds.len() / self.hidden;
-        let mut past = vec![(Vec::new(), Vec::new()); self.layers];
-        let logits = self.step(embeds, &mut past, 0);
-        (logits, past, len)
-    }
+fn pixels(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap()
 }
 
 fn rel(a: &[f32], b: &Tensor) -> f32 {
@@ -161,12 +52,12 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Runs one case through ORT; returns (max rel err of features and logits, |Δscore|).
-fn run_case(env: &ort::environment::Environment, case: &str, dir: &Path) -> (f32, f32) {
+fn run_case(case: &str, dir: &Path) -> (f32, f32) {
     let fx = fixtures().join(case);
     let exp_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
     let exp = candle_core::safetensors::load(fx.join("expected.safetensors"), &Device::Cpu).unwrap();
     let ids = |k: &str| exp[k].flatten_all().unwrap().to_vec1::<i64>().unwrap();
-    let mut m = Exported::open(env, dir);
+    let mut m = open(dir);
     let qtok = QFormerTokenizer::from_dir(dir, 256).ok().filter(|_| dir.join("qformer").is_dir());
     let mut worst = 0f32;
     let mut score_err = 0f32;
@@ -176,14 +67,14 @@ fn run_case(env: &ort::environment::Environment, case: &str, dir: &Path) -> (f32
         if let Some(q) = &q {
             assert_eq!(q, &ids(&format!("{p}.qformer_input_ids")), "{case} {p}: Q-Former ids");
         }
-        let feats = m.image_features(&exp["pixel_values"], q);
+        let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), q.as_deref()).unwrap();
         let e_feat = rel(&feats, &exp[&format!("{p}.image_features")]);
-        let (logits, mut past, mut len) = m.prefill(&ids(&format!("{p}.input_ids")), &feats);
+        let (logits, mut past) = m.prefill_ids(&ids(&format!("{p}.input_ids")), &feats).unwrap();
         let e_logits = rel(&logits, &exp[&format!("{p}.logits")]);
         println!("{case:<22} {p:<6} image_features {e_feat:.1e}  logits {e_logits:.1e}");
         worst = worst.max(e_feat).max(e_logits);
         if p == "score" {
-            let lv = m.levels.map(|i| logits[i as usize]);
+            let lv = m.manifest.tokens.levels.map(|i| logits[i as usize]);
             let (score, _) = quality_score(lv);
             score_err = (score - exp_json["score"].as_f64().unwrap() as f32).abs();
         } else {
@@ -193,13 +84,11 @@ fn run_case(env: &ort::environment::Environment, case: &str, dir: &Path) -> (f32
             let mut logits = logits;
             for _ in 0..max_new {
                 let next = argmax(&logits);
-                if next == m.eos {
+                if next == m.manifest.tokens.eos {
                     break;
                 }
                 got.push(next as i64);
-                let e = m.embed(&[next as i64]);
-                logits = m.step(e, &mut past, len);
-                len += 1;
+                (logits, past) = m.next_logits(&[next], &past).unwrap();
             }
             assert_eq!(got, ids("ask.greedy_ids"), "{case}: greedy ids through ONNX Runtime");
         }
@@ -209,13 +98,12 @@ fn run_case(env: &ort::environment::Environment, case: &str, dir: &Path) -> (f32
 
 #[test]
 fn exports_of_every_fixture_match_hf_through_onnx_runtime() {
-    let env = env();
     let tmp = tempfile::tempdir().unwrap();
     println!("{:<22} {:<6} max rel err vs HF (tol 1e-4)", "case", "prompt");
     for case in CASES {
         let dir = tmp.path().join(case);
         export(case, &dir, &[]);
-        let (worst, dscore) = run_case(env, case, &dir);
+        let (worst, dscore) = run_case(case, &dir);
         println!("{case:<22} greedy ids equal, |Δscore| {dscore:.1e}");
         assert!(worst < 1e-4, "{case}: max rel err {worst} vs HF");
         assert!(dscore < 1e-4, "{case}: score differs from HF by {dscore}");
@@ -224,21 +112,20 @@ fn exports_of_every_fixture_match_hf_through_onnx_runtime() {
 
 #[test]
 fn f16_and_external_data_exports_stay_within_tolerance() {
-    let env = env();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("f16");
     export("qadapt_f32_sharded", &dir, &["--dtype", "f16", "--external-data"]);
     assert!(dir.join("decoder.onnx.data").is_file(), "external data file");
     let fx = fixtures().join("qadapt_f32_sharded");
     let exp = candle_core::safetensors::load(fx.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let mut m = Exported::open(env, &dir);
-    assert!(m.f16);
+    let mut m = open(&dir);
+    assert_eq!(m.manifest.dtype, "f16");
     let qtok = QFormerTokenizer::from_dir(&dir, 256).unwrap();
     let q: Vec<i64> = qtok.encode(&qadapt_core::template::qformer_text(SCORE_QUESTION)).unwrap().into_iter().map(i64::from).collect();
-    let feats = m.image_features(&exp["pixel_values"], Some(q));
+    let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&q)).unwrap();
     let e_feat = rel(&feats, &exp["score.image_features"]);
     let ids = exp["score.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
-    let (logits, _, _) = m.prefill(&ids, &feats);
+    let (logits, _) = m.prefill_ids(&ids, &feats).unwrap();
     let e_logits = rel(&logits, &exp["score.logits"]);
     println!("f16 export vs HF f32: image_features {e_feat:.1e}, logits {e_logits:.1e} (tolerance 2e-2)");
     assert!(e_feat < 2e-2 && e_logits < 2e-2);
@@ -274,7 +161,6 @@ fn bad_inputs_fail_clearly_and_leave_nothing() {
 #[test]
 fn stage_runs_are_merged_into_the_export() {
     use std::collections::HashMap;
-    let env = env();
     let case = "bunny_f32_bpe";
     let tmp = tempfile::tempdir().unwrap();
     let (run1, run2) = (tmp.path().join("run1/final"), tmp.path().join("run2/final"));
@@ -330,15 +216,15 @@ fn stage_runs_are_merged_into_the_export() {
     let len = embeds.dim(1).unwrap();
     let mask = Tensor::ones((1, len), candle_core::DType::I64, &dev).unwrap();
     let pos = Tensor::arange(0i64, len as i64, &dev).unwrap().unsqueeze(0).unwrap();
-    let (want, _) = reference.llm.forward(&mut o, &embeds, &mask, &pos, None).unwrap();
+    let (want, _) = reference.llm.forward(&mut o, &embeds, &mask, &pos, None, None).unwrap();
     let want = want.i((0, len - 1)).unwrap();
 
-    let mut m = Exported::open(env, &merged);
-    let f = m.image_features(px, None);
-    let (got, _, _) = m.prefill(&ids, &f);
-    let mut b = Exported::open(env, &base);
-    let fb = b.image_features(px, None);
-    let (base_logits, _, _) = b.prefill(&ids, &fb);
+    let mut m = open(&merged);
+    let f = m.features_from_pixels(pixels(px), None).unwrap();
+    let (got, _) = m.prefill_ids(&ids, &f).unwrap();
+    let mut b = open(&base);
+    let fb = b.features_from_pixels(pixels(px), None).unwrap();
+    let (base_logits, _) = b.prefill_ids(&ids, &fb).unwrap();
     let (e_merged, e_base) = (rel(&got, &want), rel(&base_logits, &want));
     println!("stage-1 LoRA + stage-2 connector merged: ORT vs candle with the LoRA unmerged {e_merged:.1e}; base export vs the same {e_base:.1e}");
     assert!(e_merged < 1e-4, "merged export differs from candle with the adapters: {e_merged}");

@@ -138,7 +138,7 @@ impl Engine {
         self.check_length(len)?;
         let mask = Tensor::ones((1, len), DType::I64, self.device())?;
         let pos = Tensor::arange(0i64, len as i64, self.device())?.unsqueeze(0)?;
-        let (logits, present) = self.model.llm.forward(&mut self.ops.clone(), embeds, &mask, &pos, None)?;
+        let (logits, present) = self.model.llm.forward(&mut self.ops.clone(), embeds, &mask, &pos, None, None)?;
         let last = logits.i((0, len - 1))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok((last, present))
     }
@@ -158,7 +158,7 @@ impl Engine {
             let e = self.model.llm.embed(&mut self.ops.clone(), &t)?;
             let mask = Tensor::ones((1, len + 1), DType::I64, self.device())?;
             let pos = Tensor::new(&[len as i64], self.device())?.unsqueeze(0)?;
-            let (l, present) = self.model.llm.forward(&mut self.ops.clone(), &e, &mask, &pos, Some(&past))?;
+            let (l, present) = self.model.llm.forward(&mut self.ops.clone(), &e, &mask, &pos, Some(&past), None)?;
             past = present;
             len += 1;
             Ok(l.i((0, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?)

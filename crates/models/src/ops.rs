@@ -92,6 +92,9 @@ pub trait Ops {
     fn ones_mask(&mut self, like: &Self::T) -> Result<Self::T>;
     /// Integer positions `[1, L]` = 0..L for L = `like.dim(1)`.
     fn positions_like(&mut self, like: &Self::T) -> Result<Self::T>;
+    /// The last `keep` positions of `x` [B, S, …] along dim 1, `keep` an int64 scalar (a graph input
+    /// in ONNX, so one graph serves a prefill that needs one row and a scoring pass that needs all).
+    fn last_positions(&mut self, x: &Self::T, keep: &Self::T) -> Result<Self::T>;
     /// Inverted dropout with drop probability `p` while training; the identity otherwise (and in ONNX).
     fn dropout(&mut self, x: &Self::T, p: f32) -> Result<Self::T>;
 }
@@ -273,6 +276,13 @@ impl Ops for Candle {
     }
     fn positions_like(&mut self, like: &Tensor) -> Result<Tensor> {
         Ok(Tensor::arange(0i64, like.dim(1)? as i64, &self.device)?.unsqueeze(0)?)
+    }
+    fn last_positions(&mut self, x: &Tensor, keep: &Tensor) -> Result<Tensor> {
+        let s = x.dim(1)?;
+        let k = keep.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?.first().copied().unwrap_or(s as i64);
+        // As ONNX Slice with start −k: clamped to the sequence.
+        let k = (k.max(0) as usize).min(s);
+        Ok(x.narrow(1, s - k, k)?)
     }
     fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
         let Some(rng) = self.dropout_rng.as_mut() else { return Ok(x.clone()) };

@@ -90,7 +90,10 @@ impl Phi {
     /// - `embeds` [B, S, D]; `mask2d` [B, P+S] (1 = attend); `position_ids` [B, S];
     /// - `past`: per layer post-RoPE (K, V) [B, H, P, Dh], or `None` for a prefill from nothing.
     ///
-    /// Returns logits [B, S, V] and the present (K, V) [B, H, P+S, Dh] of every layer.
+    /// - `keep`: int64 scalar K, logits of the last K positions only (`None`: all). Generation needs
+    ///   one row; the lm_head over a whole prompt is the largest matmul of a small model's prefill.
+    ///
+    /// Returns logits [B, K, V] and the present (K, V) [B, H, P+S, Dh] of every layer.
     pub fn forward<O: Ops>(
         &self,
         o: &mut O,
@@ -98,9 +101,14 @@ impl Phi {
         mask2d: &O::T,
         position_ids: &O::T,
         past: Option<&[KvPair<O::T>]>,
+        keep: Option<&O::T>,
     ) -> Result<Step<O::T>> {
         let (x, present) = self.hidden(o, embeds, mask2d, position_ids, past)?;
-        let logits = self.lm_head.forward(o, &x)?; // [B, S, V]
+        let x = match keep {
+            Some(k) => o.last_positions(&x, k)?,
+            None => x,
+        };
+        let logits = self.lm_head.forward(o, &x)?; // [B, K, V]
         Ok((logits, present))
     }
 

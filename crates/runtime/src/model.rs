@@ -56,6 +56,9 @@ pub struct Runtime {
     embed: Session,
     decoder: Session,
     f16: bool,
+    /// The decoder takes `num_logits_to_keep` (exports since 2026-11-26): a prefill then computes
+    /// the lm_head for its last position only.
+    keep_input: bool,
     /// Where the decoder leaves the cache (the EP's device) and the logits (host).
     kv_mem: MemoryInfo<'static>,
     host_mem: MemoryInfo<'static>,
@@ -101,19 +104,31 @@ impl Runtime {
         let host_mem = mem(AllocationDevice::CPU, 0)?;
         let kv_mem = if chosen == "cpu" { mem(AllocationDevice::CPU, 0)? } else { mem(AllocationDevice::CUDA, place.device_id)? };
         let f16 = manifest.dtype == "f16";
-        Ok(Self { manifest, tokenizer, qformer_tokenizer, preprocess, ep: chosen, vision, embed, decoder, f16, kv_mem, host_mem })
+        let keep_input = decoder.inputs().iter().any(|i| i.name() == "num_logits_to_keep");
+        Ok(Self { manifest, tokenizer, qformer_tokenizer, preprocess, ep: chosen, vision, embed, decoder, f16, keep_input, kv_mem, host_mem })
     }
 
     /// Image features [B·N·D] of a batch of images asked the same question (the Q-Former reads it).
     pub fn image_features(&mut self, imgs: &[&RgbImage], question: &str) -> Result<Vec<f32>> {
-        let (s, b) = (self.preprocess.image_size as i64, imgs.len());
-        let mut px = Vec::with_capacity(b * 3 * (s * s) as usize);
+        let mut px = Vec::new();
         for img in imgs {
             px.extend(pixel_values(img, &self.preprocess));
         }
+        let qids = match &self.qformer_tokenizer {
+            Some(qt) => Some(qt.encode(&template::qformer_text(question))?.into_iter().map(i64::from).collect::<Vec<_>>()),
+            None => None,
+        };
+        self.features_from_pixels(px, qids.as_deref())
+    }
+
+    /// Image features [B·N·D] from preprocessed pixel values [B, 3, S, S] and, for Q-Adapt exports,
+    /// the Q-Former ids of the question (one row, shared by the batch).
+    pub fn features_from_pixels(&mut self, px: Vec<f32>, qformer_ids: Option<&[i64]>) -> Result<Vec<f32>> {
+        let s = self.preprocess.image_size as i64;
+        let b = px.len() / (3 * (s * s) as usize);
         let mut feed = vec![("pixel_values".to_string(), crate::floats(vec![b as i64, 3, s, s], px, self.f16)?)];
-        if let Some(qt) = &self.qformer_tokenizer {
-            let ids: Vec<i64> = qt.encode(&template::qformer_text(question))?.into_iter().map(i64::from).collect();
+        if self.qformer_tokenizer.is_some() {
+            let ids = qformer_ids.ok_or_else(|| RunError::Input("this export needs the question's Q-Former ids".into()))?;
             let t = ids.len() as i64;
             let rows: Vec<i64> = (0..b).flat_map(|_| ids.iter().copied()).collect();
             feed.push(("qformer_attention_mask".into(), ints(vec![b as i64, t], vec![1; rows.len()])?));
@@ -153,6 +168,10 @@ impl Runtime {
         bind.bind_input("attention_mask", &int_value(vec![b as i64, total as i64], vec![1; b * total])?).map_err(e("attention_mask"))?;
         let pos: Vec<i64> = (0..b).flat_map(|_| cache.len as i64..total as i64).collect();
         bind.bind_input("position_ids", &int_value(vec![b as i64, s as i64], pos)?).map_err(e("position_ids"))?;
+        let kept = if all { s } else { 1 };
+        if self.keep_input {
+            bind.bind_input("num_logits_to_keep", &int_value(vec![], vec![kept as i64])?).map_err(e("num_logits_to_keep"))?;
+        }
         for (i, pair) in cache.kv.chunks(2).enumerate() {
             bind.bind_input(format!("past_key_values.{i}.key"), &pair[0]).map_err(e("past"))?;
             bind.bind_input(format!("past_key_values.{i}.value"), &pair[1]).map_err(e("past"))?;
@@ -171,8 +190,9 @@ impl Runtime {
             }
         }
         let logits = out.get("logits").ok_or_else(|| RunError::Ort("decoder output logits missing".into()))?;
-        // A prefill's logits are [B, S, V]; copy out only the rows that are read.
-        let logits = if all || s == 1 { out_f32(logits)? } else { last_rows(logits, b, s)? };
+        // Logits are [B, kept, V]; an older export returns all S rows: copy out only those read.
+        let rows = if self.keep_input { kept } else { s };
+        let logits = if all || rows == 1 { out_f32(logits)? } else { last_rows(logits, b, rows)? };
         Ok((logits, Cache { kv, len: total, batch: b }))
     }
 
@@ -192,12 +212,24 @@ impl Runtime {
     /// Prefill of one question (and answer prefix) over a batch of images: every row has the same
     /// prompt, so no row is padded. Returns the last position's logits [B·V] and the cache.
     fn prefill(&mut self, imgs: &[&RgbImage], question: &str, prefix: Option<&str>) -> Result<(Vec<f32>, Cache)> {
-        let b = imgs.len();
-        if b == 0 {
+        if imgs.is_empty() {
             return Err(RunError::Input("no images".into()));
         }
         let prompt = self.prompt(question, prefix)?;
         let feats = self.image_features(imgs, question)?;
+        self.prefill_prompt(&prompt, &feats, imgs.len())
+    }
+
+    /// Prefill of one prompt given as ids with `-200` where the image features [N·D] go (Bunny's
+    /// `tokenizer_image_token` form): the last position's logits and the cache.
+    pub fn prefill_ids(&mut self, ids: &[i64], feats: &[f32]) -> Result<(Vec<f32>, Cache)> {
+        let image_pos = ids.iter().position(|&i| i == -200);
+        let text: Vec<u32> = ids.iter().filter(|&&i| i != -200).map(|&i| u32::try_from(i).map_err(|_| RunError::Input(format!("token id {i}")))).collect::<Result<_>>()?;
+        self.prefill_prompt(&PromptIds { ids: text, image_pos }, feats, 1)
+    }
+
+    /// Prefill of `prompt` for `b` rows, each with its image features (`feats` = [B·N·D]).
+    fn prefill_prompt(&mut self, prompt: &PromptIds, feats: &[f32], b: usize) -> Result<(Vec<f32>, Cache)> {
         let split = prompt.image_pos.unwrap_or(prompt.ids.len());
         let before = self.embed(&prompt.ids[..split], 1)?;
         let after = if split < prompt.ids.len() { self.embed(&prompt.ids[split..], 1)? } else { Vec::new() };
@@ -212,6 +244,12 @@ impl Runtime {
         }
         let empty = self.empty_cache(b)?;
         self.step(embeds, &empty, false)
+    }
+
+    /// The logits [B·V] after one more token per row on top of `cache`, and the grown cache.
+    pub fn next_logits(&mut self, tokens: &[u32], cache: &Cache) -> Result<(Vec<f32>, Cache)> {
+        let e = self.embed(tokens, tokens.len())?;
+        self.step(e, cache, false)
     }
 
     /// Answers one question about each image of a batch, decoding all rows together; a finished
@@ -238,8 +276,7 @@ impl Runtime {
             if !going {
                 break;
             }
-            let e = self.embed(&next, b)?;
-            (logits, cache) = self.step(e, &cache, false)?;
+            (logits, cache) = self.next_logits(&next, &cache)?;
         }
         rows.into_iter().enumerate().map(|(r, (_, seq))| Ok(seq.finish(&tokenizer, |s| on_text(r, s))?)).collect()
     }
