@@ -57,8 +57,8 @@ w, config, ep, batches = sys.argv[1], sys.argv[2], sys.argv[3], [int(b) for b in
 load = lambda f: json.load(open(f)) if os.path.exists(f) else None
 fl = load(f"{w}/eager{batches[0]}.json")
 print(f"generation, {config}, random weights, EP {ep}; HF {fl['dtype']} on torch {fl['torch']}")
-print(f"floors: copy {fl['copy_gb_s']:.0f} GB/s → decode ≥ {fl['decode_floor_ms']:.2f} ms/token (batch 1, {fl['llm_weight_bytes']/1e9:.2f} GB of LLM weights); "
-      f"matmul {fl['matmul_tflops']:.0f} TFLOP/s → image→first token ≥ {fl['ttft_floor_ms']:.2f} ms (batch {batches[0]})")
+print(f"floors: copy {fl['copy_gb_s']:.0f} GB/s → decode ≥ {fl['decode_floor_ms']:.2f} ms/token (batch 1, {fl['llm_weight_bytes']/1e9:.2f} GB of LLM weights read per step); "
+      f"matmul {fl['matmul_tflops']:.3g} TFLOP/s → image→first token ≥ {fl['ttft_floor_ms']:.2f} ms (batch {batches[0]})")
 print("| batch | | TTFT ms | decode ms/token | × floor (decode) | ours / peer (TTFT, decode) |")
 print("|---:|---|---:|---:|---:|---:|")
 for b in batches:

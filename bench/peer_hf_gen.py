@@ -85,7 +85,9 @@ res = {"peer": f"hf-{a.cache}", "batch": a.batch, "dtype": a.dtype, "ttft_ms": t
 if a.floors:
     # Decode reads every weight once per step: weight bytes / copy bandwidth. Prefill is matmul-bound:
     # 2·params·tokens FLOPs / the measured matmul rate.
-    nbytes = sum(p.numel() * p.element_size() for p in llm.parameters())
+    # Every weight but the embedding table (a step reads one row of it).
+    emb = llm.get_input_embeddings().weight
+    nbytes = sum(p.numel() * p.element_size() for p in llm.parameters()) - emb.numel() * emb.element_size()
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(buf)
     for _ in range(3):

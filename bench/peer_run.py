@@ -23,6 +23,8 @@ ft = np.float16 if d["f16"] else np.float32
 B, S = a.batch, d["image_size"]
 sess = {g: ort.InferenceSession(os.path.join(a.export, f"{g}.onnx"), providers=[a.provider]) for g in ("vision", "embed", "decoder")}
 out_names = [o.name for o in sess["decoder"].get_outputs()]
+# Exports since 2026-11-26 take the number of logit rows to compute; a generation loop wants one.
+keep = {"num_logits_to_keep": np.array(1, np.int64)} if any(i.name == "num_logits_to_keep" for i in sess["decoder"].get_inputs()) else {}
 img = Image.open(a.image).convert("RGB")
 vis_in = {}
 if d["qformer_ids"] is not None:
@@ -62,7 +64,7 @@ def generate(n):
     for i in range(d["layers"]):
         for kv in ("key", "value"):
             past[f"past_key_values.{i}.{kv}"] = np.zeros((B, d["heads"], 0, d["head_dim"]), dtype=ft)
-    feed = {"inputs_embeds": x, "attention_mask": np.ones((B, L), np.int64), "position_ids": np.arange(L, dtype=np.int64)[None].repeat(B, 0), **past}
+    feed = {"inputs_embeds": x, "attention_mask": np.ones((B, L), np.int64), "position_ids": np.arange(L, dtype=np.int64)[None].repeat(B, 0), **past, **keep}
     toks = []
     while True:
         outs = dict(zip(out_names, sess["decoder"].run(None, feed)))
@@ -73,7 +75,7 @@ def generate(n):
             return toks
         toks.append(int(nxt[0]))
         L += 1
-        feed = {"inputs_embeds": embed(nxt[:, None]), "attention_mask": np.ones((B, L), np.int64), "position_ids": np.full((B, 1), L - 1, np.int64)}
+        feed = {"inputs_embeds": embed(nxt[:, None]), "attention_mask": np.ones((B, L), np.int64), "position_ids": np.full((B, 1), L - 1, np.int64), **keep}
         for i in range(d["layers"]):
             for kv in ("key", "value"):
                 feed[f"past_key_values.{i}.{kv}"] = outs[f"present.{i}.{kv}"]
