@@ -11,7 +11,7 @@ use image::RgbImage;
 use qadapt_core::image::load_image;
 use serde::{Deserialize, Serialize};
 
-use crate::{GenerateOptions, Result, RunError, Runtime};
+use crate::{GenerateOptions, Request, Result, RunError, Runtime};
 
 /// What each image is asked.
 #[derive(Debug, Clone)]
@@ -125,37 +125,39 @@ pub fn run(rt: &mut Runtime, rows: &[Row], task: &Task, batch_size: usize, out: 
         Task::Ask(_, q) => Some(r.question.clone().unwrap_or_else(|| q.clone())),
         Task::Score => None,
     };
-    // Batches are runs of rows with one question (the prompt must be the same for every row).
+    // Rows may carry their own questions: a batch mixes them (left-padded prompts).
     let mut i = 0;
     while i < todo.len() {
-        let q = question_of(todo[i]);
-        let mut j = i + 1;
-        while j < todo.len() && j - i < batch_size.max(1) && question_of(todo[j]) == q {
-            j += 1;
-        }
+        let j = (i + batch_size.max(1)).min(todo.len());
         let mut records: Vec<Option<Record>> = vec![None; j - i];
         let mut imgs: Vec<(usize, RgbImage)> = Vec::new();
         for (k, row) in todo[i..j].iter().enumerate() {
             match load_image(Path::new(&row.image)) {
                 Ok(img) => imgs.push((k, img)),
-                Err(e) => records[k] = Some(Record { image: row.image.clone(), question: q.clone(), result: Outcome::Error { error: e.to_string() } }),
+                Err(e) => records[k] = Some(Record { image: row.image.clone(), question: question_of(row), result: Outcome::Error { error: e.to_string() } }),
             }
         }
         if !imgs.is_empty() {
-            let refs: Vec<&RgbImage> = imgs.iter().map(|(_, im)| im).collect();
-            let answers: Result<Vec<qadapt_core::sampling::AnswerJson>> = match (task, &q) {
-                (Task::Ask(opts, default), q) => rt.generate_batch(&refs, q.as_deref().unwrap_or(default), opts, |_, _| {}),
-                (Task::Score, _) => rt.score_batch(&refs).map(|v| v.into_iter().map(|(s, p)| rt.score_answer(s, p)).collect()),
+            let questions: Vec<Option<String>> = imgs.iter().map(|(k, _)| question_of(todo[i + k])).collect();
+            let answers: Result<Vec<qadapt_core::sampling::AnswerJson>> = match task {
+                Task::Ask(opts, _) => {
+                    let reqs: Vec<Request> = imgs.iter().zip(&questions).map(|((_, image), q)| Request { image, question: q.as_deref().unwrap_or(""), opts: *opts }).collect();
+                    rt.generate_mixed(&reqs, |_, _| {})
+                }
+                Task::Score => {
+                    let refs: Vec<&RgbImage> = imgs.iter().map(|(_, im)| im).collect();
+                    rt.score_batch(&refs).map(|v| v.into_iter().map(|(s, p)| rt.score_answer(s, p)).collect())
+                }
             };
             match answers {
                 Ok(a) => {
-                    for ((k, _), ans) in imgs.iter().zip(a) {
-                        records[*k] = Some(Record { image: todo[i + k].image.clone(), question: q.clone(), result: Outcome::Answer(ans) });
+                    for (((k, _), ans), q) in imgs.iter().zip(a).zip(questions) {
+                        records[*k] = Some(Record { image: todo[i + k].image.clone(), question: q, result: Outcome::Answer(ans) });
                     }
                 }
                 Err(e) => {
-                    for (k, _) in &imgs {
-                        records[*k] = Some(Record { image: todo[i + k].image.clone(), question: q.clone(), result: Outcome::Error { error: e.to_string() } });
+                    for ((k, _), q) in imgs.iter().zip(questions) {
+                        records[*k] = Some(Record { image: todo[i + k].image.clone(), question: q, result: Outcome::Error { error: e.to_string() } });
                     }
                 }
             }

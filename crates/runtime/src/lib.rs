@@ -13,7 +13,7 @@ mod model;
 pub mod serve;
 
 pub use manifest::{trt_profiles, DecoderSpec, Graphs, ImageSpec, Manifest, QFormerSpec, TokenSpec};
-pub use model::{Cache, Choice, GenerateOptions, Runtime};
+pub use model::{Cache, Choice, GenerateOptions, Request, Runtime};
 
 use std::path::{Path, PathBuf};
 

@@ -30,6 +30,29 @@ pub struct Cache {
     kv: Vec<DynValue>,
     len: usize,
     batch: usize,
+    /// Left padding of each row: rows of different prompt lengths share one batch, their first
+    /// `pad[r]` positions masked out and their positions counted from the first real token.
+    pad: Vec<usize>,
+}
+
+impl Cache {
+    /// Cached positions (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One row of a mixed batch: an image, its question and its generation settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub image: &'a RgbImage,
+    pub question: &'a str,
+    pub opts: GenerateOptions,
 }
 
 /// One option of [`Runtime::choices`] with its likelihood as the complete answer.
@@ -121,6 +144,37 @@ impl Runtime {
         self.features_from_pixels(px, qids.as_deref())
     }
 
+    /// Image features [B·N·D] of a batch of images, each asked its own question: the Q-Former ids are
+    /// right-padded to the longest and masked.
+    pub fn image_features_each(&mut self, imgs: &[&RgbImage], questions: &[&str]) -> Result<Vec<f32>> {
+        if questions.windows(2).all(|w| w[0] == w[1]) {
+            return self.image_features(imgs, questions.first().copied().unwrap_or(""));
+        }
+        let Some(qt) = &self.qformer_tokenizer else {
+            return self.image_features(imgs, "");
+        };
+        let ids: Vec<Vec<i64>> = questions.iter().map(|q| Ok(qt.encode(&template::qformer_text(q))?.into_iter().map(i64::from).collect())).collect::<Result<_>>()?;
+        let t = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let (mut flat, mut mask) = (Vec::with_capacity(ids.len() * t), Vec::with_capacity(ids.len() * t));
+        for row in &ids {
+            flat.extend(row.iter().copied().chain(std::iter::repeat(0).take(t - row.len())));
+            mask.extend((0..t).map(|j| i64::from(j < row.len())));
+        }
+        let s = self.preprocess.image_size as i64;
+        let mut px = Vec::new();
+        for img in imgs {
+            px.extend(pixel_values(img, &self.preprocess));
+        }
+        let b = imgs.len() as i64;
+        let feed = vec![
+            ("pixel_values".to_string(), crate::floats(vec![b, 3, s, s], px, self.f16)?),
+            ("qformer_input_ids".to_string(), ints(vec![b, t as i64], flat)?),
+            ("qformer_attention_mask".to_string(), ints(vec![b, t as i64], mask)?),
+        ];
+        let out = self.vision.run(feed).map_err(ort_err("vision"))?;
+        out_f32(&out["image_features"])
+    }
+
     /// Image features [B·N·D] from preprocessed pixel values [B, 3, S, S] and, for Q-Adapt exports,
     /// the Q-Former ids of the question (one row, shared by the batch).
     pub fn features_from_pixels(&mut self, px: Vec<f32>, qformer_ids: Option<&[i64]>) -> Result<Vec<f32>> {
@@ -147,11 +201,12 @@ impl Runtime {
     }
 
     /// An empty cache for a batch of `batch` rows.
-    fn empty_cache(&self, batch: usize) -> Result<Cache> {
+    fn empty_cache(&self, pad: Vec<usize>) -> Result<Cache> {
         let d = &self.manifest.decoder;
+        let batch = pad.len();
         let shape = vec![batch as i64, d.heads as i64, 0, d.head_dim as i64];
         let kv = (0..2 * d.layers).map(|_| float_value(shape.clone(), Vec::new(), self.f16)).collect::<Result<_>>()?;
-        Ok(Cache { kv, len: 0, batch })
+        Ok(Cache { kv, len: 0, batch, pad })
     }
 
     /// One decoder pass over `embeds` [B, S, D] after the cached positions. Returns the logits
@@ -165,8 +220,11 @@ impl Runtime {
         let e = |w: &'static str| ort_err(format!("decoder {w}"));
         let mut bind = self.decoder.create_binding().map_err(e("binding"))?;
         bind.bind_input("inputs_embeds", &float_value(vec![b as i64, s as i64, d.hidden_size as i64], embeds, self.f16)?).map_err(e("inputs_embeds"))?;
-        bind.bind_input("attention_mask", &int_value(vec![b as i64, total as i64], vec![1; b * total])?).map_err(e("attention_mask"))?;
-        let pos: Vec<i64> = (0..b).flat_map(|_| cache.len as i64..total as i64).collect();
+        // A left-padded row masks its padding and counts positions from its first real token (the
+        // padding's own positions are clamped to 0: masked, they are never read).
+        let mask: Vec<i64> = cache.pad.iter().flat_map(|&p| (0..total).map(move |j| i64::from(j >= p))).collect();
+        bind.bind_input("attention_mask", &int_value(vec![b as i64, total as i64], mask)?).map_err(e("attention_mask"))?;
+        let pos: Vec<i64> = cache.pad.iter().flat_map(|&p| (cache.len..total).map(move |j| j.saturating_sub(p) as i64)).collect();
         bind.bind_input("position_ids", &int_value(vec![b as i64, s as i64], pos)?).map_err(e("position_ids"))?;
         let kept = if all { s } else { 1 };
         if self.keep_input {
@@ -193,7 +251,7 @@ impl Runtime {
         // Logits are [B, kept, V]; an older export returns all S rows: copy out only those read.
         let rows = if self.keep_input { kept } else { s };
         let logits = if all || rows == 1 { out_f32(logits)? } else { last_rows(logits, b, rows)? };
-        Ok((logits, Cache { kv, len: total, batch: b }))
+        Ok((logits, Cache { kv, len: total, batch: b, pad: cache.pad.clone() }))
     }
 
     /// The tokenized prompt of a question (and answer prefix), checked against the positions.
@@ -242,7 +300,7 @@ impl Runtime {
             }
             embeds.extend_from_slice(&after);
         }
-        let empty = self.empty_cache(b)?;
+        let empty = self.empty_cache(vec![0; b])?;
         self.step(embeds, &empty, false)
     }
 
@@ -252,17 +310,48 @@ impl Runtime {
         self.step(e, cache, false)
     }
 
-    /// Answers one question about each image of a batch, decoding all rows together; a finished
-    /// row idles (fed `<|endoftext|>`) until the last one stops. Every row samples with its own
-    /// [`Sampler`] seeded alike, so a row's text is the one a lone run gives. `on_text` receives
-    /// (row, new text) as the answers grow.
-    pub fn generate_batch(&mut self, imgs: &[&RgbImage], question: &str, opts: &GenerateOptions, mut on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
-        let (mut logits, mut cache) = self.prefill(imgs, question, None)?;
-        let b = imgs.len();
-        let budget = opts.max_new_tokens.min(self.manifest.decoder.max_positions - cache.len);
+    /// Answers one question about each image of a batch (see [`Runtime::generate_mixed`]).
+    pub fn generate_batch(&mut self, imgs: &[&RgbImage], question: &str, opts: &GenerateOptions, on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
+        let reqs: Vec<Request> = imgs.iter().map(|&image| Request { image, question, opts: *opts }).collect();
+        self.generate_mixed(&reqs, on_text)
+    }
+
+    /// Answers a batch of requests (each its own image, question and settings) decoding all rows
+    /// together: shorter prompts are left-padded and masked, a finished row idles (fed
+    /// `<|endoftext|>`) until the last one stops. Every row samples with its own [`Sampler`], so a
+    /// row's text is the one a lone run gives. `on_text` receives (row, new text) as answers grow.
+    pub fn generate_mixed(&mut self, reqs: &[Request], mut on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
+        let b = reqs.len();
+        if b == 0 {
+            return Err(RunError::Input("no requests".into()));
+        }
+        let prompts: Vec<PromptIds> = reqs.iter().map(|r| self.prompt(r.question, None)).collect::<Result<_>>()?;
+        let imgs: Vec<&RgbImage> = reqs.iter().map(|r| r.image).collect();
+        let questions: Vec<&str> = reqs.iter().map(|r| r.question).collect();
+        let feats = self.image_features_each(&imgs, &questions)?;
+        let n_img = self.manifest.image.tokens;
+        let lens: Vec<usize> = prompts.iter().map(|p| p.spliced_len(n_img)).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let d = self.manifest.decoder.hidden_size;
+        let per_image = feats.len() / b;
+        let mut embeds = Vec::with_capacity(b * longest * d);
+        for (r, p) in prompts.iter().enumerate() {
+            embeds.resize(embeds.len() + (longest - lens[r]) * d, 0.0);
+            let split = p.image_pos.unwrap_or(p.ids.len());
+            embeds.extend(self.embed(&p.ids[..split], 1)?);
+            if p.image_pos.is_some() {
+                embeds.extend_from_slice(&feats[r * per_image..(r + 1) * per_image]);
+            }
+            if split < p.ids.len() {
+                embeds.extend(self.embed(&p.ids[split..], 1)?);
+            }
+        }
+        let empty = self.empty_cache(lens.iter().map(|&l| longest - l).collect())?;
+        let (mut logits, mut cache) = self.step(embeds, &empty, false)?;
+        let room = self.manifest.decoder.max_positions - longest;
         let eos = self.manifest.tokens.eos;
         let tokenizer = Arc::clone(&self.tokenizer);
-        let mut rows: Vec<(Sampler, Decoding)> = (0..b).map(|_| Ok((Sampler::new(opts.sampling)?, Decoding::new(budget)))).collect::<Result<_>>()?;
+        let mut rows: Vec<(Sampler, Decoding)> = reqs.iter().map(|r| Ok((Sampler::new(r.opts.sampling)?, Decoding::new(r.opts.max_new_tokens.min(room))))).collect::<Result<_>>()?;
         loop {
             let v = logits.len() / b;
             let mut next = vec![eos; b];

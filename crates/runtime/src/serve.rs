@@ -6,9 +6,10 @@
 //! - `GET /health`, `GET /metrics` (Prometheus text).
 //!
 //! HTTP threads parse and check requests and put jobs on a bounded queue (full → 503); one inference
-//! thread owns the sessions, takes every queued job it can (up to `max_batch`) and runs jobs with
-//! the same prompt and settings as one batch: their images go through the vision graph and the
-//! decoder together. Shutdown (see [`Server::shutdown`]) stops accepting, finishes what is queued,
+//! thread owns the sessions, takes every queued job it can (up to `max_batch`) and runs the chat jobs
+//! as one batch and the score jobs as another: their images go through the vision graph together
+//! (each with its own question for the Q-Former) and their prompts, left-padded to one length,
+//! through the decoder together, each with its own sampling settings. Shutdown (see [`Server::shutdown`]) stops accepting, finishes what is queued,
 //! then returns.
 
 use std::io::{Read, Write};
@@ -192,11 +193,11 @@ fn infer_loop(mut rt: Runtime, rx: Receiver<Job>, max_batch: usize, m: &Metrics)
     }
 }
 
-/// Jobs with equal keys share one prompt and settings, so they can share a batch.
-fn work_key(w: &Work) -> String {
+/// Jobs with equal keys share a batch.
+fn work_key(w: &Work) -> &'static str {
     match w {
-        Work::Score => "score".into(),
-        Work::Chat { question, opts } => format!("{question}\u{0}{:?}\u{0}{}", opts.sampling, opts.max_new_tokens),
+        Work::Score => "score",
+        Work::Chat { .. } => "chat",
     }
 }
 
@@ -206,10 +207,16 @@ fn run_group(rt: &mut Runtime, group: Vec<Job>, m: &Metrics) {
     let imgs: Vec<&RgbImage> = group.iter().map(|j| &j.image).collect();
     let res = match &group[0].work {
         Work::Score => rt.score_batch(&imgs).map(|v| v.into_iter().map(|(s, p)| rt.score_answer(s, p)).collect::<Vec<_>>()),
-        Work::Chat { question, opts } => {
-            let senders: Vec<&mpsc::Sender<Event>> = group.iter().map(|j| &j.events).collect();
-            rt.generate_batch(&imgs, question, opts, |row, text| {
-                let _ = senders[row].send(Event::Text(text.to_string()));
+        Work::Chat { .. } => {
+            let reqs: Vec<crate::Request> = group
+                .iter()
+                .filter_map(|j| match &j.work {
+                    Work::Chat { question, opts } => Some(crate::Request { image: &j.image, question, opts: *opts }),
+                    Work::Score => None,
+                })
+                .collect();
+            rt.generate_mixed(&reqs, |row, text| {
+                let _ = group[row].events.send(Event::Text(text.to_string()));
             })
         }
     };

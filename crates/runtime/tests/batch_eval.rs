@@ -118,6 +118,23 @@ fn batch_equals_single_runs_skips_bad_images_and_resumes() {
         let (a, b) = (row["score"].as_f64().unwrap(), one["score"].as_f64().unwrap());
         assert!((a - b).abs() < 1e-5, "{p}: batch {a} vs single {b}");
     }
+    // Rows with their own questions (different lengths) share batches, left-padded: each row still
+    // equals a one-image run with its question.
+    let questions = ["Is it blurry?", "Describe the quality of this photo in a few words, please.", "Noise?"];
+    let mixed = tmp.path().join("mixed.jsonl");
+    let good: Vec<&std::path::PathBuf> = imgs.iter().filter(|p| !p.ends_with("img03.png")).collect();
+    std::fs::write(&mixed, good.iter().enumerate().map(|(i, p)| format!("{}\n", serde_json::json!({"image": p, "question": questions[i % 3]}))).collect::<String>()).unwrap();
+    let mout = tmp.path().join("m.jsonl");
+    let o = run().args(["batch", "--model", m, "--images", mixed.to_str().unwrap(), "--ask", "unused", "--max-new-tokens", "10", "--batch-size", "4", "--out", mout.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = lines(&mout);
+    assert_eq!(rows.len(), good.len());
+    for row in &rows {
+        let (p, q) = (row["image"].as_str().unwrap(), row["question"].as_str().unwrap());
+        let one = ok(run().args(["--model", m, "--image", p, "--ask", q, "--json", "--max-new-tokens", "10"]).output().unwrap(), "single");
+        assert_eq!(row["token_ids"], one["token_ids"], "{p} / {q}: mixed batch differs from a one-image run");
+    }
+    println!("mixed-question batches: {} rows equal one-image runs", rows.len());
     let bad = run().args(["batch", "--model", m, "--images", "/nonexistent/list.jsonl", "--score", "--out", sout.to_str().unwrap()]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/list.jsonl"));
 }

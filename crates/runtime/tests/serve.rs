@@ -1,6 +1,6 @@
 //! `qadapt-run serve` through a real HTTP client (ureq): answers equal HF's on the fixture export,
-//! streaming equals the whole answer, 32 concurrent clients all get their own answer (and are
-//! batched), a full queue answers 503, limits answer 4xx, and shutdown drains in-flight work.
+//! streaming equals the whole answer, 32 concurrent clients with mixed questions all get their own
+//! answer (and are batched), a full queue answers 503, limits answer 4xx, and shutdown drains in-flight work.
 
 mod common;
 
@@ -98,11 +98,16 @@ fn serves_hf_answers_streams_batches_and_limits() {
     assert_eq!(text, whole);
     assert!(events >= 2, "{events} events");
 
-    // 32 concurrent clients over 8 images: each gets the answer a lone request gets.
+    // 32 concurrent clients over 8 images and two questions of different lengths: each gets the
+    // answer a lone request gets (mixed prompts share a batch, left-padded).
+    const QS: [&str; 2] = ["Is it blurry?", "Describe the quality of this photo in a few words, please."];
     let pics: Vec<String> = images(&tmp.path().join("imgs"), 8).iter().map(|p| data_url(p)).collect();
-    let lone: Vec<(Value, Value)> = pics
+    let lone: Vec<(Value, Value, Value)> = pics
         .iter()
-        .map(|p| (post(&format!("{url}/v1/chat/completions"), &chat("Is it blurry?", p, 8, false)).1["token_ids"].clone(), post(&format!("{url}/v1/score"), &json!({"image": p})).1["score"].clone()))
+        .map(|p| {
+            let chat_ids = |q: &str| post(&format!("{url}/v1/chat/completions"), &chat(q, p, 8, false)).1["token_ids"].clone();
+            (chat_ids(QS[0]), chat_ids(QS[1]), post(&format!("{url}/v1/score"), &json!({"image": p})).1["score"].clone())
+        })
         .collect();
     let metric = |name: &str| -> f64 {
         let m = ureq::get(&format!("{url}/metrics")).call().unwrap().into_string().unwrap();
@@ -115,14 +120,16 @@ fn serves_hf_answers_streams_batches_and_limits() {
             let (pics, lone, base) = (Arc::clone(&pics), Arc::clone(&lone), Arc::clone(&base));
             std::thread::spawn(move || {
                 let k = i % 8;
-                if i % 2 == 0 {
-                    let (code, r) = post(&format!("{base}/v1/chat/completions"), &chat("Is it blurry?", &pics[k], 8, false));
+                if i % 4 != 3 {
+                    let q = (i / 8) % 2;
+                    let (code, r) = post(&format!("{base}/v1/chat/completions"), &chat(QS[q], &pics[k], 8, false));
                     assert_eq!(code, 200, "client {i}: {r}");
-                    assert_eq!(r["token_ids"], lone[k].0, "client {i}: chat differs from a lone request");
+                    let want = if q == 0 { &lone[k].0 } else { &lone[k].1 };
+                    assert_eq!(&r["token_ids"], want, "client {i}: chat differs from a lone request");
                 } else {
                     let (code, r) = post(&format!("{base}/v1/score"), &json!({"image": pics[k]}));
                     assert_eq!(code, 200, "client {i}: {r}");
-                    let (a, b) = (r["score"].as_f64().unwrap(), lone[k].1.as_f64().unwrap());
+                    let (a, b) = (r["score"].as_f64().unwrap(), lone[k].2.as_f64().unwrap());
                     assert!((a - b).abs() < 1e-5, "client {i}: score {a} vs lone {b}");
                 }
             })
