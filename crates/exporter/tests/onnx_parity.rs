@@ -230,3 +230,61 @@ fn stage_runs_are_merged_into_the_export() {
     assert!(e_merged < 1e-4, "merged export differs from candle with the adapters: {e_merged}");
     assert!(e_base > 1e-2, "the adapters did not change the model ({e_base})");
 }
+
+/// A stage-2 run carries the prompt module (Q-Former, T-V prompter) that a base converted from plain
+/// Bunny lacks: `--stage2` adds those tensors, and the export equals the full checkpoint's.
+#[test]
+fn stage2_adds_prompt_module_tensors_the_base_lacks() {
+    use std::collections::HashMap;
+    let case = "qadapt_f32_sharded";
+    let fx = fixtures().join(case).join("model");
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, run2) = (tmp.path().join("base"), tmp.path().join("run2/final"));
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(&run2).unwrap();
+    let mut all: HashMap<String, Tensor> = HashMap::new();
+    for e in std::fs::read_dir(&fx).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            all.extend(candle_core::safetensors::load(&p, &Device::Cpu).unwrap());
+        } else if p.is_file() && !p.to_string_lossy().ends_with(".index.json") {
+            std::fs::copy(&p, base.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let copy_dir = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    };
+    copy_dir(&fx.join("qformer"), &base.join("qformer"));
+    let (module, rest): (HashMap<_, _>, HashMap<_, _>) = all.into_iter().partition(|(k, _)| k.starts_with("model.vlm_"));
+    assert!(module.len() > 20, "the fixture has a prompt module");
+    candle_core::safetensors::save(&rest, base.join("model.safetensors")).unwrap();
+    candle_core::safetensors::save(&module, run2.join("non_lora_trainables.safetensors")).unwrap();
+    let (full, staged) = (tmp.path().join("full"), tmp.path().join("staged"));
+    export(case, &full, &[]);
+    let o = export_bin()
+        .args(["--model", base.to_str().unwrap(), "--stage2", run2.parent().unwrap().to_str().unwrap(), "--out", staged.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exp = candle_core::safetensors::load(fixtures().join(case).join("expected.safetensors"), &Device::Cpu).unwrap();
+    let ids = exp["score.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    let qtok = QFormerTokenizer::from_dir(&full, 256).unwrap();
+    let q: Vec<i64> = qtok.encode(&qadapt_core::template::qformer_text(SCORE_QUESTION)).unwrap().into_iter().map(i64::from).collect();
+    let mut logits = Vec::new();
+    for dir in [&full, &staged] {
+        let mut m = open(dir);
+        let f = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&q)).unwrap();
+        logits.push(m.prefill_ids(&ids, &f).unwrap().0);
+    }
+    let diff = logits[0].iter().zip(&logits[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    println!("base without the prompt module + --stage2 carrying it: max |Δlogit| vs the full checkpoint {diff:.1e}");
+    assert_eq!(diff, 0.0);
+    // Without the stage-2 run, the base alone names the first missing prompt-module tensor.
+    let o = export_bin().args(["--model", base.to_str().unwrap(), "--out", tmp.path().join("no").to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("model.vlm_"), "{err}");
+}

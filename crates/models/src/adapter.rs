@@ -91,7 +91,8 @@ impl<'a> AdaptedSource<'a> {
         Ok(src)
     }
 
-    /// Every adapted or replaced key must exist in the base with a compatible shape.
+    /// Every adapted key must exist in the base with a compatible shape, and every replaced key the
+    /// base has must keep its shape.
     fn check(&self) -> Result<()> {
         for (key, (a, b)) in &self.lora {
             let found = self.base.shape(key).ok_or_else(|| Error::MissingKey { key: format!("{key} (targeted by the adapter)") })?;
@@ -101,10 +102,12 @@ impl<'a> AdaptedSource<'a> {
                 return Err(Error::ShapeMismatch { key: format!("{key} (LoRA B·A)"), expected: found, found: vec![dout, din] });
             }
         }
+        // A stage-2 run also carries prompt-module tensors a plain base lacks: those are added.
         for (key, t) in &self.replace {
-            let found = self.base.shape(key).ok_or_else(|| Error::MissingKey { key: format!("{key} (replaced by the adapter)") })?;
-            if found != t.dims() {
-                return Err(Error::ShapeMismatch { key: key.clone(), expected: found, found: t.dims().to_vec() });
+            if let Some(found) = self.base.shape(key) {
+                if found != t.dims() {
+                    return Err(Error::ShapeMismatch { key: key.clone(), expected: found, found: t.dims().to_vec() });
+                }
             }
         }
         Ok(())
@@ -118,13 +121,17 @@ impl<'a> AdaptedSource<'a> {
 
 impl WeightSource for AdaptedSource<'_> {
     fn shape(&self, key: &str) -> Option<Vec<usize>> {
-        self.base.shape(key)
+        self.base.shape(key).or_else(|| self.replace.get(key).map(|t| t.dims().to_vec()))
     }
 
     fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
         if let Some(t) = self.replace.get(key) {
-            // Mark the base tensor as used without keeping it: the replacement wins.
-            drop(self.base.get(key, expected)?);
+            if self.base.shape(key).is_some() {
+                // Mark the base tensor as used without keeping it: the replacement wins.
+                drop(self.base.get(key, expected)?);
+            } else if t.dims() != expected {
+                return Err(Error::ShapeMismatch { key: format!("{key} (added by the adapter)"), expected: expected.to_vec(), found: t.dims().to_vec() });
+            }
             return Ok(t.to_dtype(self.dtype)?);
         }
         let w = self.base.get(key, expected)?;
