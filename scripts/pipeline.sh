@@ -46,6 +46,9 @@ if [ -n "${ORT_DYLIB_PATH:-}" ]; then
   R=${QADAPT_RUN:-target/debug/qadapt-run}
   "$R" --model "$WORK/export" --image "$WORK/data/$img" --ask "Describe the quality of this image and explain your judgement." --max-new-tokens 48
   "$R" --model "$WORK/export" --image "$WORK/data/$img" --score
+  echo "== qadapt-run eval: Q-Bench-style held-out questions, and SROCC / PLCC of the score (scatter: $WORK/scatter.png)"
+  "$R" eval --model "$WORK/export" --qbench "$WORK/data/qbench.json" --images "$WORK/data"
+  "$R" eval --model "$WORK/export" --iqa "$WORK/data/labels.csv" --split test --images "$WORK/data" --plot "$WORK/scatter.png"
 else
   echo "== qadapt-run skipped: set ORT_DYLIB_PATH (bash scripts/get-onnxruntime.sh prints it)"
 fi

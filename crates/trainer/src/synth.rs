@@ -2,8 +2,10 @@
 //! needs no download. Each image is drawn procedurally (gradient, stripes, shapes) and then degraded
 //! by one known distortion at a graded strength; its quality label follows from the strength.
 //!
-//! Writes `images/*.png`, `train.json` / `test.json` (held-out images), and `labels.csv`
-//! (`image,mos,split,distortion,strength`). Every row carries `task` (explanation | answering).
+//! Writes `images/*.png`, `train.json` / `test.json` (held-out images), `labels.csv`
+//! (`image,mos,split,distortion,strength`) and `qbench.json` (the held-out yes/no and multiple-choice
+//! questions as Q-Bench A1 rows, for `qadapt-run eval --qbench`). Every row carries `task`
+//! (explanation | answering).
 
 use std::io::Cursor;
 use std::path::Path;
@@ -116,8 +118,9 @@ fn cap(s: &str) -> String {
     c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
 }
 
-/// Rows (conversations) about one image.
-fn rows(image: &str, kind: usize, s: usize, rng: &mut StdRng) -> Vec<serde_json::Value> {
+/// Rows (conversations) about one image, and the same yes/no and multiple-choice questions as
+/// Q-Bench A1 rows (`{img_path, question, candidates, correct_ans, type, concern}`).
+fn rows(image: &str, kind: usize, s: usize, rng: &mut StdRng) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     let row = |task: &str, q: String, a: String| json!({"id": format!("{image}:{task}:{}", q.len()), "image": image, "task": task,
         "conversations": [{"from": "human", "value": format!("<image>\n{q}")}, {"from": "gpt", "value": a}]});
     let main = if s == 0 { "none" } else { DISTORTIONS[kind] };
@@ -129,6 +132,9 @@ fn rows(image: &str, kind: usize, s: usize, rng: &mut StdRng) -> Vec<serde_json:
     let asked = if s > 0 && rng.random::<bool>() { kind } else { rng.random_range(0..DISTORTIONS.len()) };
     let yes = s > 0 && asked == kind;
     out.push(row("answering", format!("Does this image suffer from {}?", DISTORTIONS[asked]), if yes { "Yes." } else { "No." }.into()));
+    // Q-Bench types: 0 yes-or-no, 1 what, 2 how; concern 0: distortion.
+    let mut a1 = vec![json!({"img_path": image, "question": format!("Does this image suffer from {}?", DISTORTIONS[asked]),
+        "candidates": ["Yes", "No"], "correct_ans": if yes { "Yes" } else { "No" }, "type": 0, "concern": 0})];
     out.push(row("answering", "What is the main distortion in this image?".into(), format!("{}.", cap(main))));
     // Multiple choice over the true answer and three others, letters shuffled.
     let mut opts: Vec<&str> = vec![main];
@@ -147,7 +153,8 @@ fn rows(image: &str, kind: usize, s: usize, rng: &mut StdRng) -> Vec<serde_json:
         format!("Which distortion is most visible in this image?\n{listing}Answer with the option's letter from the given choices directly."),
         format!("{}.", letters[correct]),
     ));
-    out
+    a1.push(json!({"img_path": image, "question": "Which distortion is most visible in this image?", "candidates": opts, "correct_ans": main, "type": 1, "concern": 0}));
+    (out, a1)
 }
 
 /// Generates `n` images (a `test_fraction` of them held out) under `out`.
@@ -158,7 +165,7 @@ pub fn generate(out: &Path, n: usize, size: u32, seed: u64, test_fraction: f64) 
     let img_dir = out.join("images");
     std::fs::create_dir_all(&img_dir).with_context(|| format!("creating {}", img_dir.display()))?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let (mut train, mut test) = (Vec::new(), Vec::new());
+    let (mut train, mut test, mut qbench) = (Vec::new(), Vec::new(), Vec::new());
     let mut csv = String::from("image,mos,split,distortion,strength\n");
     let n_test = ((n as f64) * test_fraction).round() as usize;
     for i in 0..n {
@@ -174,11 +181,17 @@ pub fn generate(out: &Path, n: usize, size: u32, seed: u64, test_fraction: f64) 
         let split = if i < n - n_test { "train" } else { "test" };
         let distortion = if s == 0 { "none" } else { DISTORTIONS[kind] };
         csv.push_str(&format!("images/{name},{mos:.3},{split},{distortion},{s}\n"));
-        let r = rows(&format!("images/{name}"), kind, s, &mut rng);
-        if split == "train" { train.extend(r) } else { test.extend(r) }
+        let (r, a1) = rows(&format!("images/{name}"), kind, s, &mut rng);
+        if split == "train" {
+            train.extend(r)
+        } else {
+            test.extend(r);
+            qbench.extend(a1);
+        }
     }
     std::fs::write(out.join("train.json"), serde_json::to_string_pretty(&train)?)?;
     std::fs::write(out.join("test.json"), serde_json::to_string_pretty(&test)?)?;
     std::fs::write(out.join("labels.csv"), csv)?;
+    std::fs::write(out.join("qbench.json"), serde_json::to_string_pretty(&qbench)?)?;
     Ok((train.len(), test.len()))
 }
