@@ -16,14 +16,18 @@ use crate::{GenerateOptions, Request, Result, RunError, Runtime};
 /// What each image is asked.
 #[derive(Debug, Clone)]
 pub enum Task {
+    /// Generate an answer with these settings to this question.
     Ask(GenerateOptions, String),
+    /// The Q-Align score.
     Score,
 }
 
 /// One input row: an image, and optionally its own question (else the job's).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Row {
+    /// Image path (made absolute against the JSONL file's directory).
     pub image: String,
+    /// This row's question; the job's `--ask` when absent.
     #[serde(default)]
     pub question: Option<String>,
 }
@@ -31,10 +35,13 @@ pub struct Row {
 /// One output line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
+    /// The input row's image: the key a resumed run skips by.
     pub image: String,
+    /// The question asked (absent for scores).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub question: Option<String>,
     #[serde(flatten)]
+    /// The answer, or the error.
     pub result: Outcome,
 }
 
@@ -42,18 +49,27 @@ pub struct Record {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Outcome {
-    Error { error: String },
+    /// The image or its batch failed.
+    Error {
+        /// Why.
+        error: String,
+    },
+    /// What `--json` prints for one image.
     Answer(qadapt_core::sampling::AnswerJson),
 }
 
 /// What a run did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
+    /// Rows in the input.
     pub total: usize,
     /// Rows found in the output already.
     pub skipped: usize,
+    /// Rows answered in this run.
     pub answered: usize,
+    /// Rows whose image could not be read (or whose batch failed) in this run.
     pub failed: usize,
+    /// Wall time of this run.
     pub seconds: f64,
 }
 

@@ -24,21 +24,30 @@ pub enum ChooseBy {
 /// A Q-Bench A1 row. `type` and `concern` are ints in the released files, names in some copies.
 #[derive(Debug, Clone, Deserialize)]
 pub struct QBenchRow {
+    /// Image path relative to `--images`.
     pub img_path: String,
+    /// The question, without the options.
     pub question: String,
+    /// The options, listed as `A. …`, `B. …` in the prompt.
     pub candidates: Vec<String>,
+    /// The right option's text.
     pub correct_ans: String,
     #[serde(default, rename = "type")]
+    /// Question type: 0 yes-or-no, 1 what, 2 how (or a name).
     pub kind: Option<serde_json::Value>,
     #[serde(default)]
+    /// Concern: 0 distortion, 1 other, 2 in-context distortion, 3 in-context other (or a name).
     pub concern: Option<serde_json::Value>,
 }
 
 /// Correct out of total.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Tally {
+    /// Right answers.
     pub correct: usize,
+    /// Questions asked.
     pub total: usize,
+    /// `correct / total`.
     pub accuracy: f64,
 }
 
@@ -53,8 +62,11 @@ impl Tally {
 /// What `eval --qbench` reports.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QBenchReport {
+    /// Every question.
     pub overall: Tally,
+    /// Per question type.
     pub by_type: BTreeMap<String, Tally>,
+    /// Per concern.
     pub by_concern: BTreeMap<String, Tally>,
     /// Rows whose image could not be read (not counted in the accuracies).
     pub failed: Vec<String>,
@@ -134,7 +146,9 @@ pub fn read_qbench(path: &Path) -> Result<Vec<QBenchRow>> {
 /// One IQA label: an image and its mean opinion score.
 #[derive(Debug, Clone, Serialize)]
 pub struct Label {
+    /// Image path relative to `--images`.
     pub image: String,
+    /// Mean opinion score.
     pub mos: f64,
 }
 
@@ -170,9 +184,13 @@ pub fn read_labels(path: &Path, split: Option<&str>) -> Result<Vec<Label>> {
 /// What `eval --iqa` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct IqaReport {
+    /// Images scored.
     pub scored: usize,
+    /// Spearman rank correlation of score and MOS.
     pub srocc: f64,
+    /// Pearson correlation of score and MOS.
     pub plcc: f64,
+    /// Images that could not be read, with the reason.
     pub failed: Vec<String>,
     /// (mos, predicted score) of every scored image.
     #[serde(skip)]

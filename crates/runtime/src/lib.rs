@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The edge runtime: an export directory of `qadapt-export` run on ONNX Runtime — image features,
 //! prompt splicing, a batched decoder loop with the KV cache kept where the execution provider
 //! computes (IO binding), sampling, the Q-Align score and option likelihoods ([`Runtime`]); and the
@@ -24,14 +25,29 @@ use ort::value::{DynValue, Tensor};
 /// Errors of the runtime; each names the file, library or input at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// A file of the export directory is missing or invalid.
     #[error("{path}: {msg}")]
-    Export { path: PathBuf, msg: String },
+    Export {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// ONNX Runtime failed (loading the library, a session, a run).
     #[error("ONNX Runtime: {0}")]
     Ort(String),
+    /// An execution provider could not be registered.
     #[error("execution provider {ep}: {msg}")]
-    Ep { ep: String, msg: String },
+    Ep {
+        /// The provider.
+        ep: String,
+        /// ONNX Runtime's reason, which names a missing library.
+        msg: String,
+    },
+    /// The caller's input (image, prompt, option, file) is unusable.
     #[error("bad input: {0}")]
     Input(String),
+    /// Tokenization, template or sampling settings.
     #[error(transparent)]
     Core(#[from] qadapt_core::Error),
 }
@@ -46,8 +62,11 @@ fn ort_err(what: impl std::fmt::Display) -> impl Fn(ort::Error) -> RunError {
 /// Where the graphs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Ep {
+    /// The CPU provider (every libonnxruntime has it).
     Cpu,
+    /// The CUDA provider (onnxruntime-gpu).
     Cuda,
+    /// The TensorRT provider (onnxruntime-gpu with TensorRT 10 libraries).
     Tensorrt,
     /// TensorRT, else CUDA, else CPU: the first this libonnxruntime provides.
     Auto,
@@ -78,7 +97,9 @@ pub fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Envi
 /// Where the sessions of an export run: the provider, its device and what TensorRT needs.
 #[derive(Debug, Clone)]
 pub struct Placement {
+    /// The execution provider asked for.
     pub ep: Ep,
+    /// GPU index for the CUDA / TensorRT providers.
     pub device_id: i32,
     /// Let TensorRT build fp16 engines.
     pub fp16: bool,

@@ -7,53 +7,76 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
     #[serde(default)]
+    /// `bunny-phi` or the Q-Adapt model type.
     pub model_type: String,
+    /// Float type of the graphs: `f32` or `f16`.
     pub dtype: String,
+    /// Graph file names.
     pub graphs: Graphs,
+    /// Preprocessing.
     pub image: ImageSpec,
+    /// Decoder shapes.
     pub decoder: DecoderSpec,
+    /// Token ids.
     pub tokens: TokenSpec,
+    /// Present for Q-Adapt exports.
     pub qformer: Option<QFormerSpec>,
 }
 
 /// Graph file names.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Graphs {
+    /// Pixels (and Q-Former ids) → image features.
     pub vision: String,
+    /// Token ids → embeddings.
     pub embed: String,
+    /// One decoder step with KV cache.
     pub decoder: String,
 }
 
 /// Preprocessing and the number of image tokens.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ImageSpec {
+    /// Side of the square the image is resized to.
     pub size: u32,
+    /// Per-channel normalisation mean (also the padding colour).
     pub mean: [f32; 3],
+    /// Per-channel normalisation standard deviation.
     pub std: [f32; 3],
+    /// Feature rows one image adds to the prompt.
     pub tokens: usize,
 }
 
 /// Decoder shapes.
 #[derive(Debug, Clone, Deserialize)]
 pub struct DecoderSpec {
+    /// Decoder layers (each with a cached key and value).
     pub layers: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Size of one head.
     pub head_dim: usize,
+    /// Embedding width.
     pub hidden_size: usize,
+    /// Logits per position (padded vocabulary).
     pub vocab_size: usize,
+    /// Longest sequence, prompt and answer together.
     pub max_positions: usize,
 }
 
 /// Special and level-word token ids.
 #[derive(Debug, Clone, Deserialize)]
 pub struct TokenSpec {
+    /// `<|endoftext|>`: generation stops there.
     pub eos: u32,
+    /// First tokens of " excellent", " good", " fair", " poor", " bad".
     pub levels: [u32; 5],
 }
 
 /// Present for Q-Adapt exports.
 #[derive(Debug, Clone, Deserialize)]
 pub struct QFormerSpec {
+    /// Longest Q-Former text (tokens).
     pub max_text_length: usize,
 }
 

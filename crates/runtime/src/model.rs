@@ -19,7 +19,9 @@ use crate::{dispatch, environment, float_value, ints, int_value, ort_err, out_f3
 /// Generation settings.
 #[derive(Debug, Clone, Copy)]
 pub struct GenerateOptions {
+    /// Most tokens generated.
     pub max_new_tokens: usize,
+    /// Greedy or sampled, and the repetition penalty.
     pub sampling: SamplingParams,
 }
 
@@ -50,17 +52,22 @@ impl Cache {
 /// One row of a mixed batch: an image, its question and its generation settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
+    /// The image.
     pub image: &'a RgbImage,
+    /// The question asked of it.
     pub question: &'a str,
+    /// This row's generation settings.
     pub opts: GenerateOptions,
 }
 
 /// One option of [`Runtime::choices`] with its likelihood as the complete answer.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Choice {
+    /// The option text.
     pub option: String,
     /// Σ log p over the option's tokens and the closing `<|endoftext|>`.
     pub log_prob: f64,
+    /// Tokens scored (the option's and `<|endoftext|>`).
     pub tokens: usize,
     /// Mean negative log-likelihood per token: the "option loss" the choice is made by.
     pub loss: f64,
@@ -68,10 +75,13 @@ pub struct Choice {
 
 /// An opened export directory.
 pub struct Runtime {
+    /// The export's `qadapt.json`.
     pub manifest: Manifest,
     /// Shared so the decoding loop can read it while the sessions run.
     pub tokenizer: Arc<TextTokenizer>,
+    /// The Q-Former's WordPiece tokenizer (Q-Adapt exports).
     pub qformer_tokenizer: Option<QFormerTokenizer>,
+    /// Image preprocessing from the manifest.
     pub preprocess: PreprocessConfig,
     /// The execution provider the sessions run on.
     pub ep: &'static str,
