@@ -15,6 +15,9 @@ pub enum Error {
     Image { path: PathBuf, msg: String },
     #[error("prompt: {0}")]
     Prompt(String),
+    /// A sampling setting out of its range (temperature, top-k, top-p, repetition penalty).
+    #[error("sampling: {0}")]
+    Sampling(String),
 }
 
 /// Result alias of this crate.

@@ -86,20 +86,20 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         if let Some(t) = params.temperature {
             if !(t >= 0.0 && t.is_finite()) {
-                return Err(Error::Prompt(format!("temperature must be ≥ 0, got {t}")));
+                return Err(Error::Sampling(format!("temperature must be ≥ 0, got {t}")));
             }
         }
         if let Some(p) = params.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::Prompt(format!("top-p must be in (0, 1], got {p}")));
+                return Err(Error::Sampling(format!("top-p must be in (0, 1], got {p}")));
             }
         }
         if params.top_k == Some(0) {
-            return Err(Error::Prompt("top-k must be ≥ 1".into()));
+            return Err(Error::Sampling("top-k must be ≥ 1".into()));
         }
         if let Some(r) = params.repetition_penalty {
             if !(r > 0.0 && r.is_finite()) {
-                return Err(Error::Prompt(format!("repetition penalty must be > 0, got {r}")));
+                return Err(Error::Sampling(format!("repetition penalty must be > 0, got {r}")));
             }
         }
         Ok(Self { params, rng: StdRng::seed_from_u64(params.seed), seen: Default::default() })

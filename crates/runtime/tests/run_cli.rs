@@ -56,10 +56,15 @@ fn broken_inputs_are_clear_errors() {
         (vec!["--model", tmp.path().to_str().unwrap(), "--image", i, "--ask", "q"], "qadapt.json"),
         (vec!["--model", m, "--image", i, "--ask", "q", "--ep", "npu"], "npu"),
         (vec!["--model", m, "--image", i, "--ask", "q", "--ep", "cuda"], "cuda"),
+        (vec!["--model", m, "--image", i, "--ask", "q", "--ep", "tensorrt"], "TensorRT"),
         (vec!["--model", m, "--image", i, "--ask", &long], "max_positions"),
         (vec!["--model", m, "--image", i, "--ask", "q", "--ort-lib", "/nonexistent/libonnxruntime.so"], "/nonexistent/libonnxruntime.so"),
         (vec!["--model", m, "--image", i, "--ask", "q", "--temperature=-1"], "temperature"),
     ];
+    // `--ep auto` on the CPU library falls back to the CPU and says so.
+    let o = run().args(["--model", m, "--image", i, "--score", "--ep", "auto"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("execution provider: cpu"));
     for (args, needle) in cases {
         let o = run().args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
