@@ -67,7 +67,8 @@ fn run_case(case: &str, dir: &Path) -> (f32, f32) {
         if let Some(q) = &q {
             assert_eq!(q, &ids(&format!("{p}.qformer_input_ids")), "{case} {p}: Q-Former ids");
         }
-        let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), q.as_deref()).unwrap();
+        let rows = q.map(|q| vec![q]);
+        let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), rows.as_deref()).unwrap();
         let e_feat = rel(&feats, &exp[&format!("{p}.image_features")]);
         let (logits, mut past) = m.prefill_ids(&ids(&format!("{p}.input_ids")), &feats).unwrap();
         let e_logits = rel(&logits, &exp[&format!("{p}.logits")]);
@@ -122,7 +123,7 @@ fn f16_and_external_data_exports_stay_within_tolerance() {
     assert_eq!(m.manifest.dtype, "f16");
     let qtok = QFormerTokenizer::from_dir(&dir, 256).unwrap();
     let q: Vec<i64> = qtok.encode(&qadapt_core::template::qformer_text(SCORE_QUESTION)).unwrap().into_iter().map(i64::from).collect();
-    let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&q)).unwrap();
+    let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&[q.clone()])).unwrap();
     let e_feat = rel(&feats, &exp["score.image_features"]);
     let ids = exp["score.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
     let (logits, _) = m.prefill_ids(&ids, &feats).unwrap();
@@ -277,7 +278,7 @@ fn stage2_adds_prompt_module_tensors_the_base_lacks() {
     let mut logits = Vec::new();
     for dir in [&full, &staged] {
         let mut m = open(dir);
-        let f = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&q)).unwrap();
+        let f = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&[q.clone()])).unwrap();
         logits.push(m.prefill_ids(&ids, &f).unwrap().0);
     }
     let diff = logits[0].iter().zip(&logits[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));

@@ -162,7 +162,7 @@ pub fn run(rt: &mut Runtime, rows: &[Row], task: &Task, batch_size: usize, out: 
                 }
                 Task::Score => {
                     let refs: Vec<&RgbImage> = imgs.iter().map(|(_, im)| im).collect();
-                    rt.score_batch(&refs).map(|v| v.into_iter().map(|(s, p)| rt.score_answer(s, p)).collect())
+                    rt.score_batch_json(&refs)
                 }
             };
             match answers {

@@ -143,60 +143,40 @@ impl Runtime {
 
     /// Image features [B·N·D] of a batch of images asked the same question (the Q-Former reads it).
     pub fn image_features(&mut self, imgs: &[&RgbImage], question: &str) -> Result<Vec<f32>> {
-        let mut px = Vec::new();
-        for img in imgs {
-            px.extend(pixel_values(img, &self.preprocess));
-        }
-        let qids = match &self.qformer_tokenizer {
-            Some(qt) => Some(qt.encode(&template::qformer_text(question))?.into_iter().map(i64::from).collect::<Vec<_>>()),
-            None => None,
-        };
-        self.features_from_pixels(px, qids.as_deref())
+        self.image_features_each(imgs, &vec![question; imgs.len()])
     }
 
-    /// Image features [B·N·D] of a batch of images, each asked its own question: the Q-Former ids are
-    /// right-padded to the longest and masked.
+    /// Image features [B·N·D] of a batch of images, each asked its own question.
     pub fn image_features_each(&mut self, imgs: &[&RgbImage], questions: &[&str]) -> Result<Vec<f32>> {
-        if questions.windows(2).all(|w| w[0] == w[1]) {
-            return self.image_features(imgs, questions.first().copied().unwrap_or(""));
-        }
-        let Some(qt) = &self.qformer_tokenizer else {
-            return self.image_features(imgs, "");
-        };
-        let ids: Vec<Vec<i64>> = questions.iter().map(|q| Ok(qt.encode(&template::qformer_text(q))?.into_iter().map(i64::from).collect())).collect::<Result<_>>()?;
-        let t = ids.iter().map(Vec::len).max().unwrap_or(0);
-        let (mut flat, mut mask) = (Vec::with_capacity(ids.len() * t), Vec::with_capacity(ids.len() * t));
-        for row in &ids {
-            flat.extend(row.iter().copied().chain(std::iter::repeat(0).take(t - row.len())));
-            mask.extend((0..t).map(|j| i64::from(j < row.len())));
-        }
-        let s = self.preprocess.image_size as i64;
         let mut px = Vec::new();
         for img in imgs {
             px.extend(pixel_values(img, &self.preprocess));
         }
-        let b = imgs.len() as i64;
-        let feed = vec![
-            ("pixel_values".to_string(), crate::floats(vec![b, 3, s, s], px, self.f16)?),
-            ("qformer_input_ids".to_string(), ints(vec![b, t as i64], flat)?),
-            ("qformer_attention_mask".to_string(), ints(vec![b, t as i64], mask)?),
-        ];
-        let out = self.vision.run(feed).map_err(ort_err("vision"))?;
-        out_f32(&out["image_features"])
+        let ids = match &self.qformer_tokenizer {
+            Some(qt) => Some(questions.iter().map(|q| Ok(qt.encode(&template::qformer_text(q))?.into_iter().map(i64::from).collect())).collect::<Result<Vec<Vec<i64>>>>()?),
+            None => None,
+        };
+        self.features_from_pixels(px, ids.as_deref())
     }
 
     /// Image features [B·N·D] from preprocessed pixel values [B, 3, S, S] and, for Q-Adapt exports,
-    /// the Q-Former ids of the question (one row, shared by the batch).
-    pub fn features_from_pixels(&mut self, px: Vec<f32>, qformer_ids: Option<&[i64]>) -> Result<Vec<f32>> {
+    /// the Q-Former ids of each image's question (one row shared by the batch, or one per image;
+    /// rows of different lengths are right-padded and masked).
+    pub fn features_from_pixels(&mut self, px: Vec<f32>, qformer_ids: Option<&[Vec<i64>]>) -> Result<Vec<f32>> {
         let s = self.preprocess.image_size as i64;
         let b = px.len() / (3 * (s * s) as usize);
         let mut feed = vec![("pixel_values".to_string(), crate::floats(vec![b as i64, 3, s, s], px, self.f16)?)];
         if self.qformer_tokenizer.is_some() {
-            let ids = qformer_ids.ok_or_else(|| RunError::Input("this export needs the question's Q-Former ids".into()))?;
-            let t = ids.len() as i64;
-            let rows: Vec<i64> = (0..b).flat_map(|_| ids.iter().copied()).collect();
-            feed.push(("qformer_attention_mask".into(), ints(vec![b as i64, t], vec![1; rows.len()])?));
-            feed.push(("qformer_input_ids".into(), ints(vec![b as i64, t], rows)?));
+            let rows = qformer_ids.filter(|r| r.len() == 1 || r.len() == b).ok_or_else(|| RunError::Input(format!("this export needs the Q-Former ids of the question: one row or {b}")))?;
+            let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+            let (mut ids, mut mask) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+            for r in 0..b {
+                let row = &rows[r % rows.len()];
+                ids.extend(row.iter().copied().chain(std::iter::repeat(0).take(t - row.len())));
+                mask.extend((0..t).map(|j| i64::from(j < row.len())));
+            }
+            feed.push(("qformer_attention_mask".into(), ints(vec![b as i64, t as i64], mask)?));
+            feed.push(("qformer_input_ids".into(), ints(vec![b as i64, t as i64], ids)?));
         }
         let out = self.vision.run(feed).map_err(ort_err("vision"))?;
         out_f32(&out["image_features"])
@@ -285,7 +265,7 @@ impl Runtime {
         }
         let prompt = self.prompt(question, prefix)?;
         let feats = self.image_features(imgs, question)?;
-        self.prefill_prompt(&prompt, &feats, imgs.len())
+        self.prefill_rows(&vec![&prompt; imgs.len()], &feats)
     }
 
     /// Prefill of one prompt given as ids with `-200` where the image features [N·D] go (Bunny's
@@ -293,24 +273,38 @@ impl Runtime {
     pub fn prefill_ids(&mut self, ids: &[i64], feats: &[f32]) -> Result<(Vec<f32>, Cache)> {
         let image_pos = ids.iter().position(|&i| i == -200);
         let text: Vec<u32> = ids.iter().filter(|&&i| i != -200).map(|&i| u32::try_from(i).map_err(|_| RunError::Input(format!("token id {i}")))).collect::<Result<_>>()?;
-        self.prefill_prompt(&PromptIds { ids: text, image_pos }, feats, 1)
+        self.prefill_rows(&[&PromptIds { ids: text, image_pos }], feats)
     }
 
-    /// Prefill of `prompt` for `b` rows, each with its image features (`feats` = [B·N·D]).
-    fn prefill_prompt(&mut self, prompt: &PromptIds, feats: &[f32], b: usize) -> Result<(Vec<f32>, Cache)> {
-        let split = prompt.image_pos.unwrap_or(prompt.ids.len());
-        let before = self.embed(&prompt.ids[..split], 1)?;
-        let after = if split < prompt.ids.len() { self.embed(&prompt.ids[split..], 1)? } else { Vec::new() };
+    /// Prefill of one prompt per row, each with its image's features (`feats` = [B·N·D]): shorter
+    /// prompts are left-padded (zero embeddings, masked). Returns the last position's logits [B·V]
+    /// and the cache.
+    fn prefill_rows(&mut self, prompts: &[&PromptIds], feats: &[f32]) -> Result<(Vec<f32>, Cache)> {
+        let b = prompts.len();
+        let n_img = self.manifest.image.tokens;
+        let lens: Vec<usize> = prompts.iter().map(|p| p.spliced_len(n_img)).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let d = self.manifest.decoder.hidden_size;
         let per_image = feats.len() / b;
-        let mut embeds = Vec::with_capacity(b * (before.len() + per_image + after.len()));
-        for r in 0..b {
-            embeds.extend_from_slice(&before);
-            if prompt.image_pos.is_some() {
+        let mut embeds = Vec::with_capacity(b * longest * d);
+        // Rows of one batch usually share the prompt: its text is embedded once.
+        let mut last: Option<(&PromptIds, Vec<f32>, Vec<f32>)> = None;
+        for (r, &p) in prompts.iter().enumerate() {
+            if last.as_ref().is_none_or(|(q, _, _)| *q != p) {
+                let split = p.image_pos.unwrap_or(p.ids.len());
+                let before = self.embed(&p.ids[..split], 1)?;
+                let after = if split < p.ids.len() { self.embed(&p.ids[split..], 1)? } else { Vec::new() };
+                last = Some((p, before, after));
+            }
+            let Some((_, before, after)) = &last else { unreachable!("set above") };
+            embeds.resize(embeds.len() + (longest - lens[r]) * d, 0.0);
+            embeds.extend_from_slice(before);
+            if p.image_pos.is_some() {
                 embeds.extend_from_slice(&feats[r * per_image..(r + 1) * per_image]);
             }
-            embeds.extend_from_slice(&after);
+            embeds.extend_from_slice(after);
         }
-        let empty = self.empty_cache(vec![0; b])?;
+        let empty = self.empty_cache(lens.iter().map(|&l| longest - l).collect())?;
         self.step(embeds, &empty, false)
     }
 
@@ -336,32 +330,15 @@ impl Runtime {
             return Err(RunError::Input("no requests".into()));
         }
         let prompts: Vec<PromptIds> = reqs.iter().map(|r| self.prompt(r.question, None)).collect::<Result<_>>()?;
+        let samplers: Vec<Sampler> = reqs.iter().map(|r| Ok(Sampler::new(r.opts.sampling)?)).collect::<Result<_>>()?;
         let imgs: Vec<&RgbImage> = reqs.iter().map(|r| r.image).collect();
         let questions: Vec<&str> = reqs.iter().map(|r| r.question).collect();
         let feats = self.image_features_each(&imgs, &questions)?;
-        let n_img = self.manifest.image.tokens;
-        let lens: Vec<usize> = prompts.iter().map(|p| p.spliced_len(n_img)).collect();
-        let longest = lens.iter().copied().max().unwrap_or(0);
-        let d = self.manifest.decoder.hidden_size;
-        let per_image = feats.len() / b;
-        let mut embeds = Vec::with_capacity(b * longest * d);
-        for (r, p) in prompts.iter().enumerate() {
-            embeds.resize(embeds.len() + (longest - lens[r]) * d, 0.0);
-            let split = p.image_pos.unwrap_or(p.ids.len());
-            embeds.extend(self.embed(&p.ids[..split], 1)?);
-            if p.image_pos.is_some() {
-                embeds.extend_from_slice(&feats[r * per_image..(r + 1) * per_image]);
-            }
-            if split < p.ids.len() {
-                embeds.extend(self.embed(&p.ids[split..], 1)?);
-            }
-        }
-        let empty = self.empty_cache(lens.iter().map(|&l| longest - l).collect())?;
-        let (mut logits, mut cache) = self.step(embeds, &empty, false)?;
-        let room = self.manifest.decoder.max_positions - longest;
+        let (mut logits, mut cache) = self.prefill_rows(&prompts.iter().collect::<Vec<_>>(), &feats)?;
+        let room = self.manifest.decoder.max_positions - cache.len;
         let eos = self.manifest.tokens.eos;
         let tokenizer = Arc::clone(&self.tokenizer);
-        let mut rows: Vec<(Sampler, Decoding)> = reqs.iter().map(|r| Ok((Sampler::new(r.opts.sampling)?, Decoding::new(r.opts.max_new_tokens.min(room))))).collect::<Result<_>>()?;
+        let mut rows: Vec<(Sampler, Decoding)> = samplers.into_iter().zip(reqs).map(|(s, r)| (s, Decoding::new(r.opts.max_new_tokens.min(room)))).collect();
         loop {
             let v = logits.len() / b;
             let mut next = vec![eos; b];
@@ -400,12 +377,16 @@ impl Runtime {
 
     /// [`Runtime::score`] as the `--json` object: the likeliest level word is the answer.
     pub fn score_json(&mut self, img: &RgbImage) -> Result<AnswerJson> {
-        let (score, probs) = self.score(img)?;
-        Ok(self.score_answer(score, probs))
+        Ok(self.score_batch_json(&[img])?.remove(0))
+    }
+
+    /// [`Runtime::score_batch`] as `--json` objects.
+    pub fn score_batch_json(&mut self, imgs: &[&RgbImage]) -> Result<Vec<AnswerJson>> {
+        Ok(self.score_batch(imgs)?.into_iter().map(|(s, p)| self.score_answer(s, p)).collect())
     }
 
     /// The `--json` object of a score.
-    pub fn score_answer(&self, score: f32, probs: LevelProbs) -> AnswerJson {
+    fn score_answer(&self, score: f32, probs: LevelProbs) -> AnswerJson {
         let arr = probs.to_array();
         let best = (0..5).fold(0, |b, i| if arr[i] > arr[b] { i } else { b });
         AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![self.manifest.tokens.levels[best]], score: Some(score), level_probs: Some(probs) }

@@ -206,7 +206,7 @@ fn run_group(rt: &mut Runtime, group: Vec<Job>, m: &Metrics) {
     m.batched_jobs.fetch_add(group.len() as u64, Ordering::Relaxed);
     let imgs: Vec<&RgbImage> = group.iter().map(|j| &j.image).collect();
     let res = match &group[0].work {
-        Work::Score => rt.score_batch(&imgs).map(|v| v.into_iter().map(|(s, p)| rt.score_answer(s, p)).collect::<Vec<_>>()),
+        Work::Score => rt.score_batch_json(&imgs),
         Work::Chat { .. } => {
             let reqs: Vec<crate::Request> = group
                 .iter()
