@@ -68,7 +68,8 @@ pub enum Ep {
     Cuda,
     /// The TensorRT provider (onnxruntime-gpu with TensorRT 10 libraries).
     Tensorrt,
-    /// TensorRT, else CUDA, else CPU: the first this libonnxruntime provides.
+    /// TensorRT, else CUDA, else CPU: the first that registers (built into this libonnxruntime
+    /// and its libraries found).
     Auto,
 }
 
@@ -115,36 +116,55 @@ impl Default for Placement {
     }
 }
 
-/// The providers of one graph's session and the name of the one chosen. TensorRT gets the
-/// graph's optimisation profiles and an engine cache under `cache`.
-fn dispatch(p: &Placement, graph: &str, m: &Manifest, cache: &Path) -> (Vec<ort::ep::ExecutionProviderDispatch>, &'static str) {
-    let trt = || {
-        let mut t = ort::ep::TensorRT::default()
-            .with_device_id(p.device_id)
-            .with_fp16(p.fp16)
-            .with_engine_cache(true)
-            .with_engine_cache_path(cache.display())
-            .with_timing_cache(true)
-            .with_timing_cache_path(cache.display());
-        if let Some((min, opt, max)) = trt_profiles(m, graph, p.max_batch) {
-            t = t.with_profile_min_shapes(min).with_profile_opt_shapes(opt).with_profile_max_shapes(max);
+impl Ep {
+    /// The name `--ep` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ep::Cpu => "cpu",
+            Ep::Cuda => "cuda",
+            Ep::Tensorrt => "tensorrt",
+            Ep::Auto => "auto",
         }
-        t
-    };
-    let cuda = || ort::ep::CUDA::default().with_device_id(p.device_id);
-    let available = |r: ort::Result<bool>| r.unwrap_or(false);
-    match p.ep {
-        Ep::Cpu => (vec![], "cpu"),
-        Ep::Cuda => (vec![cuda().build().error_on_failure()], "cuda"),
-        Ep::Tensorrt => (vec![trt().build().error_on_failure()], "tensorrt"),
-        Ep::Auto => {
-            if available(<ort::ep::TensorRT as ExecutionProvider>::is_available()) {
-                (vec![trt().build().error_on_failure()], "tensorrt")
-            } else if available(<ort::ep::CUDA as ExecutionProvider>::is_available()) {
-                (vec![cuda().build().error_on_failure()], "cuda")
-            } else {
-                (vec![], "cpu")
+    }
+
+    /// Whether this libonnxruntime was built with the provider (not whether its libraries load).
+    fn in_build(self) -> bool {
+        let r = match self {
+            Ep::Tensorrt => <ort::ep::TensorRT as ExecutionProvider>::is_available(),
+            Ep::Cuda => <ort::ep::CUDA as ExecutionProvider>::is_available(),
+            Ep::Cpu | Ep::Auto => Ok(true),
+        };
+        r.unwrap_or(false)
+    }
+}
+
+/// The providers to try, in order: the one asked for, or for `auto` TensorRT, then CUDA, then the
+/// CPU, skipping those the library was built without.
+fn candidates(ep: Ep) -> Vec<Ep> {
+    match ep {
+        Ep::Auto => [Ep::Tensorrt, Ep::Cuda, Ep::Cpu].into_iter().filter(|e| e.in_build()).collect(),
+        e => vec![e],
+    }
+}
+
+/// The provider list of one graph's session on `ep` (a concrete provider, not `auto`). TensorRT gets
+/// the graph's optimisation profiles and an engine cache under `cache`.
+fn dispatch(ep: Ep, p: &Placement, graph: &str, m: &Manifest, cache: &Path) -> Vec<ort::ep::ExecutionProviderDispatch> {
+    match ep {
+        Ep::Cpu | Ep::Auto => vec![],
+        Ep::Cuda => vec![ort::ep::CUDA::default().with_device_id(p.device_id).build().error_on_failure()],
+        Ep::Tensorrt => {
+            let mut t = ort::ep::TensorRT::default()
+                .with_device_id(p.device_id)
+                .with_fp16(p.fp16)
+                .with_engine_cache(true)
+                .with_engine_cache_path(cache.display())
+                .with_timing_cache(true)
+                .with_timing_cache_path(cache.display());
+            if let Some((min, opt, max)) = trt_profiles(m, graph, p.max_batch) {
+                t = t.with_profile_min_shapes(min).with_profile_opt_shapes(opt).with_profile_max_shapes(max);
             }
+            vec![t.build().error_on_failure()]
         }
     }
 }

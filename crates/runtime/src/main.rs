@@ -60,6 +60,9 @@ impl ModelArgs {
         let rt = Runtime::open_with(&self.model, &place, self.ort_lib.as_deref()).with_context(|| format!("opening {}", self.model.display()))?;
         if self.ep == Ep::Auto {
             eprintln!("execution provider: {}", rt.ep);
+            for s in &rt.skipped {
+                eprintln!("  skipped {s}");
+            }
         }
         Ok(rt)
     }

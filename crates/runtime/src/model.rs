@@ -14,7 +14,7 @@ use qadapt_core::template::{self, PromptIds};
 use qadapt_core::tokenizer::END_OF_TEXT;
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
 
-use crate::{dispatch, environment, float_value, ints, int_value, ort_err, out_f32, Ep, Manifest, Placement, Result, RunError};
+use crate::{candidates, dispatch, environment, float_value, ints, int_value, ort_err, out_f32, Ep, Manifest, Placement, Result, RunError};
 
 /// Generation settings.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +85,8 @@ pub struct Runtime {
     pub preprocess: PreprocessConfig,
     /// The execution provider the sessions run on.
     pub ep: &'static str,
+    /// With `--ep auto`: the providers tried before it, and why each failed.
+    pub skipped: Vec<String>,
     vision: Session,
     embed: Session,
     decoder: Session,
@@ -114,19 +116,31 @@ impl Runtime {
         let manifest: Manifest = serde_json::from_str(&text).map_err(|e| RunError::Export { path: mpath.clone(), msg: format!("invalid: {e}") })?;
         let env = environment(ort_lib)?;
         let cache = place.trt_cache.clone().unwrap_or_else(|| dir.join("trt-cache"));
-        let mut chosen = "cpu";
-        let mut open = |file: &str| -> Result<Session> {
+        let open = |ep: Ep, file: &str| -> Result<Session> {
             let path = dir.join(file);
             if !path.is_file() {
                 return Err(RunError::Export { path, msg: "graph missing".into() });
             }
-            let (eps, name) = dispatch(place, file, &manifest, &cache);
-            chosen = name;
             let b = Session::builder(env).map_err(ort_err(file))?;
-            let mut b = b.with_execution_providers(&eps).map_err(|e| RunError::Ep { ep: name.into(), msg: e.to_string() })?;
+            let mut b = b.with_execution_providers(dispatch(ep, place, file, &manifest, &cache)).map_err(|e| RunError::Ep { ep: ep.name().into(), msg: ep_reason(&e.to_string()) })?;
             b.commit_from_file(&path).map_err(ort_err(path.display()))
         };
-        let (vision, embed, decoder) = (open(&manifest.graphs.vision)?, open(&manifest.graphs.embed)?, open(&manifest.graphs.decoder)?);
+        // `auto` takes the first provider whose registration succeeds: a GPU build of
+        // libonnxruntime on a machine without the CUDA libraries falls back instead of failing.
+        let mut skipped = Vec::new();
+        let mut opened = None;
+        for ep in candidates(place.ep) {
+            let g = &manifest.graphs;
+            match (|| Ok::<_, RunError>((open(ep, &g.vision)?, open(ep, &g.embed)?, open(ep, &g.decoder)?)))() {
+                Ok(s) => {
+                    opened = Some((ep, s));
+                    break;
+                }
+                Err(e @ RunError::Ep { .. }) if place.ep == Ep::Auto => skipped.push(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        let (chosen, (vision, embed, decoder)) = opened.ok_or_else(|| RunError::Ep { ep: "auto".into(), msg: skipped.join("; ") })?;
         let tokenizer = Arc::new(TextTokenizer::from_dir(dir)?);
         let qformer_tokenizer = match &manifest.qformer {
             Some(q) => Some(QFormerTokenizer::from_dir(dir, q.max_text_length)?),
@@ -135,10 +149,10 @@ impl Runtime {
         let preprocess = PreprocessConfig { image_size: manifest.image.size, mean: manifest.image.mean, std: manifest.image.std };
         let mem = |dev, id| MemoryInfo::new(dev, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err("memory info"));
         let host_mem = mem(AllocationDevice::CPU, 0)?;
-        let kv_mem = if chosen == "cpu" { mem(AllocationDevice::CPU, 0)? } else { mem(AllocationDevice::CUDA, place.device_id)? };
+        let kv_mem = if chosen == Ep::Cpu { mem(AllocationDevice::CPU, 0)? } else { mem(AllocationDevice::CUDA, place.device_id)? };
         let f16 = manifest.dtype == "f16";
         let keep_input = decoder.inputs().iter().any(|i| i.name() == "num_logits_to_keep");
-        Ok(Self { manifest, tokenizer, qformer_tokenizer, preprocess, ep: chosen, vision, embed, decoder, f16, keep_input, kv_mem, host_mem })
+        Ok(Self { manifest, tokenizer, qformer_tokenizer, preprocess, ep: chosen.name(), skipped, vision, embed, decoder, f16, keep_input, kv_mem, host_mem })
     }
 
     /// Image features [B·N·D] of a batch of images asked the same question (the Q-Former reads it).
@@ -434,4 +448,10 @@ fn last_rows(v: &DynValue, b: usize, s: usize) -> Result<Vec<f32>> {
         Ok((_, d)) => Ok(pick(d, b, s, |x| x)),
         Err(_) => Ok(pick(v.try_extract_tensor::<half::f16>().map_err(ort_err("logits"))?.1, b, s, |x| x.to_f32())),
     }
+}
+
+/// ONNX Runtime's registration error without its source location: from "Failed to load library"
+/// on, which names the provider library and the dependency that is missing.
+fn ep_reason(msg: &str) -> String {
+    msg.find("Failed to load library").map_or(msg, |i| &msg[i..]).trim().to_string()
 }

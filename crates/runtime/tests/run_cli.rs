@@ -6,6 +6,9 @@
 
 mod common;
 
+use std::path::PathBuf;
+use std::process::Command;
+
 use common::{export, fixtures, ok, run, CASES};
 
 #[test]
@@ -100,4 +103,39 @@ fn repetition_penalty_matches_the_candle_engine() {
         outputs.push(got_ids);
     }
     assert_ne!(outputs[0], outputs[1], "the penalty changed nothing");
+}
+
+/// onnxruntime-gpu's library on a machine without its provider libraries (here: no CUDA, and the
+/// 284 MB CUDA provider not fetched): `--ep auto` falls back to the CPU, naming what each GPU
+/// provider lacked, and scores as the CPU build does; `--ep cuda` / `--ep tensorrt` fail naming
+/// the library that would not load.
+#[test]
+fn gpu_build_without_its_libraries_falls_back_and_names_them() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let o = Command::new("bash").arg(root.join("scripts/get-onnxruntime.sh")).arg("gpu").output().unwrap();
+    assert!(o.status.success(), "fetching onnxruntime-gpu: {}", String::from_utf8_lossy(&o.stderr));
+    let gpu_lib = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    export("bunny_f32_bpe", &dir);
+    let img = fixtures().join("bunny_f32_bpe/image.png");
+    let (m, i) = (dir.to_str().unwrap(), img.to_str().unwrap());
+    let with_gpu_lib = |ep: &str| run().env("ORT_DYLIB_PATH", &gpu_lib).args(["--model", m, "--image", i, "--score", "--json", "--ep", ep]).output().unwrap();
+    let o = with_gpu_lib("auto");
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("--ep auto with onnxruntime-gpu:\n{err}");
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("execution provider: cpu"), "{err}");
+    assert!(err.contains("skipped execution provider tensorrt: Failed to load library") && err.contains("libonnxruntime_providers_tensorrt.so with error:"), "{err}");
+    assert!(err.contains("skipped execution provider cuda: Failed to load library") && err.contains("libonnxruntime_providers_cuda.so"), "{err}");
+    let gpu_build: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cpu_build = ok(run().args(["--model", m, "--image", i, "--score", "--json"]).output().unwrap(), "cpu build");
+    assert!((gpu_build["score"].as_f64().unwrap() - cpu_build["score"].as_f64().unwrap()).abs() < 1e-6);
+    for (ep, lib) in [("cuda", "libonnxruntime_providers_cuda.so"), ("tensorrt", "libonnxruntime_providers_tensorrt.so")] {
+        let o = with_gpu_lib(ep);
+        let err = String::from_utf8_lossy(&o.stderr);
+        println!("--ep {ep}: {}", err.trim());
+        assert!(!o.status.success() && err.contains(&format!("execution provider {ep}: Failed to load library")) && err.contains(lib), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
