@@ -6,7 +6,15 @@
 # and ORT_DYLIB_PATH = onnxruntime-gpu 1.31.1's libonnxruntime with its CUDA provider beside it (on the
 # lent machine the provider is relayed in 4 chunks: ../shared/RECIPES.md). Python there has torch,
 # transformers and peft (the peers).
-#   ORT_DYLIB_PATH=/root/stash/libonnxruntime.so.1.31.1 bash bench/gpu.sh
+#   ORT_DYLIB_PATH=/root/stash/ort/libonnxruntime.so.1.31.1 bash bench/gpu.sh
+#
+# The device plan (15 minutes of device time in all; the machine stays warm 30 s between calls):
+#   here:    bash scripts/bundle-gpu.sh     (bench/bin: CUDA trainer + release binaries, ~15 MB xz)
+#            bash bench/relay.sh pack       (bench/relay: onnxruntime-gpu in 5 chunks of ≤ 40 MB)
+#   calls 1-4, back to back: carry ["bench/relay/part.0K", "bench/relay/SHA256SUMS"],
+#            command `bash bench/relay.sh receive`
+#   call 5:  carry ["bench/relay/part.04", "bench/relay/SHA256SUMS", "bench/bin"], command
+#            `bash bench/relay.sh receive && eval "$(bash bench/relay.sh env)" && bash bench/gpu.sh`
 # Sections (each prints its table; SKIP=parity,train,stage2,run leaves some out):
 #   1. parity: the fixture exports on the CUDA EP give the CPU EP's greedy ids; TensorRT's absence is a
 #      clear error and --ep auto says what it took;
