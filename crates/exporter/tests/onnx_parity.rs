@@ -130,6 +130,25 @@ fn f16_and_external_data_exports_stay_within_tolerance() {
     let e_logits = rel(&logits, &exp["score.logits"]);
     println!("f16 export vs HF f32: image_features {e_feat:.1e}, logits {e_logits:.1e} (tolerance 2e-2)");
     assert!(e_feat < 2e-2 && e_logits < 2e-2);
+    // Greedy decoding through the f16 cache (kept as ONNX Runtime f16 values between steps) gives
+    // HF's f32 ids: the fixture's smallest greedy margin (0.53) is far above f16's error.
+    let exp_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+    let ask = exp_json["questions"]["ask"].as_str().unwrap();
+    let q: Vec<i64> = qtok.encode(&qadapt_core::template::qformer_text(ask)).unwrap().into_iter().map(i64::from).collect();
+    let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&[q])).unwrap();
+    let ids = exp["ask.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    let (mut logits, mut cache) = m.prefill_ids(&ids, &feats).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..exp_json["max_new_tokens"].as_u64().unwrap() {
+        let next = argmax(&logits);
+        if next == m.manifest.tokens.eos {
+            break;
+        }
+        got.push(i64::from(next));
+        (logits, cache) = m.next_logits(&[next], &cache).unwrap();
+    }
+    assert_eq!(got, exp["ask.greedy_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap(), "f16 greedy ids");
+    println!("f16 export: greedy ids through the f16 cache equal HF's ({} tokens)", got.len());
 }
 
 #[test]
