@@ -189,6 +189,11 @@ impl Decoding {
         self.done
     }
 
+    /// Ends the sequence now (its reader went away); [`Decoding::finish`] still returns what it has.
+    pub fn stop(&mut self) {
+        self.done = true;
+    }
+
     /// Picks the next token from `logits` and hands new text to `on_text` (only once it is valid
     /// UTF-8: byte-level BPE may split a character). Returns the token when the model must be
     /// stepped with it, `None` once the sequence has stopped.

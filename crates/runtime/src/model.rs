@@ -52,6 +52,8 @@ impl Cache {
 /// One row of a mixed batch: an image, its question and its generation settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
+    /// Set by another thread when nobody reads this row any more: the row stops at the next step.
+    pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
     /// The image.
     pub image: &'a RgbImage,
     /// The question asked of it.
@@ -330,7 +332,7 @@ impl Runtime {
 
     /// Answers one question about each image of a batch (see [`Runtime::generate_mixed`]).
     pub fn generate_batch(&mut self, imgs: &[&RgbImage], question: &str, opts: &GenerateOptions, on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
-        let reqs: Vec<Request> = imgs.iter().map(|&image| Request { image, question, opts: *opts }).collect();
+        let reqs: Vec<Request> = imgs.iter().map(|&image| Request { image, question, opts: *opts, cancel: None }).collect();
         self.generate_mixed(&reqs, on_text)
     }
 
@@ -358,6 +360,9 @@ impl Runtime {
             let mut next = vec![eos; b];
             let mut going = false;
             for (r, (sampler, seq)) in rows.iter_mut().enumerate() {
+                if reqs[r].cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                    seq.stop();
+                }
                 if let Some(t) = seq.advance(sampler, &tokenizer, eos, &logits[r * v..(r + 1) * v], |s| on_text(r, s))? {
                     next[r] = t;
                     going = true;

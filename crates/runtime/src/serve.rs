@@ -64,6 +64,8 @@ struct Job {
     image: RgbImage,
     work: Work,
     events: mpsc::Sender<Event>,
+    /// Set when the client of a stream went away: its row stops generating.
+    cancel: Arc<AtomicBool>,
 }
 
 /// Counters behind `/metrics`.
@@ -75,6 +77,7 @@ struct Metrics {
     batched_jobs: AtomicU64,
     tokens: AtomicU64,
     busy_us: AtomicU64,
+    cancelled: AtomicU64,
 }
 
 impl Metrics {
@@ -96,6 +99,7 @@ impl Metrics {
         s += &format!("# TYPE qadapt_batched_jobs_total counter\nqadapt_batched_jobs_total {}\n", self.batched_jobs.load(Ordering::Relaxed));
         s += &format!("# TYPE qadapt_generated_tokens_total counter\nqadapt_generated_tokens_total {}\n", self.tokens.load(Ordering::Relaxed));
         s += &format!("# TYPE qadapt_inference_seconds_total counter\nqadapt_inference_seconds_total {:.6}\n", self.busy_us.load(Ordering::Relaxed) as f64 / 1e6);
+        s += &format!("# TYPE qadapt_cancelled_streams_total counter\nqadapt_cancelled_streams_total {}\n", self.cancelled.load(Ordering::Relaxed));
         s
     }
 }
@@ -211,7 +215,7 @@ fn run_group(rt: &mut Runtime, group: Vec<Job>, m: &Metrics) {
             let reqs: Vec<crate::Request> = group
                 .iter()
                 .filter_map(|j| match &j.work {
-                    Work::Chat { question, opts } => Some(crate::Request { image: &j.image, question, opts: *opts }),
+                    Work::Chat { question, opts } => Some(crate::Request { image: &j.image, question, opts: *opts, cancel: Some(&j.cancel) }),
                     Work::Score => None,
                 })
                 .collect();
@@ -267,7 +271,7 @@ fn handle(mut req: Request, tx: &SyncSender<Job>, m: &Metrics, cfg: &Config, inf
         }
         (Method::Post, "/v1/score") => read_json(&mut req, cfg).and_then(|body| {
             let image = decode_image(body.get("image").and_then(Value::as_str).ok_or(HttpError(400, "\"image\" (a data URL or base64) is required".into()))?, cfg)?;
-            let rx = submit(tx, m, image, Work::Score)?;
+            let (rx, _) = submit(tx, m, image, Work::Score)?;
             match rx.recv() {
                 Ok(Event::Done(a)) => Ok(Some(json_response(200, &json!(a)))),
                 Ok(Event::Failed(e)) => Err(e.into()),
@@ -278,12 +282,15 @@ fn handle(mut req: Request, tx: &SyncSender<Job>, m: &Metrics, cfg: &Config, inf
             Err(e) => Err(e),
             Ok((image, question, opts, stream)) => match submit(tx, m, image, Work::Chat { question, opts }) {
                 Err(e) => Err(e),
-                Ok(rx) if stream => {
+                Ok((rx, cancel)) if stream => {
                     m.count(label, 200);
-                    stream_sse(req, rx, opts.max_new_tokens);
+                    if !stream_sse(req, rx, opts.max_new_tokens) {
+                        cancel.store(true, Ordering::Relaxed);
+                        m.cancelled.fetch_add(1, Ordering::Relaxed);
+                    }
                     return;
                 }
-                Ok(rx) => collect_chat(rx, opts.max_new_tokens).map(|v| Some(json_response(200, &v))),
+                Ok((rx, _)) => collect_chat(rx, opts.max_new_tokens).map(|v| Some(json_response(200, &v))),
             },
         },
         (_, p) if known.contains(&p) => Err(HttpError(405, format!("method not allowed on {p}"))),
@@ -382,11 +389,12 @@ fn chat_request(body: &Value, cfg: &Config, tok: &qadapt_core::TextTokenizer) ->
     Ok((image, text, GenerateOptions { max_new_tokens: max_tokens, sampling }, stream))
 }
 
-fn submit(tx: &SyncSender<Job>, m: &Metrics, image: RgbImage, work: Work) -> Result<Receiver<Event>, HttpError> {
+fn submit(tx: &SyncSender<Job>, m: &Metrics, image: RgbImage, work: Work) -> Result<(Receiver<Event>, Arc<AtomicBool>), HttpError> {
     let (etx, erx) = mpsc::channel();
+    let cancel = Arc::new(AtomicBool::new(false));
     m.queued.fetch_add(1, Ordering::Relaxed);
-    match tx.try_send(Job { image, work, events: etx }) {
-        Ok(()) => Ok(erx),
+    match tx.try_send(Job { image, work, events: etx, cancel: Arc::clone(&cancel) }) {
+        Ok(()) => Ok((erx, cancel)),
         Err(e) => {
             m.queued.fetch_sub(1, Ordering::Relaxed);
             Err(match e {
@@ -433,8 +441,9 @@ fn collect_chat(rx: Receiver<Event>, max: usize) -> Result<Value, HttpError> {
 }
 
 /// Streams a chat answer as server-sent events, one chunk per piece of text, flushed as it comes
-/// (written by hand: tiny_http's chunked writer buffers 8 KiB).
-fn stream_sse(req: Request, rx: Receiver<Event>, max: usize) {
+/// (written by hand: tiny_http's chunked writer buffers 8 KiB). Returns false when the client went
+/// away before the end.
+fn stream_sse(req: Request, rx: Receiver<Event>, max: usize) -> bool {
     let mut w = req.into_writer();
     let id = completion_id();
     let chunk = |delta: Value, finish: Option<&str>| {
@@ -448,7 +457,7 @@ fn stream_sse(req: Request, rx: Receiver<Event>, max: usize) {
     };
     let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     if w.write_all(head.as_bytes()).is_err() {
-        return;
+        return false;
     }
     let _ = send(&mut w, &chunk(json!({"role": "assistant", "content": ""}), None).to_string());
     for ev in rx {
@@ -464,10 +473,10 @@ fn stream_sse(req: Request, rx: Receiver<Event>, max: usize) {
             }
         };
         if r.is_err() {
-            // The client went away; the job still finishes (its events go nowhere).
-            return;
+            return false;
         }
     }
     let _ = send(&mut w, "[DONE]");
     let _ = w.write_all(b"0\r\n\r\n").and_then(|_| w.flush());
+    true
 }

@@ -1,6 +1,7 @@
 //! `qadapt-run serve` through a real HTTP client (ureq): answers equal HF's on the fixture export,
 //! streaming equals the whole answer, 32 concurrent clients with mixed questions all get their own
-//! answer (and are batched), a full queue answers 503, limits answer 4xx, and shutdown drains in-flight work.
+//! answer (and are batched), a full queue answers 503, limits answer 4xx, a client that goes away
+//! stops its generation, and shutdown drains in-flight work.
 
 mod common;
 
@@ -109,11 +110,7 @@ fn serves_hf_answers_streams_batches_and_limits() {
             (chat_ids(QS[0]), chat_ids(QS[1]), post(&format!("{url}/v1/score"), &json!({"image": p})).1["score"].clone())
         })
         .collect();
-    let metric = |name: &str| -> f64 {
-        let m = ureq::get(&format!("{url}/metrics")).call().unwrap().into_string().unwrap();
-        m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap_or("0").parse().unwrap()
-    };
-    let (batches0, jobs0) = (metric("qadapt_batches_total"), metric("qadapt_batched_jobs_total"));
+    let (batches0, jobs0) = (metric(&url, "qadapt_batches_total"), metric(&url, "qadapt_batched_jobs_total"));
     let (pics, lone, base) = (Arc::new(pics), Arc::new(lone), Arc::new(url.clone()));
     let clients: Vec<_> = (0..32)
         .map(|i| {
@@ -138,7 +135,7 @@ fn serves_hf_answers_streams_batches_and_limits() {
     for c in clients {
         c.join().unwrap();
     }
-    let (batches, jobs) = (metric("qadapt_batches_total") - batches0, metric("qadapt_batched_jobs_total") - jobs0);
+    let (batches, jobs) = (metric(&url, "qadapt_batches_total") - batches0, metric(&url, "qadapt_batched_jobs_total") - jobs0);
     println!("32 concurrent clients: {jobs} jobs in {batches} batches");
     assert_eq!(jobs, 32.0);
     assert!(batches < jobs, "no two requests shared a batch");
@@ -276,4 +273,41 @@ fn the_binary_serves_and_stops_on_sigterm() {
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     assert!(status.success(), "exit {status}: {rest}");
     assert!(rest.contains("stopped"), "{rest}");
+}
+
+fn metric(url: &str, name: &str) -> f64 {
+    let m = ureq::get(&format!("{url}/metrics")).call().unwrap().into_string().unwrap();
+    m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap_or("0").parse().unwrap()
+}
+
+/// A streaming client that goes away stops its row: of the 400 tokens the answer would run to (this
+/// fixture never emits `<|endoftext|>`), only the few before the broken write are generated.
+#[test]
+fn a_client_that_disconnects_stops_its_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = "bunny_f32_bpe";
+    let dir = tmp.path().join(case);
+    export(case, &dir);
+    let img = data_url(&fixtures().join(case).join("image.png"));
+    let (server, url) = start(&dir, Config { max_new_tokens: 400, ..Config::default() });
+    let chat_url = format!("{url}/v1/chat/completions");
+    let q = "Describe the quality of this image.";
+    let (_, whole) = post(&chat_url, &chat(q, &img, 400, false));
+    assert_eq!(whole["token_ids"].as_array().unwrap().len(), 400, "the fixture must run to max_tokens");
+    let before = metric(&url, "qadapt_generated_tokens_total");
+    {
+        let r = ureq::post(&chat_url).send_json(chat(q, &img, 400, true)).unwrap();
+        let mut lines = BufReader::new(r.into_reader()).lines();
+        assert!(lines.next().unwrap().unwrap().starts_with("data: "));
+    } // the connection closes here
+    let t0 = std::time::Instant::now();
+    while metric(&url, "qadapt_generated_tokens_total") == before {
+        assert!(t0.elapsed().as_secs() < 20, "the abandoned job never finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let used = metric(&url, "qadapt_generated_tokens_total") - before;
+    println!("client gone after the first event: {used} of 400 tokens generated");
+    assert_eq!(metric(&url, "qadapt_cancelled_streams_total"), 1.0);
+    assert!(used < 400.0, "the generation ran to the end for nobody");
+    server.shutdown();
 }
