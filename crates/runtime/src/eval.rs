@@ -10,7 +10,7 @@ use qadapt_core::image::load_image;
 use qadapt_core::metrics::{pearson, spearman};
 use serde::{Deserialize, Serialize};
 
-use crate::{GenerateOptions, Result, RunError, Runtime};
+use crate::{GenerateOptions, Request, Result, RunError, Runtime};
 
 /// How a Q-Bench answer is chosen (DESIGN §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +70,24 @@ pub struct QBenchReport {
     pub by_concern: BTreeMap<String, Tally>,
     /// Rows whose image could not be read (not counted in the accuracies).
     pub failed: Vec<String>,
+    /// Every answered row, for `--out`.
+    #[serde(skip)]
+    pub answers: Vec<QBenchAnswer>,
+}
+
+/// One answered Q-Bench row.
+#[derive(Debug, Clone, Serialize)]
+pub struct QBenchAnswer {
+    /// The row's image path.
+    pub img_path: String,
+    /// The row's question.
+    pub question: String,
+    /// The generated text, or the chosen letter answer (`--by likelihood`).
+    pub answer: String,
+    /// The option it names, if any.
+    pub choice: Option<String>,
+    /// Whether that is the right one.
+    pub correct: bool,
 }
 
 const LETTERS: [&str; 8] = ["A", "B", "C", "D", "E", "F", "G", "H"];
@@ -104,35 +122,55 @@ pub fn parse_choice(answer: &str, candidates: &[String]) -> Option<usize> {
     candidates.iter().position(|c| norm(c) == norm(a))
 }
 
-/// Q-Bench A1 accuracy of `rows` with images under `images`; `tick` after each row.
-pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy, mut tick: impl FnMut()) -> Result<QBenchReport> {
+/// Q-Bench A1 accuracy of `rows` with images under `images`; generation runs `batch` rows at a
+/// time (their prompts differ: a mixed batch). `tick` after each row.
+pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy, batch: usize, mut tick: impl FnMut()) -> Result<QBenchReport> {
     let mut rep = QBenchReport::default();
     let opts = GenerateOptions { max_new_tokens: 16, sampling: Default::default() };
-    for row in rows {
-        let path = images.join(&row.img_path);
-        let img = match load_image(&path) {
-            Ok(i) => i,
-            Err(e) => {
-                rep.failed.push(format!("{}: {e}", path.display()));
-                tick();
-                continue;
+    for chunk in rows.chunks(batch.max(1)) {
+        let mut loaded: Vec<(&QBenchRow, RgbImage, String)> = Vec::new();
+        for row in chunk {
+            let path = images.join(&row.img_path);
+            match load_image(&path) {
+                Ok(img) => loaded.push((row, img, qbench_prompt(&row.question, &row.candidates))),
+                Err(e) => {
+                    rep.failed.push(format!("{}: {e}", path.display()));
+                    tick();
+                }
             }
-        };
-        let want = row.candidates.iter().position(|c| c == &row.correct_ans);
-        let prompt = qbench_prompt(&row.question, &row.candidates);
-        let got = match by {
-            ChooseBy::Generate => parse_choice(&rt.generate(&img, &prompt, &opts, |_| {})?.answer, &row.candidates),
-            ChooseBy::Likelihood => {
-                let opts: Vec<String> = LETTERS.iter().take(row.candidates.len()).map(|l| format!("{l}.")).collect();
-                let refs: Vec<&str> = opts.iter().map(String::as_str).collect();
-                Some(Runtime::best_choice(&rt.choices(&img, &prompt, &refs)?))
+        }
+        // (answer text, option index) per loaded row.
+        let picks: Vec<(String, Option<usize>)> = match by {
+            ChooseBy::Generate => {
+                let reqs: Vec<Request> = loaded.iter().map(|(_, img, p)| Request { image: img, question: p, opts, cancel: None }).collect();
+                if reqs.is_empty() {
+                    Vec::new()
+                } else {
+                    rt.generate_mixed(&reqs, |_, _| {})?.into_iter().zip(&loaded).map(|(a, (row, _, _))| {
+                        let pick = parse_choice(&a.answer, &row.candidates);
+                        (a.answer, pick)
+                    }).collect()
+                }
             }
+            ChooseBy::Likelihood => loaded
+                .iter()
+                .map(|(row, img, p)| {
+                    let letters: Vec<String> = LETTERS.iter().take(row.candidates.len()).map(|l| format!("{l}.")).collect();
+                    let refs: Vec<&str> = letters.iter().map(String::as_str).collect();
+                    let best = Runtime::best_choice(&rt.choices(img, p, &refs)?);
+                    Ok((letters[best].clone(), Some(best)))
+                })
+                .collect::<Result<_>>()?,
         };
-        let ok = want.is_some() && got == want;
-        rep.overall.add(ok);
-        rep.by_type.entry(label(&row.kind, &["yes-or-no", "what", "how"])).or_default().add(ok);
-        rep.by_concern.entry(label(&row.concern, &["distortion", "other", "in-context distortion", "in-context other"])).or_default().add(ok);
-        tick();
+        for ((row, _, _), (answer, got)) in loaded.iter().zip(picks) {
+            let want = row.candidates.iter().position(|c| c == &row.correct_ans);
+            let ok = want.is_some() && got == want;
+            rep.answers.push(QBenchAnswer { img_path: row.img_path.clone(), question: row.question.clone(), answer, choice: got.map(|i| row.candidates[i].clone()), correct: ok });
+            rep.overall.add(ok);
+            rep.by_type.entry(label(&row.kind, &["yes-or-no", "what", "how"])).or_default().add(ok);
+            rep.by_concern.entry(label(&row.concern, &["distortion", "other", "in-context distortion", "in-context other"])).or_default().add(ok);
+            tick();
+        }
     }
     Ok(rep)
 }

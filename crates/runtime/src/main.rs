@@ -173,12 +173,15 @@ struct EvalArgs {
     /// IQA: scatter plot of predicted score against MOS.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// IQA: images scored per batch.
+    /// Rows per batch (IQA scores; Q-Bench generation).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Evaluate the first N rows only.
     #[arg(long)]
     limit: Option<usize>,
+    /// Q-Bench: every row's answer and choice as JSON lines.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -298,7 +301,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         let rows = eval::read_qbench(q)?;
         let rows = &rows[..rows.len().min(limit)];
         let pb = bar(rows.len() as u64, "q-bench");
-        let rep = eval::qbench(&mut rt, rows, &a.images, a.by, || pb.inc(1))?;
+        let rep = eval::qbench(&mut rt, rows, &a.images, a.by, a.batch_size, || pb.inc(1))?;
         pb.finish_and_clear();
         if a.json {
             println!("{}", serde_json::to_string_pretty(&rep)?);
@@ -311,6 +314,10 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         }
         for f in &rep.failed {
             eprintln!("skipped {f}");
+        }
+        if let Some(out) = &a.out {
+            let lines: String = rep.answers.iter().map(|r| serde_json::to_string(r).map(|l| l + "\n")).collect::<Result<_, _>>()?;
+            std::fs::write(out, lines).with_context(|| format!("writing {}", out.display()))?;
         }
         return Ok(());
     }

@@ -180,6 +180,17 @@ fn eval_qbench_and_iqa_agree_with_per_image_runs() {
     let gen = eval("generate");
     println!("generate: {}", gen["overall"]);
     assert_eq!(gen["overall"]["correct"].as_u64().unwrap() as usize, want_gen);
+    // Batched generation (mixed prompts, 3 rows a batch): each row's answer is the one-image answer.
+    let preds = tmp.path().join("preds.jsonl");
+    let o = run().args(["eval", "--model", m, "--qbench", a1.to_str().unwrap(), "--images", imgs_dir.to_str().unwrap(), "--batch-size", "3", "--out", preds.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let answers = lines(&preds);
+    assert_eq!(answers.len(), 8);
+    for (a, p) in answers.iter().zip(&imgs) {
+        assert_eq!(a["img_path"], p.file_name().unwrap().to_str().unwrap());
+        let one = ok(run().args(["--model", m, "--image", p.to_str().unwrap(), "--ask", &prompt, "--json", "--max-new-tokens", "16"]).output().unwrap(), "ask");
+        assert_eq!(a["answer"], one["answer"], "{}: batched Q-Bench answer differs from a one-image run", p.display());
+    }
 
     // IQA: SROCC / PLCC of the batched scores equal those of per-image `--score` runs.
     let mos = [4.1, 1.2, 3.3, 2.8, 4.9, 1.9, 3.0, 2.2];
