@@ -148,7 +148,9 @@ pub fn run(rt: &mut Runtime, rows: &[Row], task: &Task, batch_size: usize, out: 
         let mut records: Vec<Option<Record>> = vec![None; j - i];
         let mut imgs: Vec<(usize, RgbImage)> = Vec::new();
         for (k, row) in todo[i..j].iter().enumerate() {
-            match load_image(Path::new(&row.image)) {
+            // A row whose question does not fit fails alone, not its batch.
+            let fits = question_of(row).map_or(Ok(()), |q| rt.check_question(&q));
+            match fits.and_then(|_| Ok(load_image(Path::new(&row.image))?)) {
                 Ok(img) => imgs.push((k, img)),
                 Err(e) => records[k] = Some(Record { image: row.image.clone(), question: question_of(row), result: Outcome::Error { error: e.to_string() } }),
             }

@@ -260,6 +260,12 @@ impl Runtime {
         Ok((logits, Cache { kv, len: total, batch: b, pad: cache.pad.clone() }))
     }
 
+    /// Whether `question` fits the model with its image (the error [`Runtime::generate_mixed`]
+    /// would give for its whole batch): batch callers set such a row aside first.
+    pub fn check_question(&self, question: &str) -> Result<()> {
+        self.prompt(question, None).map(|_| ())
+    }
+
     /// The tokenized prompt of a question (and answer prefix), checked against the positions.
     fn prompt(&self, question: &str, prefix: Option<&str>) -> Result<PromptIds> {
         let prompt = template::tokenize_prompt(&self.tokenizer, &template::prompt(&template::user_turn(question), prefix))?;

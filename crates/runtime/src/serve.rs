@@ -206,6 +206,21 @@ fn work_key(w: &Work) -> &'static str {
 }
 
 fn run_group(rt: &mut Runtime, group: Vec<Job>, m: &Metrics) {
+    // A question too long for the model fails alone, not the batch it was drawn into.
+    let (group, bad): (Vec<Job>, Vec<Job>) = group.into_iter().partition(|j| match &j.work {
+        Work::Chat { question, .. } => rt.check_question(question).is_ok(),
+        Work::Score => true,
+    });
+    for j in bad {
+        if let Work::Chat { question, .. } = &j.work {
+            if let Err(e) = rt.check_question(question) {
+                let _ = j.events.send(Event::Failed(e));
+            }
+        }
+    }
+    if group.is_empty() {
+        return;
+    }
     m.batches.fetch_add(1, Ordering::Relaxed);
     m.batched_jobs.fetch_add(group.len() as u64, Ordering::Relaxed);
     let imgs: Vec<&RgbImage> = group.iter().map(|j| &j.image).collect();
@@ -232,9 +247,12 @@ fn run_group(rt: &mut Runtime, group: Vec<Job>, m: &Metrics) {
             }
         }
         Err(e) => {
-            let msg = e.to_string();
             for job in &group {
-                let err = if matches!(e, RunError::Input(_)) { RunError::Input(msg.clone()) } else { RunError::Ort(msg.clone()) };
+                // RunError is not Clone: each job gets the same message, its class kept.
+                let err = match &e {
+                    RunError::Input(m) => RunError::Input(m.clone()),
+                    other => RunError::Ort(other.to_string()),
+                };
                 let _ = job.events.send(Event::Failed(err));
             }
         }

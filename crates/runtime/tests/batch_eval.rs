@@ -120,21 +120,26 @@ fn batch_equals_single_runs_skips_bad_images_and_resumes() {
     }
     // Rows with their own questions (different lengths) share batches, left-padded: each row still
     // equals a one-image run with its question.
-    let questions = ["Is it blurry?", "Describe the quality of this photo in a few words, please.", "Noise?"];
+    let long = "very ".repeat(600);
+    let questions = ["Is it blurry?", "Describe the quality of this photo in a few words, please.", "Noise?", long.as_str()];
     let mixed = tmp.path().join("mixed.jsonl");
     let good: Vec<&std::path::PathBuf> = imgs.iter().filter(|p| !p.ends_with("img03.png")).collect();
-    std::fs::write(&mixed, good.iter().enumerate().map(|(i, p)| format!("{}\n", serde_json::json!({"image": p, "question": questions[i % 3]}))).collect::<String>()).unwrap();
+    // Row 3 asks a question too long for the model: it fails alone, its batch-mates are answered.
+    std::fs::write(&mixed, good.iter().enumerate().map(|(i, p)| format!("{}\n", serde_json::json!({"image": p, "question": questions[if i == 3 { 3 } else { i % 3 }]}))).collect::<String>()).unwrap();
     let mout = tmp.path().join("m.jsonl");
     let o = run().args(["batch", "--model", m, "--images", mixed.to_str().unwrap(), "--ask", "unused", "--max-new-tokens", "10", "--batch-size", "4", "--out", mout.to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = lines(&mout);
     assert_eq!(rows.len(), good.len());
-    for row in &rows {
+    let too_long: Vec<&Value> = rows.iter().filter(|r| r.get("error").is_some()).collect();
+    assert_eq!(too_long.len(), 1, "{rows:?}");
+    assert!(too_long[0]["error"].as_str().unwrap().contains("max_positions"), "{}", too_long[0]);
+    for row in rows.iter().filter(|r| r.get("error").is_none()) {
         let (p, q) = (row["image"].as_str().unwrap(), row["question"].as_str().unwrap());
         let one = ok(run().args(["--model", m, "--image", p, "--ask", q, "--json", "--max-new-tokens", "10"]).output().unwrap(), "single");
         assert_eq!(row["token_ids"], one["token_ids"], "{p} / {q}: mixed batch differs from a one-image run");
     }
-    println!("mixed-question batches: {} rows equal one-image runs", rows.len());
+    println!("mixed-question batches: {} rows equal one-image runs, 1 too-long question failed alone", rows.len() - 1);
     let bad = run().args(["batch", "--model", m, "--images", "/nonexistent/list.jsonl", "--score", "--out", sout.to_str().unwrap()]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/list.jsonl"));
 }

@@ -311,3 +311,34 @@ fn a_client_that_disconnects_stops_its_generation() {
     assert!(used < 400.0, "the generation ran to the end for nobody");
     server.shutdown();
 }
+
+/// A question that passes the HTTP limit but does not fit the model (with its image) fails alone:
+/// the requests batched with it are still answered.
+#[test]
+fn a_question_too_long_for_the_model_fails_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(CASE);
+    export(CASE, &dir);
+    let img = Arc::new(data_url(&fixtures().join(CASE).join("image.png")));
+    let (server, url) = start(&dir, Config { max_prompt_tokens: 1000, ..Config::default() });
+    let chat_url = Arc::new(format!("{url}/v1/chat/completions"));
+    let long = Arc::new("very ".repeat(200)); // 600 tokens: under the HTTP limit, over the model's 512 positions
+    let clients: Vec<_> = (0..12)
+        .map(|i| {
+            let (u, img, long) = (Arc::clone(&chat_url), Arc::clone(&img), Arc::clone(&long));
+            std::thread::spawn(move || post(&u, &chat(if i == 5 { long.as_str() } else { "Is it sharp?" }, &img, 8, false)))
+        })
+        .collect();
+    let res: Vec<(u16, Value)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    for (i, (code, r)) in res.iter().enumerate() {
+        if i == 5 {
+            assert_eq!(*code, 400, "{r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains("max_positions"), "{r}");
+        } else {
+            assert_eq!(*code, 200, "client {i}: {r}");
+        }
+    }
+    let (batches, jobs) = (metric(&url, "qadapt_batches_total"), metric(&url, "qadapt_batched_jobs_total"));
+    println!("12 clients, one question too long: 11 answered in {batches} batches ({jobs} jobs)");
+    server.shutdown();
+}
