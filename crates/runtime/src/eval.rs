@@ -68,7 +68,8 @@ pub struct QBenchReport {
     pub by_type: BTreeMap<String, Tally>,
     /// Per concern.
     pub by_concern: BTreeMap<String, Tally>,
-    /// Rows whose image could not be read (not counted in the accuracies).
+    /// Rows whose image could not be read or whose prompt does not fit the model (not counted in
+    /// the accuracies).
     pub failed: Vec<String>,
     /// Every answered row, for `--out`.
     #[serde(skip)]
@@ -131,8 +132,9 @@ pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy,
         let mut loaded: Vec<(&QBenchRow, RgbImage, String)> = Vec::new();
         for row in chunk {
             let path = images.join(&row.img_path);
-            match load_image(&path) {
-                Ok(img) => loaded.push((row, img, qbench_prompt(&row.question, &row.candidates))),
+            let prompt = qbench_prompt(&row.question, &row.candidates);
+            match rt.check_question(&prompt).and_then(|_| Ok(load_image(&path)?)) {
+                Ok(img) => loaded.push((row, img, prompt)),
                 Err(e) => {
                     rep.failed.push(format!("{}: {e}", path.display()));
                     tick();
