@@ -55,6 +55,51 @@ pub fn decoder(model: &Bunny, ft: FloatType) -> Result<Traced> {
     Ok(Traced { file: "decoder.onnx", graph: g, inputs, outputs })
 }
 
+/// `cache_join.onnx`: two KV caches (`a.*`, `b.*`, each [B, H, L, Dh]) → one (`kv.*`), the shorter
+/// left-padded with zeros to the longer's length, rows of `a` first. With `cache_select.onnx`
+/// (`kv.*` and `rows` → `kv.*`, the rows kept) it lets the runtime admit requests into a running
+/// decode batch and drop finished ones without the cache leaving the device.
+pub fn cache_join(model: &Bunny, ft: FloatType) -> Result<Traced> {
+    cache_graph(model, ft, "cache_join.onnx", |g, i, part| {
+        let (a, b) = (g.input(&format!("a.{i}.{part}"), 4), g.input(&format!("b.{i}.{part}"), 4));
+        g.pad_and_stack(&a, &b, 2)
+    })
+}
+
+/// `cache_select.onnx`: see [`cache_join`].
+pub fn cache_select(model: &Bunny, ft: FloatType) -> Result<Traced> {
+    let mut t = cache_graph(model, ft, "cache_select.onnx", |g, i, part| {
+        let (kv, rows) = (g.input(&format!("in.{i}.{part}"), 4), g.input("rows", 1));
+        g.take_rows(&kv, &rows)
+    })?;
+    t.inputs.push(Io::new("rows", DataType::Int64, vec![Dim::Sym("kept")]));
+    Ok(t)
+}
+
+/// A graph with one output `kv.{i}.{key,value}` per layer cache, built by `part`; its inputs are
+/// declared from the names `part` used (`a.`/`b.` for a join, `in.` for a select).
+fn cache_graph(model: &Bunny, ft: FloatType, file: &'static str, mut part: impl FnMut(&mut Graph, usize, &str) -> crate::graph::V) -> Result<Traced> {
+    let c = &model.config;
+    let (heads, head_dim) = (c.num_attention_heads as i64, c.head_dim() as i64);
+    let kv = |name: String, b: &'static str, len: &'static str| Io::new(name, ft.onnx(), vec![Dim::Sym(b), Dim::Fixed(heads), Dim::Sym(len), Dim::Fixed(head_dim)]);
+    let mut g = Graph::new(ft);
+    let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
+    for i in 0..c.num_hidden_layers {
+        for p in ["key", "value"] {
+            let out = part(&mut g, i, p);
+            g.output(&out, &format!("kv.{i}.{p}"));
+            outputs.push(kv(format!("kv.{i}.{p}"), "batch", "sequence"));
+            if file == "cache_join.onnx" {
+                inputs.push(kv(format!("a.{i}.{p}"), "batch_a", "sequence_a"));
+                inputs.push(kv(format!("b.{i}.{p}"), "batch_b", "sequence_b"));
+            } else {
+                inputs.push(kv(format!("in.{i}.{p}"), "batch_in", "sequence"));
+            }
+        }
+    }
+    Ok(Traced { file, graph: g, inputs, outputs })
+}
+
 /// `embed.onnx`: token ids → input embeddings (a Gather on the embedding table). A graph rather
 /// than a raw table so that the runtime needs no second weight format and the table's dtype and
 /// layout stay the exporter's business.
@@ -100,7 +145,7 @@ pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, level_ids: [u32; 5]) -
         "model_type": c.model_type.as_str(),
         "dtype": match ft { FloatType::F32 => "f32", FloatType::F16 => "f16" },
         "opset": OPSET,
-        "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
+        "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx", "cache_join": "cache_join.onnx", "cache_select": "cache_select.onnx"},
         "image": {"size": v.image_size, "mean": v.image_mean, "std": v.image_std, "aspect_ratio": c.image_aspect_ratio, "tokens": v.num_patches()},
         "decoder": {
             "layers": c.num_hidden_layers, "heads": c.num_attention_heads, "head_dim": c.head_dim(),

@@ -136,6 +136,32 @@ impl Graph {
         V { name: out, rank, param: None }
     }
 
+    /// `a` [Ba, …, La, …] and `b` [Bb, …, Lb, …] stacked along axis 0, the shorter first
+    /// left-padded with zeros along `axis` to the longer's length: two KV caches made one.
+    pub fn pad_and_stack(&mut self, a: &V, b: &V, axis: i64) -> V {
+        let (la, lb) = (self.dim(a, axis), self.dim(b, axis));
+        let longest = self.node("Max", &[&la.name, &lb.name], vec![], 0);
+        let rank = a.rank;
+        let mut padded = Vec::new();
+        for (x, l) in [(a, &la), (b, &lb)] {
+            let short = self.node("Sub", &[&longest.name, &l.name], vec![], 0);
+            let short = self.unsqueeze(&short, &[0]);
+            // Pad's pads: the begin of every axis, then the end of every axis.
+            let before = self.ints(&vec![0; axis as usize]);
+            let after = self.ints(&vec![0; 2 * rank - axis as usize - 1]);
+            let pads = if axis == 0 { self.concat(&[&short.name, &after], 0, 1) } else { self.concat(&[&before, &short.name, &after], 0, 1) };
+            let n = self.name(x);
+            padded.push(self.node("Pad", &[&n, &pads.name], vec![], rank));
+        }
+        self.concat(&[&padded[0].name, &padded[1].name], 0, rank)
+    }
+
+    /// Rows `rows` (int64 [K]) of `x` along axis 0.
+    pub fn take_rows(&mut self, x: &V, rows: &V) -> V {
+        let (n, r) = (self.name(x), self.name(rows));
+        self.node("Gather", &[&n, &r], vec![attr_int("axis", 0)], x.rank)
+    }
+
     /// Renames `v` as a graph output (an Identity node).
     pub fn output(&mut self, v: &V, name: &str) {
         let input = self.name(v);

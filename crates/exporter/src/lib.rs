@@ -153,7 +153,14 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
     let level_ids = qadapt_core::sampling::level_token_ids(&tokenizer)?;
     let mut graphs = Vec::new();
     qadapt_core::files::write_dir_atomic(&opts.out, |dir: &Path| -> Result<()> {
-        for traced in [export::vision(&model, opts.ft)?, export::embed(&model, opts.ft)?, export::decoder(&model, opts.ft)?] {
+        let graphs_to_write = [
+            export::vision(&model, opts.ft)?,
+            export::embed(&model, opts.ft)?,
+            export::decoder(&model, opts.ft)?,
+            export::cache_join(&model, opts.ft)?,
+            export::cache_select(&model, opts.ft)?,
+        ];
+        for traced in graphs_to_write {
             let total = traced.graph.inits.len();
             let external = opts.external_data || write::weight_bytes(&traced.graph) > EXTERNAL_ABOVE;
             let mut done = 0;

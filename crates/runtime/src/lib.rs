@@ -11,10 +11,12 @@ pub mod batch;
 pub mod eval;
 mod manifest;
 mod model;
+mod running;
 pub mod serve;
 
 pub use manifest::{trt_profiles, DecoderSpec, Graphs, ImageSpec, Manifest, QFormerSpec, TokenSpec};
 pub use model::{Cache, Choice, GenerateOptions, Request, Runtime};
+pub use running::Running;
 
 use std::path::{Path, PathBuf};
 

@@ -32,6 +32,12 @@ pub struct Graphs {
     pub embed: String,
     /// One decoder step with KV cache.
     pub decoder: String,
+    /// Two KV caches → one (exports since 2026-11-26; without it a running batch admits nothing).
+    #[serde(default)]
+    pub cache_join: Option<String>,
+    /// The rows of a KV cache that go on (without it, finished rows idle until the batch ends).
+    #[serde(default)]
+    pub cache_select: Option<String>,
 }
 
 /// Preprocessing and the number of image tokens.

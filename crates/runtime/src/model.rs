@@ -9,11 +9,12 @@ use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::DynValue;
 use qadapt_core::image::{pixel_values, PreprocessConfig};
-use qadapt_core::sampling::{log_prob, quality_score, AnswerJson, Decoding, LevelProbs, Sampler, SamplingParams, LEVELS};
+use qadapt_core::sampling::{log_prob, quality_score, AnswerJson, LevelProbs, SamplingParams, LEVELS};
 use qadapt_core::template::{self, PromptIds};
 use qadapt_core::tokenizer::END_OF_TEXT;
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
 
+use crate::running::Running;
 use crate::{candidates, dispatch, environment, float_value, ints, int_value, ort_err, out_f32, Ep, Manifest, Placement, Result, RunError};
 
 /// Generation settings.
@@ -92,6 +93,8 @@ pub struct Runtime {
     vision: Session,
     embed: Session,
     decoder: Session,
+    cache_join: Option<Session>,
+    cache_select: Option<Session>,
     f16: bool,
     /// The decoder takes `num_logits_to_keep` (exports since 2026-11-26): a prefill then computes
     /// the lm_head for its last position only.
@@ -143,6 +146,8 @@ impl Runtime {
             }
         }
         let (chosen, (vision, embed, decoder)) = opened.ok_or_else(|| RunError::Ep { ep: "auto".into(), msg: skipped.join("; ") })?;
+        let optional = |file: &Option<String>| file.as_deref().map(|f| open(chosen, f)).transpose();
+        let (cache_join, cache_select) = (optional(&manifest.graphs.cache_join)?, optional(&manifest.graphs.cache_select)?);
         let tokenizer = Arc::new(TextTokenizer::from_dir(dir)?);
         let qformer_tokenizer = match &manifest.qformer {
             Some(q) => Some(QFormerTokenizer::from_dir(dir, q.max_text_length)?),
@@ -154,7 +159,7 @@ impl Runtime {
         let kv_mem = if chosen == Ep::Cpu { mem(AllocationDevice::CPU, 0)? } else { mem(AllocationDevice::CUDA, place.device_id)? };
         let f16 = manifest.dtype == "f16";
         let keep_input = decoder.inputs().iter().any(|i| i.name() == "num_logits_to_keep");
-        Ok(Self { manifest, tokenizer, qformer_tokenizer, preprocess, ep: chosen.name(), skipped, vision, embed, decoder, f16, keep_input, kv_mem, host_mem })
+        Ok(Self { manifest, tokenizer, qformer_tokenizer, preprocess, ep: chosen.name(), skipped, vision, embed, decoder, cache_join, cache_select, f16, keep_input, kv_mem, host_mem })
     }
 
     /// Image features [B·N·D] of a batch of images asked the same question (the Q-Former reads it).
@@ -267,7 +272,7 @@ impl Runtime {
     }
 
     /// The tokenized prompt of a question (and answer prefix), checked against the positions.
-    fn prompt(&self, question: &str, prefix: Option<&str>) -> Result<PromptIds> {
+    pub(crate) fn prompt(&self, question: &str, prefix: Option<&str>) -> Result<PromptIds> {
         let prompt = template::tokenize_prompt(&self.tokenizer, &template::prompt(&template::user_turn(question), prefix))?;
         let len = prompt.spliced_len(self.manifest.image.tokens);
         if len >= self.manifest.decoder.max_positions {
@@ -301,7 +306,7 @@ impl Runtime {
     /// Prefill of one prompt per row, each with its image's features (`feats` = [B·N·D]): shorter
     /// prompts are left-padded (zero embeddings, masked). Returns the last position's logits [B·V]
     /// and the cache.
-    fn prefill_rows(&mut self, prompts: &[&PromptIds], feats: &[f32]) -> Result<(Vec<f32>, Cache)> {
+    pub(crate) fn prefill_rows(&mut self, prompts: &[&PromptIds], feats: &[f32]) -> Result<(Vec<f32>, Cache)> {
         let b = prompts.len();
         let n_img = self.manifest.image.tokens;
         let lens: Vec<usize> = prompts.iter().map(|p| p.spliced_len(n_img)).collect();
@@ -336,6 +341,56 @@ impl Runtime {
         self.step(e, cache, false)
     }
 
+    /// Whether this export can admit rows into a running batch and drop finished ones.
+    pub fn can_regroup(&self) -> bool {
+        self.cache_join.is_some() && self.cache_select.is_some()
+    }
+
+    /// Runs a cache graph: the named caches in, `kv.*` out on the cache's device.
+    fn cache_op(&mut self, join: bool, feeds: Vec<(String, &DynValue)>, rows: Option<DynValue>) -> Result<Vec<DynValue>> {
+        let layers = self.manifest.decoder.layers;
+        let e = |w: &'static str| ort_err(format!("cache {w}"));
+        let session = if join { self.cache_join.as_mut() } else { self.cache_select.as_mut() };
+        let session = session.ok_or_else(|| RunError::Input("this export has no cache graphs (re-export it)".into()))?;
+        let mut bind = session.create_binding().map_err(e("binding"))?;
+        for (name, v) in feeds {
+            bind.bind_input(name, v).map_err(e("input"))?;
+        }
+        if let Some(r) = &rows {
+            bind.bind_input("rows", r).map_err(e("rows"))?;
+        }
+        for i in 0..layers {
+            for p in ["key", "value"] {
+                bind.bind_output_to_device(format!("kv.{i}.{p}"), &self.kv_mem).map_err(e("output"))?;
+            }
+        }
+        let mut out = session.run_binding(&bind).map_err(e("run"))?;
+        let mut kv = Vec::with_capacity(2 * layers);
+        for i in 0..layers {
+            for p in ["key", "value"] {
+                kv.push(out.remove(format!("kv.{i}.{p}")).ok_or_else(|| RunError::Ort("cache output missing".into()))?);
+            }
+        }
+        Ok(kv)
+    }
+
+    /// The rows of `a`, then those of `b`, in one cache; the shorter is left-padded (masked).
+    pub(crate) fn join(&mut self, a: &Cache, b: &Cache) -> Result<Cache> {
+        let feeds = a.kv.iter().enumerate().map(|(j, v)| (kv_name("a", j), v)).chain(b.kv.iter().enumerate().map(|(j, v)| (kv_name("b", j), v))).collect();
+        let kv = self.cache_op(true, feeds, None)?;
+        let len = a.len.max(b.len);
+        let pad = a.pad.iter().map(|p| p + len - a.len).chain(b.pad.iter().map(|p| p + len - b.len)).collect::<Vec<_>>();
+        Ok(Cache { kv, len, batch: pad.len(), pad })
+    }
+
+    /// The cache of the rows `keep` of `c`.
+    pub(crate) fn select(&mut self, c: &Cache, keep: &[usize]) -> Result<Cache> {
+        let feeds = c.kv.iter().enumerate().map(|(j, v)| (kv_name("in", j), v)).collect();
+        let rows = int_value(vec![keep.len() as i64], keep.iter().map(|&r| r as i64).collect())?;
+        let kv = self.cache_op(false, feeds, Some(rows))?;
+        Ok(Cache { kv, len: c.len, batch: keep.len(), pad: keep.iter().map(|&r| c.pad[r]).collect() })
+    }
+
     /// Answers one question about each image of a batch (see [`Runtime::generate_mixed`]).
     pub fn generate_batch(&mut self, imgs: &[&RgbImage], question: &str, opts: &GenerateOptions, on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
         let reqs: Vec<Request> = imgs.iter().map(|&image| Request { image, question, opts: *opts, cancel: None }).collect();
@@ -343,43 +398,22 @@ impl Runtime {
     }
 
     /// Answers a batch of requests (each its own image, question and settings) decoding all rows
-    /// together: shorter prompts are left-padded and masked, a finished row idles (fed
-    /// `<|endoftext|>`) until the last one stops. Every row samples with its own [`Sampler`], so a
+    /// together (a [`Running`] batch admitting them all at once): shorter prompts are left-padded
+    /// and masked; a finished row leaves the batch. Every row samples with its own [`Sampler`], so a
     /// row's text is the one a lone run gives. `on_text` receives (row, new text) as answers grow.
     pub fn generate_mixed(&mut self, reqs: &[Request], mut on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
-        let b = reqs.len();
-        if b == 0 {
+        if reqs.is_empty() {
             return Err(RunError::Input("no requests".into()));
         }
-        let prompts: Vec<PromptIds> = reqs.iter().map(|r| self.prompt(r.question, None)).collect::<Result<_>>()?;
-        let samplers: Vec<Sampler> = reqs.iter().map(|r| Ok(Sampler::new(r.opts.sampling)?)).collect::<Result<_>>()?;
-        let imgs: Vec<&RgbImage> = reqs.iter().map(|r| r.image).collect();
-        let questions: Vec<&str> = reqs.iter().map(|r| r.question).collect();
-        let feats = self.image_features_each(&imgs, &questions)?;
-        let (mut logits, mut cache) = self.prefill_rows(&prompts.iter().collect::<Vec<_>>(), &feats)?;
-        let room = self.manifest.decoder.max_positions - cache.len;
-        let eos = self.manifest.tokens.eos;
-        let tokenizer = Arc::clone(&self.tokenizer);
-        let mut rows: Vec<(Sampler, Decoding)> = samplers.into_iter().zip(reqs).map(|(s, r)| (s, Decoding::new(r.opts.max_new_tokens.min(room)))).collect();
-        loop {
-            let v = logits.len() / b;
-            let mut next = vec![eos; b];
-            let mut going = false;
-            for (r, (sampler, seq)) in rows.iter_mut().enumerate() {
-                if reqs[r].cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
-                    seq.stop();
-                }
-                if let Some(t) = seq.advance(sampler, &tokenizer, eos, &logits[r * v..(r + 1) * v], |s| on_text(r, s))? {
-                    next[r] = t;
-                    going = true;
-                }
+        let mut run = Running::default();
+        run.admit(self, reqs.iter().copied().enumerate().collect())?;
+        let mut out: Vec<Option<AnswerJson>> = vec![None; reqs.len()];
+        while !run.is_empty() {
+            for (r, a) in run.step(self, |&r, s| on_text(r, s), |&r| reqs[r].cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)))? {
+                out[r] = Some(a);
             }
-            if !going {
-                break;
-            }
-            (logits, cache) = self.next_logits(&next, &cache)?;
         }
-        rows.into_iter().enumerate().map(|(r, (_, seq))| Ok(seq.finish(&tokenizer, |s| on_text(r, s))?)).collect()
+        out.into_iter().map(|a| a.ok_or_else(|| RunError::Input("a row never finished".into()))).collect()
     }
 
     /// Answers a question about an image; `on_text` receives the answer as it grows.
@@ -465,4 +499,9 @@ fn last_rows(v: &DynValue, b: usize, s: usize) -> Result<Vec<f32>> {
 /// on, which names the provider library and the dependency that is missing.
 fn ep_reason(msg: &str) -> String {
     msg.find("Failed to load library").map_or(msg, |i| &msg[i..]).trim().to_string()
+}
+
+/// The name of cache value `j` (layer `j / 2`, key then value) under `prefix`.
+fn kv_name(prefix: &str, j: usize) -> String {
+    format!("{prefix}.{}.{}", j / 2, if j % 2 == 0 { "key" } else { "value" })
 }
