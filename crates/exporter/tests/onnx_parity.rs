@@ -149,6 +149,31 @@ fn f16_and_external_data_exports_stay_within_tolerance() {
     }
     assert_eq!(got, exp["ask.greedy_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap(), "f16 greedy ids");
     println!("f16 export: greedy ids through the f16 cache equal HF's ({} tokens)", got.len());
+
+    // Continuous batching on f16 caches: a request admitted after the first has decoded 3 tokens
+    // (caches joined, the shorter left-padded) and both answers equal lone runs.
+    let img = qadapt_core::image::load_image(&fx.join("image.png")).unwrap();
+    let opts = runtime::GenerateOptions { max_new_tokens: 12, sampling: Default::default() };
+    let qs = [ask, "Is it sharp?"];
+    let lone: Vec<Vec<u32>> = qs.iter().map(|q| m.generate(&img, q, &opts, |_| {}).unwrap().token_ids).collect();
+    let req = |q| runtime::Request { image: &img, question: q, opts, cancel: None };
+    let mut run = runtime::Running::default();
+    run.admit(&mut m, vec![(0usize, req(qs[0]))]).unwrap();
+    let mut answers: Vec<Option<Vec<u32>>> = vec![None, None];
+    for step in 0.. {
+        if step == 3 {
+            run.admit(&mut m, vec![(1usize, req(qs[1]))]).unwrap();
+        }
+        for (r, a) in run.step(&mut m, |_, _| {}, |_| false).unwrap() {
+            answers[r] = Some(a.token_ids);
+        }
+        if run.is_empty() && step >= 3 {
+            break;
+        }
+    }
+    assert_eq!(answers[0].as_ref(), Some(&lone[0]), "the running row changed when another joined");
+    assert_eq!(answers[1].as_ref(), Some(&lone[1]), "the joined row differs from a lone run");
+    println!("f16 export: a request joining a running batch answers as alone ({} and {} tokens)", lone[0].len(), lone[1].len());
 }
 
 #[test]

@@ -5,12 +5,12 @@
 //! - `POST /v1/score`: `{"image": data URL or base64}` → the Q-Align score and level probabilities.
 //! - `GET /health`, `GET /metrics` (Prometheus text).
 //!
-//! HTTP threads parse and check requests and put jobs on a bounded queue (full → 503); one inference
-//! thread owns the sessions, takes every queued job it can (up to `max_batch`) and runs the chat jobs
-//! as one batch and the score jobs as another: their images go through the vision graph together
-//! (each with its own question for the Q-Former) and their prompts, left-padded to one length,
-//! through the decoder together, each with its own sampling settings. Shutdown (see [`Server::shutdown`]) stops accepting, finishes what is queued,
-//! then returns.
+//! HTTP threads parse and check requests and put jobs on a bounded queue (full → 503). One
+//! inference thread owns the sessions and batches continuously: chat requests join the running
+//! decode batch between steps (up to `max_batch` rows; prefilled together, their caches joined to
+//! the running one on the device) and leave it when they finish or their client goes away; score
+//! requests run as one batch between steps. Shutdown (see [`Server::shutdown`]) stops accepting,
+//! finishes what is queued, then returns.
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +24,9 @@ use qadapt_core::sampling::{AnswerJson, SamplingParams};
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response};
 
-use crate::{GenerateOptions, RunError, Runtime};
+use std::collections::HashMap;
+
+use crate::{GenerateOptions, RunError, Running, Runtime};
 
 /// Limits and sizes of the server.
 #[derive(Debug, Clone)]
@@ -78,6 +80,8 @@ struct Metrics {
     tokens: AtomicU64,
     busy_us: AtomicU64,
     cancelled: AtomicU64,
+    /// Requests admitted into a batch that was already decoding.
+    joined: AtomicU64,
 }
 
 impl Metrics {
@@ -100,6 +104,7 @@ impl Metrics {
         s += &format!("# TYPE qadapt_generated_tokens_total counter\nqadapt_generated_tokens_total {}\n", self.tokens.load(Ordering::Relaxed));
         s += &format!("# TYPE qadapt_inference_seconds_total counter\nqadapt_inference_seconds_total {:.6}\n", self.busy_us.load(Ordering::Relaxed) as f64 / 1e6);
         s += &format!("# TYPE qadapt_cancelled_streams_total counter\nqadapt_cancelled_streams_total {}\n", self.cancelled.load(Ordering::Relaxed));
+        s += &format!("# TYPE qadapt_joined_running_total counter\nqadapt_joined_running_total {}\n", self.joined.load(Ordering::Relaxed));
         s
     }
 }
@@ -174,86 +179,132 @@ impl Server {
     }
 }
 
-/// The inference thread: takes a job, everything else already queued (up to `max_batch`), and
-/// runs jobs with the same work together. Ends when every sender is gone.
+/// The inference thread. Chat requests decode in one [`Running`] batch that they join as soon
+/// as there is room (up to `max_batch` rows; joining needs the export's cache graphs, else a batch
+/// admits only while it is empty) and leave when they finish; score requests run as one batch
+/// between decoding steps. Ends when every sender is gone and nothing is left to do.
 fn infer_loop(mut rt: Runtime, rx: Receiver<Job>, max_batch: usize, m: &Metrics) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < max_batch.max(1) {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
+    let max_batch = max_batch.max(1);
+    let mut run: Running<u64> = Running::default();
+    let mut live: HashMap<u64, Job> = HashMap::new();
+    let mut pending: Vec<Job> = Vec::new();
+    let mut next_id = 0u64;
+    loop {
+        if run.is_empty() && pending.is_empty() {
+            match rx.recv() {
+                Ok(j) => pending.push(j),
                 Err(_) => break,
             }
+            m.queued.fetch_sub(1, Ordering::Relaxed);
         }
-        m.queued.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
-        while !jobs.is_empty() {
-            let key = work_key(&jobs[0].work);
-            let (group, rest): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| work_key(&j.work) == key);
-            jobs = rest;
+        while run.len() + pending.len() < max_batch {
+            match rx.try_recv() {
+                Ok(j) => pending.push(j),
+                Err(_) => break,
+            }
+            m.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        let (scores, chats): (Vec<Job>, Vec<Job>) = pending.drain(..).partition(|j| matches!(j.work, Work::Score));
+        pending = chats;
+        if !scores.is_empty() {
             let t0 = Instant::now();
-            run_group(&mut rt, group, m);
+            run_scores(&mut rt, scores, m);
+            m.busy_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        if !pending.is_empty() && (run.is_empty() || rt.can_regroup()) {
+            let t0 = Instant::now();
+            let joining = !run.is_empty();
+            let mut ids = Vec::new();
+            for job in pending.drain(..) {
+                // A question too long for the model fails alone, not the batch it would join.
+                if let Work::Chat { question, .. } = &job.work {
+                    if let Err(e) = rt.check_question(question) {
+                        let _ = job.events.send(Event::Failed(e));
+                        continue;
+                    }
+                }
+                next_id += 1;
+                ids.push(next_id);
+                live.insert(next_id, job);
+            }
+            let reqs: Vec<(u64, crate::Request)> = ids
+                .iter()
+                .filter_map(|id| match &live[id].work {
+                    Work::Chat { question, opts } => Some((*id, crate::Request { image: &live[id].image, question, opts: *opts, cancel: None })),
+                    Work::Score => None,
+                })
+                .collect();
+            if !reqs.is_empty() {
+                m.batches.fetch_add(1, Ordering::Relaxed);
+                m.batched_jobs.fetch_add(reqs.len() as u64, Ordering::Relaxed);
+                if joining {
+                    m.joined.fetch_add(reqs.len() as u64, Ordering::Relaxed);
+                }
+                if let Err(e) = run.admit(&mut rt, reqs) {
+                    // Nothing was added; the rows already decoding go on.
+                    for id in ids {
+                        if let Some(job) = live.remove(&id) {
+                            let _ = job.events.send(Event::Failed(copy_err(&e)));
+                        }
+                    }
+                }
+            }
+            m.busy_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        if !run.is_empty() {
+            let t0 = Instant::now();
+            let res = run.step(
+                &mut rt,
+                |id, text| {
+                    if let Some(j) = live.get(id) {
+                        let _ = j.events.send(Event::Text(text.to_string()));
+                    }
+                },
+                |id| live.get(id).is_some_and(|j| j.cancel.load(Ordering::Relaxed)),
+            );
+            match res {
+                Ok(done) => {
+                    for (id, a) in done {
+                        if let Some(job) = live.remove(&id) {
+                            m.tokens.fetch_add(a.token_ids.len() as u64, Ordering::Relaxed);
+                            let _ = job.events.send(Event::Done(a));
+                        }
+                    }
+                }
+                Err(e) => {
+                    // A failed step loses the batch: every row in it gets the error.
+                    run = Running::default();
+                    for (_, job) in live.drain() {
+                        let _ = job.events.send(Event::Failed(copy_err(&e)));
+                    }
+                }
+            }
             m.busy_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
     }
 }
 
-/// Jobs with equal keys share a batch.
-fn work_key(w: &Work) -> &'static str {
-    match w {
-        Work::Score => "score",
-        Work::Chat { .. } => "chat",
+/// RunError is not Clone: a copy with the same message, its class kept.
+fn copy_err(e: &RunError) -> RunError {
+    match e {
+        RunError::Input(m) => RunError::Input(m.clone()),
+        other => RunError::Ort(other.to_string()),
     }
 }
 
-fn run_group(rt: &mut Runtime, group: Vec<Job>, m: &Metrics) {
-    // A question too long for the model fails alone, not the batch it was drawn into.
-    let (group, bad): (Vec<Job>, Vec<Job>) = group.into_iter().partition(|j| match &j.work {
-        Work::Chat { question, .. } => rt.check_question(question).is_ok(),
-        Work::Score => true,
-    });
-    for j in bad {
-        if let Work::Chat { question, .. } = &j.work {
-            if let Err(e) = rt.check_question(question) {
-                let _ = j.events.send(Event::Failed(e));
-            }
-        }
-    }
-    if group.is_empty() {
-        return;
-    }
+fn run_scores(rt: &mut Runtime, group: Vec<Job>, m: &Metrics) {
     m.batches.fetch_add(1, Ordering::Relaxed);
     m.batched_jobs.fetch_add(group.len() as u64, Ordering::Relaxed);
     let imgs: Vec<&RgbImage> = group.iter().map(|j| &j.image).collect();
-    let res = match &group[0].work {
-        Work::Score => rt.score_batch_json(&imgs),
-        Work::Chat { .. } => {
-            let reqs: Vec<crate::Request> = group
-                .iter()
-                .filter_map(|j| match &j.work {
-                    Work::Chat { question, opts } => Some(crate::Request { image: &j.image, question, opts: *opts, cancel: Some(&j.cancel) }),
-                    Work::Score => None,
-                })
-                .collect();
-            rt.generate_mixed(&reqs, |row, text| {
-                let _ = group[row].events.send(Event::Text(text.to_string()));
-            })
-        }
-    };
-    match res {
+    match rt.score_batch_json(&imgs) {
         Ok(answers) => {
             for (job, a) in group.iter().zip(answers) {
-                m.tokens.fetch_add(a.token_ids.len() as u64, Ordering::Relaxed);
                 let _ = job.events.send(Event::Done(a));
             }
         }
         Err(e) => {
             for job in &group {
-                // RunError is not Clone: each job gets the same message, its class kept.
-                let err = match &e {
-                    RunError::Input(m) => RunError::Input(m.clone()),
-                    other => RunError::Ort(other.to_string()),
-                };
-                let _ = job.events.send(Event::Failed(err));
+                let _ = job.events.send(Event::Failed(copy_err(&e)));
             }
         }
     }

@@ -342,3 +342,52 @@ fn a_question_too_long_for_the_model_fails_alone() {
     println!("12 clients, one question too long: 11 answered in {batches} batches ({jobs} jobs)");
     server.shutdown();
 }
+
+/// Continuous batching: requests that arrive while a long answer decodes join its batch (their
+/// caches joined to the running one, left-padded) and every answer, the long one included, is the
+/// one a lone request gets.
+#[test]
+fn requests_join_a_running_batch_and_answer_as_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = "bunny_f32_bpe";
+    let dir = tmp.path().join(case);
+    export(case, &dir);
+    let (server, url) = start(&dir, Config { max_new_tokens: 400, ..Config::default() });
+    let chat_url = Arc::new(format!("{url}/v1/chat/completions"));
+    let long_q = "Describe the quality of this image.";
+    let long_img = Arc::new(data_url(&fixtures().join(case).join("image.png")));
+    let pics: Vec<String> = images(&tmp.path().join("imgs"), 6).iter().map(|p| data_url(p)).collect();
+    let short_q = ["Is it sharp?", "Is the exposure right, or is the sky blown out?"];
+    let lone_long = post(&chat_url, &chat(long_q, &long_img, 300, false)).1["token_ids"].clone();
+    assert_eq!(lone_long.as_array().unwrap().len(), 300);
+    let lone: Vec<Value> = pics.iter().enumerate().map(|(i, p)| post(&chat_url, &chat(short_q[i % 2], p, 16, false)).1["token_ids"].clone()).collect();
+    let (joined0, admitted0) = (metric(&url, "qadapt_joined_running_total"), metric(&url, "qadapt_batched_jobs_total"));
+    let (u, img) = (Arc::clone(&chat_url), Arc::clone(&long_img));
+    let long = std::thread::spawn(move || post(&u, &chat(long_q, &img, 300, false)));
+    // Once the long answer is decoding (admitted), the others arrive.
+    let t0 = std::time::Instant::now();
+    while metric(&url, "qadapt_batched_jobs_total") == admitted0 {
+        assert!(t0.elapsed().as_secs() < 10);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let shorts: Vec<_> = pics
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (u, p) = (Arc::clone(&chat_url), p.clone());
+            std::thread::spawn(move || post(&u, &chat(short_q[i % 2], &p, 16, false)))
+        })
+        .collect();
+    for (i, s) in shorts.into_iter().enumerate() {
+        let (code, r) = s.join().unwrap();
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["token_ids"], lone[i], "request {i} joined a running batch and answered differently");
+    }
+    let (code, r) = long.join().unwrap();
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["token_ids"], lone_long, "the long answer changed when others joined its batch");
+    let joined = metric(&url, "qadapt_joined_running_total") - joined0;
+    println!("{joined} of {} requests joined a running batch; all answers equal lone ones", pics.len());
+    assert_eq!(joined, pics.len() as f64, "requests that arrived during a decode did not join it");
+    server.shutdown();
+}
