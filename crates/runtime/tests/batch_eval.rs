@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{export, fixtures, images, ok, run};
+use common::{exported, fixtures, images, ok, run};
 use serde_json::Value;
 
 fn log_softmax_at(logits: &[f32], id: u32) -> f64 {
@@ -19,10 +19,8 @@ fn log_softmax_at(logits: &[f32], id: u32) -> f64 {
 /// logits after the prompt with the option's prefix as the begun answer.
 #[test]
 fn choices_match_the_candle_engine() {
-    let tmp = tempfile::tempdir().unwrap();
     let case = "qadapt_f32_sharded";
-    let dir = tmp.path().join(case);
-    export(case, &dir);
+    let (_tmp, dir) = exported(case);
     let fx = fixtures().join(case);
     let img = fx.join("image.png");
     let q = "How is the sharpness?";
@@ -65,10 +63,8 @@ fn lines(p: &Path) -> Vec<Value> {
 /// Batched rows equal one-image runs; a corrupt image is an error row; a second run resumes.
 #[test]
 fn batch_equals_single_runs_skips_bad_images_and_resumes() {
-    let tmp = tempfile::tempdir().unwrap();
     let case = "qadapt_f32_sharded";
-    let dir = tmp.path().join(case);
-    export(case, &dir);
+    let (tmp, dir) = exported(case);
     let m = dir.to_str().unwrap();
     let imgs_dir = tmp.path().join("imgs");
     let imgs = images(&imgs_dir, 7);
@@ -147,10 +143,8 @@ fn batch_equals_single_runs_skips_bad_images_and_resumes() {
 /// Q-Bench accuracy (both ways of choosing) and IQA correlations equal what per-image runs give.
 #[test]
 fn eval_qbench_and_iqa_agree_with_per_image_runs() {
-    let tmp = tempfile::tempdir().unwrap();
     let case = "qadapt_f32_sharded";
-    let dir = tmp.path().join(case);
-    export(case, &dir);
+    let (tmp, dir) = exported(case);
     let m = dir.to_str().unwrap();
     let imgs_dir = tmp.path().join("imgs");
     let imgs = images(&imgs_dir, 8);

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use common::{export, expected, fixtures, images};
+use common::{expected, exported, fixtures, images};
 use runtime::serve::{Config, Server};
 use runtime::{Ep, Runtime};
 use serde_json::{json, Value};
@@ -69,9 +69,7 @@ fn stream(url: &str, body: &Value) -> (String, usize) {
 
 #[test]
 fn serves_hf_answers_streams_batches_and_limits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join(CASE);
-    export(CASE, &dir);
+    let (tmp, dir) = exported(CASE);
     let exp = expected(CASE);
     let img = data_url(&fixtures().join(CASE).join("image.png"));
     let (server, url) = start(&dir, Config { max_image_bytes: 64 << 10, max_new_tokens: 64, ..Config::default() });
@@ -216,9 +214,7 @@ fn serves_hf_answers_streams_batches_and_limits() {
 /// their answer.
 #[test]
 fn a_full_queue_answers_503() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join(CASE);
-    export(CASE, &dir);
+    let (_tmp, dir) = exported(CASE);
     let img = Arc::new(data_url(&fixtures().join(CASE).join("image.png")));
     let (server, url) = start(&dir, Config { max_queue: 1, max_batch: 1, ..Config::default() });
     let url = Arc::new(format!("{url}/v1/chat/completions"));
@@ -245,9 +241,7 @@ fn a_full_queue_answers_503() {
 /// The binary: `serve --port 0` prints its address, answers, and exits 0 on SIGTERM.
 #[test]
 fn the_binary_serves_and_stops_on_sigterm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join(CASE);
-    export(CASE, &dir);
+    let (_tmp, dir) = exported(CASE);
     let mut child = common::run()
         .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0"])
         .stderr(std::process::Stdio::piped())
@@ -284,10 +278,8 @@ fn metric(url: &str, name: &str) -> f64 {
 /// fixture never emits `<|endoftext|>`), only the few before the broken write are generated.
 #[test]
 fn a_client_that_disconnects_stops_its_generation() {
-    let tmp = tempfile::tempdir().unwrap();
     let case = "bunny_f32_bpe";
-    let dir = tmp.path().join(case);
-    export(case, &dir);
+    let (_tmp, dir) = exported(case);
     let img = data_url(&fixtures().join(case).join("image.png"));
     let (server, url) = start(&dir, Config { max_new_tokens: 400, ..Config::default() });
     let chat_url = format!("{url}/v1/chat/completions");
@@ -316,9 +308,7 @@ fn a_client_that_disconnects_stops_its_generation() {
 /// the requests batched with it are still answered.
 #[test]
 fn a_question_too_long_for_the_model_fails_alone() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join(CASE);
-    export(CASE, &dir);
+    let (_tmp, dir) = exported(CASE);
     let img = Arc::new(data_url(&fixtures().join(CASE).join("image.png")));
     let (server, url) = start(&dir, Config { max_prompt_tokens: 1000, ..Config::default() });
     let chat_url = Arc::new(format!("{url}/v1/chat/completions"));
@@ -348,10 +338,8 @@ fn a_question_too_long_for_the_model_fails_alone() {
 /// one a lone request gets.
 #[test]
 fn requests_join_a_running_batch_and_answer_as_alone() {
-    let tmp = tempfile::tempdir().unwrap();
     let case = "bunny_f32_bpe";
-    let dir = tmp.path().join(case);
-    export(case, &dir);
+    let (tmp, dir) = exported(case);
     let (server, url) = start(&dir, Config { max_new_tokens: 400, ..Config::default() });
     let chat_url = Arc::new(format!("{url}/v1/chat/completions"));
     let long_q = "Describe the quality of this image.";

@@ -33,6 +33,14 @@ pub fn export(case: &str, out: &Path) {
     exporter::export(&opts, |_, _, _| {}).unwrap();
 }
 
+/// A fixture exported (f32) into a fresh temporary directory: the directory's guard and the export.
+pub fn exported(case: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(case);
+    export(case, &dir);
+    (tmp, dir)
+}
+
 /// Stdout as JSON, after checking the exit status.
 pub fn ok(o: Output, what: &str) -> serde_json::Value {
     assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
