@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     println!("exported {} ({}):", summary.out.display(), if summary.verified { "verified against candle through ONNX Runtime" } else { "not verified" });
     for g in &summary.graphs {
         let err = g.max_rel_err.map(|e| format!("max rel err {e:.1e}")).unwrap_or_default();
-        println!("  {:<13} {:>6} nodes {:>5} tensors {:>10.2} MB{} {err}", g.file, g.nodes, g.initializers, g.bytes as f64 / 1e6, if g.external_data { " (+ .data)" } else { "" });
+        println!("  {:<17} {:>6} nodes {:>5} tensors {:>10.2} MB{} {err}", g.file, g.nodes, g.initializers, g.bytes as f64 / 1e6, if g.external_data { " (+ .data)" } else { "" });
     }
     Ok(())
 }
