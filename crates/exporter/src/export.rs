@@ -57,8 +57,9 @@ pub fn decoder(model: &Bunny, ft: FloatType) -> Result<Traced> {
 
 /// `cache_join.onnx`: two KV caches (`a.*`, `b.*`, each [B, H, L, Dh]) → one (`kv.*`), the shorter
 /// left-padded with zeros to the longer's length, rows of `a` first. With `cache_select.onnx`
-/// (`kv.*` and `rows` → `kv.*`, the rows kept) it lets the runtime admit requests into a running
-/// decode batch and drop finished ones without the cache leaving the device.
+/// (`in.*`, `rows` and `start` → `kv.*`: the rows kept, from position `start` on, the padding they
+/// all share dropped) it lets the runtime admit requests into a running decode batch and drop
+/// finished ones without the cache leaving the device.
 pub fn cache_join(model: &Bunny, ft: FloatType) -> Result<Traced> {
     cache_graph(model, ft, "cache_join.onnx", |g, i, part| {
         let (a, b) = (g.input(&format!("a.{i}.{part}"), 4), g.input(&format!("b.{i}.{part}"), 4));
@@ -69,10 +70,11 @@ pub fn cache_join(model: &Bunny, ft: FloatType) -> Result<Traced> {
 /// `cache_select.onnx`: see [`cache_join`].
 pub fn cache_select(model: &Bunny, ft: FloatType) -> Result<Traced> {
     let mut t = cache_graph(model, ft, "cache_select.onnx", |g, i, part| {
-        let (kv, rows) = (g.input(&format!("in.{i}.{part}"), 4), g.input("rows", 1));
-        g.take_rows(&kv, &rows)
+        let (kv, rows, start) = (g.input(&format!("in.{i}.{part}"), 4), g.input("rows", 1), g.input("start", 0));
+        g.take_rows(&kv, &rows, &start, 2)
     })?;
     t.inputs.push(Io::new("rows", DataType::Int64, vec![Dim::Sym("kept")]));
+    t.inputs.push(Io::new("start", DataType::Int64, vec![]));
     Ok(t)
 }
 

@@ -156,10 +156,15 @@ impl Graph {
         self.concat(&[&padded[0].name, &padded[1].name], 0, rank)
     }
 
-    /// Rows `rows` (int64 [K]) of `x` along axis 0.
-    pub fn take_rows(&mut self, x: &V, rows: &V) -> V {
-        let (n, r) = (self.name(x), self.name(rows));
-        self.node("Gather", &[&n, &r], vec![attr_int("axis", 0)], x.rank)
+    /// Rows `rows` (int64 [K]) of `x` along axis 0, from position `start` (int64 scalar) on along
+    /// `axis`: the rows of a KV cache that go on, without the padding they all share.
+    pub fn take_rows(&mut self, x: &V, rows: &V, start: &V, axis: i64) -> V {
+        let (n, r, st) = (self.name(x), self.name(rows), self.name(start));
+        let kept = self.node("Gather", &[&n, &r], vec![attr_int("axis", 0)], x.rank);
+        let zero = self.ints(&[0]);
+        let st = self.node("Unsqueeze", &[&st, &zero], vec![], 1);
+        let (end, ax) = (self.ints(&[i64::MAX]), self.ints(&[axis]));
+        self.node("Slice", &[&kept.name, &st.name, &end, &ax], vec![], x.rank)
     }
 
     /// Renames `v` as a graph output (an Identity node).

@@ -347,7 +347,7 @@ impl Runtime {
     }
 
     /// Runs a cache graph: the named caches in, `kv.*` out on the cache's device.
-    fn cache_op(&mut self, join: bool, feeds: Vec<(String, &DynValue)>, rows: Option<DynValue>) -> Result<Vec<DynValue>> {
+    fn cache_op(&mut self, join: bool, feeds: Vec<(String, &DynValue)>, extra: Vec<(&str, DynValue)>) -> Result<Vec<DynValue>> {
         let layers = self.manifest.decoder.layers;
         let e = |w: &'static str| ort_err(format!("cache {w}"));
         let session = if join { self.cache_join.as_mut() } else { self.cache_select.as_mut() };
@@ -356,8 +356,8 @@ impl Runtime {
         for (name, v) in feeds {
             bind.bind_input(name, v).map_err(e("input"))?;
         }
-        if let Some(r) = &rows {
-            bind.bind_input("rows", r).map_err(e("rows"))?;
+        for (name, v) in &extra {
+            bind.bind_input(*name, v).map_err(e("input"))?;
         }
         for i in 0..layers {
             for p in ["key", "value"] {
@@ -377,18 +377,21 @@ impl Runtime {
     /// The rows of `a`, then those of `b`, in one cache; the shorter is left-padded (masked).
     pub(crate) fn join(&mut self, a: &Cache, b: &Cache) -> Result<Cache> {
         let feeds = a.kv.iter().enumerate().map(|(j, v)| (kv_name("a", j), v)).chain(b.kv.iter().enumerate().map(|(j, v)| (kv_name("b", j), v))).collect();
-        let kv = self.cache_op(true, feeds, None)?;
+        let kv = self.cache_op(true, feeds, Vec::new())?;
         let len = a.len.max(b.len);
         let pad = a.pad.iter().map(|p| p + len - a.len).chain(b.pad.iter().map(|p| p + len - b.len)).collect::<Vec<_>>();
         Ok(Cache { kv, len, batch: pad.len(), pad })
     }
 
-    /// The cache of the rows `keep` of `c`.
+    /// The cache of the rows `keep` of `c`, without the padding they all share (the batch gets
+    /// shorter when its longest prompt leaves).
     pub(crate) fn select(&mut self, c: &Cache, keep: &[usize]) -> Result<Cache> {
         let feeds = c.kv.iter().enumerate().map(|(j, v)| (kv_name("in", j), v)).collect();
+        let shared = keep.iter().map(|&r| c.pad[r]).min().unwrap_or(0);
         let rows = int_value(vec![keep.len() as i64], keep.iter().map(|&r| r as i64).collect())?;
-        let kv = self.cache_op(false, feeds, Some(rows))?;
-        Ok(Cache { kv, len: c.len, batch: keep.len(), pad: keep.iter().map(|&r| c.pad[r]).collect() })
+        let start = int_value(vec![], vec![shared as i64])?;
+        let kv = self.cache_op(false, feeds, vec![("rows", rows), ("start", start)])?;
+        Ok(Cache { kv, len: c.len - shared, batch: keep.len(), pad: keep.iter().map(|&r| c.pad[r] - shared).collect() })
     }
 
     /// Answers one question about each image of a batch (see [`Runtime::generate_mixed`]).

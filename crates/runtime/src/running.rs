@@ -44,6 +44,11 @@ impl<T> Running<T> {
         self.slots.iter().flatten().count()
     }
 
+    /// Positions in the batch's cache, padding included (0 when nothing decodes).
+    pub fn cache_len(&self) -> usize {
+        self.cache.as_ref().map_or(0, Cache::len)
+    }
+
     /// Prefills `reqs` together and adds them to the batch. Rows already decoding go on from
     /// where they were; the cache of the shorter side is left-padded.
     pub fn admit(&mut self, rt: &mut Runtime, reqs: Vec<(T, Request)>) -> Result<()> {

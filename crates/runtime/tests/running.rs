@@ -1,0 +1,44 @@
+//! `runtime::Running`, the batch that rows join and leave, on a fixture export: a row that leaves
+//! takes the padding only it needed with it, and the rows that go on answer as lone runs.
+
+mod common;
+
+use common::{exported, fixtures};
+use runtime::{Ep, GenerateOptions, Request, Running, Runtime};
+
+#[test]
+fn a_leaving_row_takes_the_shared_padding_with_it() {
+    let (_tmp, dir) = exported("bunny_f32_bpe"); // its greedy answers never reach <|endoftext|>
+    let mut rt = Runtime::open(&dir, Ep::Cpu, 0, false, None).unwrap();
+    let img = qadapt_core::image::load_image(&fixtures().join("bunny_f32_bpe/image.png")).unwrap();
+    let long_q = "Describe the quality of this image in detail: sharpness, noise, exposure and colour.";
+    let short_q = "Sharp?";
+    let opts = |n| GenerateOptions { max_new_tokens: n, sampling: Default::default() };
+    let lone_short = rt.generate(&img, short_q, &opts(12), |_| {}).unwrap().token_ids;
+    let lone_long = rt.generate(&img, long_q, &opts(3), |_| {}).unwrap().token_ids;
+    let mut run = Running::default();
+    run.admit(&mut rt, vec![("long", Request { image: &img, question: long_q, opts: opts(3), cancel: None }), ("short", Request { image: &img, question: short_q, opts: opts(12), cancel: None })]).unwrap();
+    let len_of = |q: &str| -> usize {
+        use qadapt_core::template::{prompt, tokenize_prompt, user_turn};
+        tokenize_prompt(&rt.tokenizer, &prompt(&user_turn(q), None)).unwrap().spliced_len(rt.manifest.image.tokens)
+    };
+    let (long_len, short_len) = (len_of(long_q), len_of(short_q));
+    assert!(long_len > short_len);
+    // The short row is left-padded to the long prompt's length.
+    assert_eq!(run.cache_len(), long_len);
+    let mut answers = std::collections::HashMap::new();
+    let mut steps = 0;
+    while !run.is_empty() {
+        for (tag, a) in run.step(&mut rt, |_, _| {}, |_| false).unwrap() {
+            answers.insert(tag, (steps, a.token_ids));
+        }
+        steps += 1;
+        if answers.contains_key("long") && !answers.contains_key("short") {
+            // Only the short row is left: its cache holds its own prompt and tokens, no padding.
+            assert_eq!(run.cache_len(), short_len + steps, "the padding only the long row needed stayed");
+        }
+    }
+    assert_eq!(answers["long"].1, lone_long);
+    assert_eq!(answers["short"].1, lone_short, "the row that went on answered differently after the trim");
+    println!("long prompt {long_len}, short {short_len} positions: after the long row left (step {}), the short row's cache lost its padding and it answered as alone", answers["long"].0 + 1);
+}
