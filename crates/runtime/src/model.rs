@@ -193,7 +193,7 @@ impl Runtime {
             let (mut ids, mut mask) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
             for r in 0..b {
                 let row = &rows[r % rows.len()];
-                ids.extend(row.iter().copied().chain(std::iter::repeat(0).take(t - row.len())));
+                ids.extend(row.iter().copied().chain(std::iter::repeat_n(0, t - row.len())));
                 mask.extend((0..t).map(|j| i64::from(j < row.len())));
             }
             feed.push(("qformer_attention_mask".into(), ints(vec![b as i64, t as i64], mask)?));
@@ -506,5 +506,5 @@ fn ep_reason(msg: &str) -> String {
 
 /// The name of cache value `j` (layer `j / 2`, key then value) under `prefix`.
 fn kv_name(prefix: &str, j: usize) -> String {
-    format!("{prefix}.{}.{}", j / 2, if j % 2 == 0 { "key" } else { "value" })
+    format!("{prefix}.{}.{}", j / 2, if j.is_multiple_of(2) { "key" } else { "value" })
 }
