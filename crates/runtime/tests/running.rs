@@ -1,5 +1,6 @@
 //! `runtime::Running`, the batch that rows join and leave, on a fixture export: a row that leaves
-//! takes the padding only it needed with it, and the rows that go on answer as lone runs.
+//! takes the padding only it needed with it, and the rows that go on answer as lone runs; an export
+//! without the cache graphs still batches (finished rows idle) and refuses to admit mid-way.
 
 mod common;
 
@@ -41,4 +42,32 @@ fn a_leaving_row_takes_the_shared_padding_with_it() {
     assert_eq!(answers["long"].1, lone_long);
     assert_eq!(answers["short"].1, lone_short, "the row that went on answered differently after the trim");
     println!("long prompt {long_len}, short {short_len} positions: after the long row left (step {}), the short row's cache lost its padding and it answered as alone", answers["long"].0 + 1);
+}
+
+/// An export from before the cache graphs: a batch cannot regroup, so finished rows idle until the
+/// last one stops, and every answer is still the lone one.
+#[test]
+fn exports_without_cache_graphs_still_batch() {
+    let (_tmp, dir) = exported("bunny_f32_bpe");
+    let manifest = dir.join("qadapt.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    for g in ["cache_join", "cache_select"] {
+        std::fs::remove_file(dir.join(m["graphs"][g].as_str().unwrap())).unwrap();
+        m["graphs"].as_object_mut().unwrap().remove(g);
+    }
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let mut rt = Runtime::open(&dir, Ep::Cpu, 0, false, None).unwrap();
+    assert!(!rt.can_regroup());
+    let img = qadapt_core::image::load_image(&fixtures().join("bunny_f32_bpe/image.png")).unwrap();
+    let opts = |n| GenerateOptions { max_new_tokens: n, sampling: Default::default() };
+    let qs = [("Describe the quality of this image in detail.", 3), ("Sharp?", 9)];
+    let lone: Vec<Vec<u32>> = qs.iter().map(|&(q, n)| rt.generate(&img, q, &opts(n), |_| {}).unwrap().token_ids).collect();
+    let reqs: Vec<Request> = qs.iter().map(|&(q, n)| Request { image: &img, question: q, opts: opts(n), cancel: None }).collect();
+    let got: Vec<Vec<u32>> = rt.generate_mixed(&reqs, |_, _| {}).unwrap().into_iter().map(|a| a.token_ids).collect();
+    assert_eq!(got, lone);
+    // A running batch of such an export admits nothing more.
+    let mut run = Running::default();
+    run.admit(&mut rt, vec![(0, reqs[0])]).unwrap();
+    let err = run.admit(&mut rt, vec![(1, reqs[1])]).unwrap_err().to_string();
+    assert!(err.contains("re-export"), "{err}");
 }
