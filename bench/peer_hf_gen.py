@@ -13,7 +13,9 @@ import json
 import time
 
 import torch
-from transformers import PhiConfig, PhiForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import PhiForCausalLM, SiglipVisionModel
+
+from peer_shapes import bunny_shapes
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--config", required=True)
@@ -27,21 +29,10 @@ ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
 ap.add_argument("--floors", action="store_true")
 a = ap.parse_args()
 
-cfg = json.load(open(a.config))
-v = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
-     "image_size": 384, "patch_size": 14, "layer_norm_eps": 1e-6, **cfg.get("vision_config", {})}
+vcfg, pcfg, mm, d, v = bunny_shapes(a.config)
 dev = torch.device(a.device)
 dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
 torch.manual_seed(0)
-vcfg = SiglipVisionConfig(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
-                          num_hidden_layers=v["num_hidden_layers"] - 1, num_attention_heads=v["num_attention_heads"],
-                          image_size=v["image_size"], patch_size=v["patch_size"], layer_norm_eps=v["layer_norm_eps"],
-                          vision_use_head=False)
-pcfg = PhiConfig(vocab_size=cfg.get("vocab_size", 50295), hidden_size=cfg.get("hidden_size", 2560),
-                 num_hidden_layers=cfg.get("num_hidden_layers", 32), num_attention_heads=cfg.get("num_attention_heads", 32),
-                 intermediate_size=cfg.get("intermediate_size", 10240), partial_rotary_factor=cfg.get("partial_rotary_factor", 0.4),
-                 max_position_embeddings=cfg.get("max_position_embeddings", 2048))
-mm, d = cfg.get("mm_hidden_size", 1152), pcfg.hidden_size
 vision = SiglipVisionModel(vcfg).to(dev, dt).eval()
 connector = torch.nn.Sequential(torch.nn.Linear(mm, d), torch.nn.GELU(), torch.nn.Linear(d, d)).to(dev, dt).eval()
 llm = PhiForCausalLM(pcfg).to(dev, dt).eval()
