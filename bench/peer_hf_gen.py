@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import PhiForCausalLM, SiglipVisionModel
 
-from peer_shapes import bunny_shapes
+from peer_shapes import DTYPES, bunny_shapes
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--config", required=True)
@@ -31,7 +31,7 @@ a = ap.parse_args()
 
 vcfg, pcfg, mm, d, v = bunny_shapes(a.config)
 dev = torch.device(a.device)
-dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
+dt = getattr(torch, DTYPES[a.dtype])
 torch.manual_seed(0)
 vision = SiglipVisionModel(vcfg).to(dev, dt).eval()
 connector = torch.nn.Sequential(torch.nn.Linear(mm, d), torch.nn.GELU(), torch.nn.Linear(d, d)).to(dev, dt).eval()

@@ -5,6 +5,9 @@ import json
 
 from transformers import PhiConfig, SiglipVisionConfig
 
+# --dtype names of the peers' command lines.
+DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+
 SIGLIP_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
                  "image_size": 384, "patch_size": 14, "layer_norm_eps": 1e-6}
 

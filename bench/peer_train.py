@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PhiForCausalLM, SiglipVisionModel
 
-from peer_shapes import bunny_shapes
+from peer_shapes import DTYPES, bunny_shapes
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
     a = ap.parse_args()
     vcfg, pcfg, mm, d, v = bunny_shapes(a.config)
     dev = torch.device(a.device)
-    dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
+    dt = getattr(torch, DTYPES[a.dtype])
     torch.manual_seed(0)
 
     class Bunny(torch.nn.Module):

@@ -252,6 +252,15 @@ pub fn log_prob(logits: &[f32], id: u32) -> f64 {
     logits.get(id as usize).map_or(f64::NEG_INFINITY, |&x| x as f64 - lse)
 }
 
+/// What both binaries print for `--score`: the JSON object with `--json`, else [`score_line`].
+pub fn score_output(res: &AnswerJson, json: bool) -> String {
+    if json {
+        serde_json::to_string(res).unwrap_or_default()
+    } else {
+        score_line(res)
+    }
+}
+
 /// The `--score` line both binaries print: the score and each level's probability.
 pub fn score_line(res: &AnswerJson) -> String {
     let probs = res.level_probs.map(|p| p.to_array()).unwrap_or_default();

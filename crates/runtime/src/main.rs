@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use qadapt_core::image::load_image;
-use qadapt_core::sampling::{score_line, SamplingParams};
+use qadapt_core::sampling::{score_output, SamplingParams};
 use runtime::eval::ChooseBy;
 use runtime::{Ep, GenerateOptions, Placement, Runtime};
 
@@ -228,12 +228,7 @@ fn one(a: OneArgs) -> anyhow::Result<()> {
     let mut rt = a.model.open(1)?;
     let mut out = std::io::stdout().lock();
     if a.score {
-        let res = rt.score_json(&img)?;
-        if a.json {
-            writeln!(out, "{}", serde_json::to_string(&res)?)?;
-        } else {
-            writeln!(out, "{}", score_line(&res))?;
-        }
+        writeln!(out, "{}", score_output(&rt.score_json(&img)?, a.json))?;
         return Ok(());
     }
     let question = a.ask.as_deref().context("--ask is required unless --score is given")?;

@@ -32,9 +32,9 @@ pub struct GenerateOptions {
 pub struct Cache {
     kv: Vec<DynValue>,
     len: usize,
-    batch: usize,
-    /// Left padding of each row: rows of different prompt lengths share one batch, their first
-    /// `pad[r]` positions masked out and their positions counted from the first real token.
+    /// Left padding of each row, one entry per row (its length is the batch size): rows of
+    /// different prompt lengths share one batch, their first `pad[r]` positions masked out and
+    /// their positions counted from the first real token.
     pad: Vec<usize>,
 }
 
@@ -214,10 +214,9 @@ impl Runtime {
     /// An empty cache for a batch of `batch` rows.
     fn empty_cache(&self, pad: Vec<usize>) -> Result<Cache> {
         let d = &self.manifest.decoder;
-        let batch = pad.len();
-        let shape = vec![batch as i64, d.heads as i64, 0, d.head_dim as i64];
+        let shape = vec![pad.len() as i64, d.heads as i64, 0, d.head_dim as i64];
         let kv = (0..2 * d.layers).map(|_| float_value(shape.clone(), Vec::new(), self.f16)).collect::<Result<_>>()?;
-        Ok(Cache { kv, len: 0, batch, pad })
+        Ok(Cache { kv, len: 0, pad })
     }
 
     /// One decoder pass over `embeds` [B, S, D] after the cached positions. Returns the logits
@@ -225,7 +224,7 @@ impl Runtime {
     /// `cache` is only read, so several continuations can start from one prefill.
     fn step(&mut self, embeds: Vec<f32>, cache: &Cache, all: bool) -> Result<(Vec<f32>, Cache)> {
         let d = &self.manifest.decoder;
-        let b = cache.batch;
+        let b = cache.pad.len();
         let s = embeds.len() / (b * d.hidden_size);
         let total = cache.len + s;
         let e = |w: &'static str| ort_err(format!("decoder {w}"));
@@ -262,7 +261,7 @@ impl Runtime {
         // Logits are [B, kept, V]; an older export returns all S rows: copy out only those read.
         let rows = if self.keep_input { kept } else { s };
         let logits = if all || rows == 1 { out_f32(logits)? } else { last_rows(logits, b, rows)? };
-        Ok((logits, Cache { kv, len: total, batch: b, pad: cache.pad.clone() }))
+        Ok((logits, Cache { kv, len: total, pad: cache.pad.clone() }))
     }
 
     /// Whether `question` fits the model with its image (the error [`Runtime::generate_mixed`]
@@ -380,7 +379,7 @@ impl Runtime {
         let kv = self.cache_op(true, feeds, Vec::new())?;
         let len = a.len.max(b.len);
         let pad = a.pad.iter().map(|p| p + len - a.len).chain(b.pad.iter().map(|p| p + len - b.len)).collect::<Vec<_>>();
-        Ok(Cache { kv, len, batch: pad.len(), pad })
+        Ok(Cache { kv, len, pad })
     }
 
     /// The cache of the rows `keep` of `c`, without the padding they all share (the batch gets
@@ -391,7 +390,7 @@ impl Runtime {
         let rows = int_value(vec![keep.len() as i64], keep.iter().map(|&r| r as i64).collect())?;
         let start = int_value(vec![], vec![shared as i64])?;
         let kv = self.cache_op(false, feeds, vec![("rows", rows), ("start", start)])?;
-        Ok(Cache { kv, len: c.len - shared, batch: keep.len(), pad: keep.iter().map(|&r| c.pad[r] - shared).collect() })
+        Ok(Cache { kv, len: c.len - shared, pad: keep.iter().map(|&r| c.pad[r] - shared).collect() })
     }
 
     /// Answers one question about each image of a batch (see [`Runtime::generate_mixed`]).

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use models::engine::{Engine, GenerateOptions};
 use qadapt_core::image::load_image;
-use qadapt_core::sampling::{score_line, SamplingParams};
+use qadapt_core::sampling::{score_output, SamplingParams};
 
 use crate::args::InferArgs;
 
@@ -17,12 +17,7 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let mut out = std::io::stdout().lock();
     if args.score {
-        let res = engine.score_json(&img)?;
-        if args.json {
-            writeln!(out, "{}", serde_json::to_string(&res)?)?;
-        } else {
-            writeln!(out, "{}", score_line(&res))?;
-        }
+        writeln!(out, "{}", score_output(&engine.score_json(&img)?, args.json))?;
         return Ok(());
     }
     let question = args.ask.as_deref().context("--ask is required unless --score is given")?;
