@@ -222,6 +222,18 @@ impl BunnyConfig {
         if cfg.model_type == ModelType::QAdapt && cfg.qformer_config.is_none() {
             cfg.qformer_config = Some(QFormerConfig::default());
         }
+        if let Some(q) = cfg.qformer_config.as_mut() {
+            // Text positions are embedded from 0: a longer truncation would index past the table.
+            if q.max_text_length > q.max_position_embeddings {
+                tracing::warn!(
+                    "qformer max_text_length {} exceeds its max_position_embeddings {}: questions are truncated to {}",
+                    q.max_text_length,
+                    q.max_position_embeddings,
+                    q.max_position_embeddings
+                );
+                q.max_text_length = q.max_position_embeddings;
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -295,6 +307,12 @@ mod tests {
         let c = BunnyConfig::from_json(r#"{"model_type":"bunny-phi","rope_parameters":{"partial_rotary_factor":0.5,"rope_theta":500.0}}"#).unwrap();
         assert_eq!(c.rotary_dims(), 40);
         assert_eq!(c.rope_theta, 500.0);
+    }
+
+    #[test]
+    fn qformer_text_length_is_clamped_to_its_position_table() {
+        let c = BunnyConfig::from_json(r#"{"model_type":"bunny-qformer-phi_v3_bib","qformer_config":{"max_position_embeddings":64,"max_text_length":256}}"#).unwrap();
+        assert_eq!(c.qformer_config.unwrap().max_text_length, 64);
     }
 
     #[test]

@@ -57,7 +57,27 @@ pub struct AnswerJson {
     pub token_ids: Vec<u32>,
     pub score: Option<f32>,
     pub level_probs: Option<LevelProbs>,
+    /// Each answer token's log-probability (and the likeliest alternatives), when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
+
+/// One generated token's log-probability under the model (log-softmax of its raw logits over the
+/// full vocabulary, before temperature and penalties), with the `top` likeliest tokens there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's id.
+    pub id: u32,
+    /// The token's text (bytes of a split character are replaced by U+FFFD).
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The likeliest tokens at this step, most likely first: (id, text, log-probability).
+    pub top: Vec<(u32, String, f32)>,
+}
+
+/// The smallest temperature accepted: below it softmax(logits / T) overflows to NaN; use 0 (greedy).
+pub const MIN_TEMPERATURE: f32 = 1e-3;
 
 /// Sampling settings; greedy when `temperature` is `None` or 0.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -85,8 +105,8 @@ impl Sampler {
     /// Checks the parameters and seeds the RNG.
     pub fn new(params: SamplingParams) -> Result<Self> {
         if let Some(t) = params.temperature {
-            if !(t >= 0.0 && t.is_finite()) {
-                return Err(Error::Sampling(format!("temperature must be ≥ 0, got {t}")));
+            if !(t == 0.0 || (t >= MIN_TEMPERATURE && t.is_finite())) {
+                return Err(Error::Sampling(format!("temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and any finite value, got {t}")));
             }
         }
         if let Some(p) = params.top_p {
@@ -176,12 +196,22 @@ pub struct Decoding {
     shown: usize,
     budget: usize,
     done: bool,
+    /// `Some(n)`: record each token's log-probability and the `n` likeliest alternatives.
+    top_logprobs: Option<usize>,
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Decoding {
     /// A sequence that may grow by at most `budget` tokens.
     pub fn new(budget: usize) -> Self {
-        Self { ids: Vec::new(), shown: 0, budget, done: budget == 0 }
+        Self { ids: Vec::new(), shown: 0, budget, done: budget == 0, top_logprobs: None, logprobs: Vec::new() }
+    }
+
+    /// Also records each token's log-probability with the `top` likeliest alternatives
+    /// ([`AnswerJson::logprobs`]).
+    pub fn with_logprobs(mut self, top: usize) -> Self {
+        self.top_logprobs = Some(top);
+        self
     }
 
     /// Whether the sequence has stopped (end of text or budget spent).
@@ -207,6 +237,9 @@ impl Decoding {
             return Ok(None);
         }
         self.ids.push(next);
+        if let Some(n) = self.top_logprobs {
+            self.logprobs.push(token_logprob(tokenizer, logits, next, n)?);
+        }
         let text = tokenizer.decode(&self.ids)?;
         if !text.ends_with('\u{FFFD}') && text.len() > self.shown {
             on_text(&text[self.shown..]);
@@ -222,8 +255,25 @@ impl Decoding {
         if answer.len() > self.shown {
             on_text(&answer[self.shown..]);
         }
-        Ok(AnswerJson { answer, token_ids: self.ids, score: None, level_probs: None })
+        let logprobs = self.top_logprobs.map(|_| self.logprobs);
+        Ok(AnswerJson { answer, token_ids: self.ids, score: None, level_probs: None, logprobs })
     }
+}
+
+/// [`TokenLogprob`] of `id` in one row of logits, with the `top` likeliest tokens.
+fn token_logprob(tokenizer: &TextTokenizer, logits: &[f32], id: u32, top: usize) -> Result<TokenLogprob> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    let lp = |i: u32| logits.get(i as usize).map_or(f32::NEG_INFINITY, |&x| (x as f64 - lse) as f32);
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = top.min(order.len());
+    if n > 0 {
+        order.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    }
+    order.truncate(n);
+    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    let text = |i: u32| tokenizer.decode(&[i]);
+    Ok(TokenLogprob { id, token: text(id)?, logprob: lp(id), top: order.into_iter().map(|i| Ok((i, text(i)?, lp(i)))).collect::<Result<_>>()? })
 }
 
 /// The decoding loop shared by the candle engine and the ONNX runtime: picks a token from `logits`,
@@ -323,6 +373,10 @@ mod tests {
     fn bad_params_are_errors() {
         assert!(Sampler::new(SamplingParams { top_p: Some(0.0), ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams { temperature: Some(-1.0), ..Default::default() }).is_err());
+        // 1e-40 would pass a "≥ 0" check and give NaN probabilities.
+        assert!(Sampler::new(SamplingParams { temperature: Some(1e-40), ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams { temperature: Some(0.0), ..Default::default() }).is_ok());
+        assert!(Sampler::new(SamplingParams { temperature: Some(MIN_TEMPERATURE), ..Default::default() }).is_ok());
         assert!(Sampler::new(SamplingParams { repetition_penalty: Some(0.0), ..Default::default() }).is_err());
     }
 }

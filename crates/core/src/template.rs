@@ -48,6 +48,20 @@ pub fn conversation(turns: &[(String, String)]) -> Vec<(String, bool)> {
     out
 }
 
+/// The prompt of a multi-turn chat, rendered as [`conversation`] renders training data: the
+/// completed `(user, assistant)` turns of `history` (the first user turn carries the image, see
+/// [`user_turn`]), then `question` as the next user turn, ending where the assistant speaks.
+pub fn chat_prompt(history: &[(String, String)], question: &str) -> String {
+    let mut p: String = conversation(history).into_iter().map(|(t, _)| t).collect();
+    let user = if history.is_empty() { user_turn(question) } else { question.to_string() };
+    if p.is_empty() {
+        p = prompt(&user, None);
+    } else {
+        p += &format!(" USER: {user} ASSISTANT:");
+    }
+    p
+}
+
 /// The text the Q-Former reads: the question with `<image>` and every newline deleted (DESIGN §7.2).
 pub fn qformer_text(question: &str) -> String {
     question.replace(IMAGE_TOKEN, "").replace('\n', "")
@@ -101,6 +115,15 @@ mod tests {
     #[test]
     fn qformer_text_deletes_image_and_newlines() {
         assert_eq!(qformer_text("<image>\nA photo.\nIs it blurry?"), "A photo.Is it blurry?");
+    }
+
+    #[test]
+    fn chat_prompt_continues_the_training_rendering() {
+        assert_eq!(chat_prompt(&[], "Q?"), prompt(&user_turn("Q?"), None));
+        let history = [(user_turn("Describe it."), "It is blurry.".to_string())];
+        let p = chat_prompt(&history, "Why?");
+        assert!(p.ends_with("USER: <image>\nDescribe it. ASSISTANT: It is blurry.<|endoftext|> USER: Why? ASSISTANT:"), "{p}");
+        assert_eq!(p.matches(IMAGE_TOKEN).count(), 1);
     }
 
     #[test]

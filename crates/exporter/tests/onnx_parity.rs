@@ -153,10 +153,10 @@ fn f16_and_external_data_exports_stay_within_tolerance() {
     // Continuous batching on f16 caches: a request admitted after the first has decoded 3 tokens
     // (caches joined, the shorter left-padded) and both answers equal lone runs.
     let img = qadapt_core::image::load_image(&fx.join("image.png")).unwrap();
-    let opts = runtime::GenerateOptions { max_new_tokens: 12, sampling: Default::default() };
+    let opts = runtime::GenerateOptions { max_new_tokens: 12, ..Default::default() };
     let qs = [ask, "Is it sharp?"];
     let lone: Vec<Vec<u32>> = qs.iter().map(|q| m.generate(&img, q, &opts, |_| {}).unwrap().token_ids).collect();
-    let req = |q| runtime::Request { image: &img, question: q, opts, cancel: None };
+    let req = |q| runtime::Request { image: &img, question: q, history: &[], opts, cancel: None };
     let mut run = runtime::Running::default();
     run.admit(&mut m, vec![(0usize, req(qs[0]))]).unwrap();
     let mut answers: Vec<Option<Vec<u32>>> = vec![None, None];

@@ -178,6 +178,6 @@ impl Engine {
         let (score, probs) = self.score(img)?;
         let arr = probs.to_array();
         let best = (0..5).fold(0, |b, i| if arr[i] > arr[b] { i } else { b });
-        Ok(AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![self.level_ids[best]], score: Some(score), level_probs: Some(probs) })
+        Ok(AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![self.level_ids[best]], score: Some(score), level_probs: Some(probs), logprobs: None })
     }
 }

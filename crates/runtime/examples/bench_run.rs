@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     let imgs: Vec<&image::RgbImage> = (0..batch).map(|_| &img).collect();
     let run = |rt: &mut Runtime, n: usize| -> anyhow::Result<(f64, Vec<u32>)> {
         let t = Instant::now();
-        let out = rt.generate_batch(&imgs, &a[3], &GenerateOptions { max_new_tokens: n, sampling: Default::default() }, |_, _| {})?;
+        let out = rt.generate_batch(&imgs, &a[3], &GenerateOptions { max_new_tokens: n, ..Default::default() }, |_, _| {})?;
         Ok((t.elapsed().as_secs_f64() * 1e3, out[0].token_ids.clone()))
     };
     let t_pre = Instant::now();

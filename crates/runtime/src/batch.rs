@@ -159,7 +159,7 @@ pub fn run(rt: &mut Runtime, rows: &[Row], task: &Task, batch_size: usize, out: 
             let questions: Vec<Option<String>> = imgs.iter().map(|(k, _)| question_of(todo[i + k])).collect();
             let answers: Result<Vec<qadapt_core::sampling::AnswerJson>> = match task {
                 Task::Ask(opts, _) => {
-                    let reqs: Vec<Request> = imgs.iter().zip(&questions).map(|((_, image), q)| Request { image, question: q.as_deref().unwrap_or(""), opts: *opts, cancel: None }).collect();
+                    let reqs: Vec<Request> = imgs.iter().zip(&questions).map(|((_, image), q)| Request { image, question: q.as_deref().unwrap_or(""), history: &[], opts: *opts, cancel: None }).collect();
                     rt.generate_mixed(&reqs, |_, _| {})
                 }
                 Task::Score => {

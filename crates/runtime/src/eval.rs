@@ -127,7 +127,7 @@ pub fn parse_choice(answer: &str, candidates: &[String]) -> Option<usize> {
 /// time (their prompts differ: a mixed batch). `tick` after each row.
 pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy, batch: usize, mut tick: impl FnMut()) -> Result<QBenchReport> {
     let mut rep = QBenchReport::default();
-    let opts = GenerateOptions { max_new_tokens: 16, sampling: Default::default() };
+    let opts = GenerateOptions { max_new_tokens: 16, ..Default::default() };
     for chunk in rows.chunks(batch.max(1)) {
         let mut loaded: Vec<(&QBenchRow, RgbImage, String)> = Vec::new();
         for row in chunk {
@@ -144,7 +144,7 @@ pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy,
         // (answer text, option index) per loaded row.
         let picks: Vec<(String, Option<usize>)> = match by {
             ChooseBy::Generate => {
-                let reqs: Vec<Request> = loaded.iter().map(|(_, img, p)| Request { image: img, question: p, opts, cancel: None }).collect();
+                let reqs: Vec<Request> = loaded.iter().map(|(_, img, p)| Request { image: img, question: p, history: &[], opts, cancel: None }).collect();
                 if reqs.is_empty() {
                     Vec::new()
                 } else {

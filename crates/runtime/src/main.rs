@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use qadapt_core::image::load_image;
+use qadapt_core::image::{load_image_within, ImageLimits};
 use qadapt_core::sampling::{score_output, SamplingParams};
 use runtime::eval::ChooseBy;
 use runtime::{Ep, GenerateOptions, Placement, Runtime};
@@ -68,16 +68,35 @@ impl ModelArgs {
     }
 }
 
+/// The largest image accepted, checked from its header before decoding.
+#[derive(Debug, Args)]
+struct ImageArgs {
+    /// Refuse images of more pixels (width × height) than this.
+    #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
+    max_image_pixels: u64,
+    /// Refuse images wider or taller than this.
+    #[arg(long, default_value_t = ImageLimits::default().max_side)]
+    max_image_side: u32,
+}
+
+impl ImageArgs {
+    fn limits(&self) -> ImageLimits {
+        ImageLimits { max_pixels: self.max_image_pixels, max_side: self.max_image_side }
+    }
+}
+
 /// Generation settings.
 #[derive(Debug, Args)]
 struct GenArgs {
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// Sampling temperature; greedy when absent or 0.
+    /// Sampling temperature; greedy when absent or 0 (otherwise at least 0.001).
     #[arg(long)]
     temperature: Option<f32>,
+    /// Sample from the K likeliest tokens only (with --temperature).
     #[arg(long)]
     top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches P (with --temperature).
     #[arg(long)]
     top_p: Option<f32>,
     /// Same seed, same text.
@@ -91,6 +110,7 @@ struct GenArgs {
 impl GenArgs {
     fn options(&self) -> GenerateOptions {
         GenerateOptions {
+            logprobs: None,
             max_new_tokens: self.max_new_tokens,
             sampling: SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed, repetition_penalty: self.repetition_penalty },
         }
@@ -126,6 +146,8 @@ struct OneArgs {
     json: bool,
     #[command(flatten)]
     gen: GenArgs,
+    #[command(flatten)]
+    image_limits: ImageArgs,
 }
 
 #[derive(Debug, Args)]
@@ -199,18 +221,39 @@ struct ServeArgs {
     /// Requests waiting for inference; one more gets 503.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
-    /// Requests with the same prompt run as one batch, at most this many.
+    /// Rows decoding together at most: requests join the running batch between steps and leave
+    /// it when done.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
     /// Largest image a request may carry, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_image_bytes: usize,
-    /// Largest question, in tokens.
+    #[command(flatten)]
+    image_limits: ImageArgs,
+    /// Largest conversation text, in tokens.
     #[arg(long, default_value_t = 512)]
     max_prompt_tokens: usize,
+    /// Largest conversation text, in bytes (checked before tokenizing).
+    #[arg(long, default_value_t = 16 << 10)]
+    max_prompt_bytes: usize,
     /// Largest max_tokens a request may ask for (and the default).
     #[arg(long, default_value_t = 512)]
     max_new_tokens: usize,
+    /// Open connections at most; one more is answered 503 with Retry-After and closed.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds a client has to send its request headers (and an idle keep-alive connection lives).
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a client has to send its request body.
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Seconds a request may take in all; its generation then stops and it is answered 504 (0: no limit).
+    #[arg(long, default_value_t = 300.0)]
+    request_timeout: f64,
+    /// Threads for HTTP and image decoding (inference has its own).
+    #[arg(long, default_value_t = 2)]
+    http_threads: usize,
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -224,7 +267,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 fn one(a: OneArgs) -> anyhow::Result<()> {
-    let img = load_image(&a.image)?;
+    let img = load_image_within(&a.image, &a.image_limits.limits())?;
     let mut rt = a.model.open(1)?;
     let mut out = std::io::stdout().lock();
     if a.score {
@@ -338,7 +381,28 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     use runtime::serve::{Config, Server};
-    let cfg = Config { max_queue: a.max_queue, max_batch: a.max_batch, max_image_bytes: a.max_image_bytes, max_prompt_tokens: a.max_prompt_tokens, max_new_tokens: a.max_new_tokens };
+    let secs = |name: &str, v: f64| -> anyhow::Result<std::time::Duration> {
+        anyhow::ensure!(v.is_finite() && v >= 0.0 && v < 1e9, "--{name} must be a number of seconds ≥ 0, got {v}");
+        Ok(std::time::Duration::from_secs_f64(v))
+    };
+    let cfg = Config {
+        max_queue: a.max_queue,
+        max_batch: a.max_batch,
+        max_image_bytes: a.max_image_bytes,
+        image_limits: a.image_limits.limits(),
+        max_prompt_tokens: a.max_prompt_tokens,
+        max_prompt_bytes: a.max_prompt_bytes,
+        max_new_tokens: a.max_new_tokens,
+        max_connections: a.max_connections,
+        header_timeout: secs("header-timeout", a.header_timeout)?,
+        body_timeout: secs("body-timeout", a.body_timeout)?,
+        request_timeout: Some(secs("request-timeout", a.request_timeout)?).filter(|d| !d.is_zero()),
+        http_threads: a.http_threads,
+        ..Config::default()
+    };
+    // Request logs (one line each, with its id) on stderr; RUST_LOG overrides.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let rt = a.model.open(a.max_batch)?;
     let server = Server::start(rt, &format!("{}:{}", a.host, a.port), cfg)?;
     let stop = server.stop_flag();

@@ -3,9 +3,14 @@
 
 use serde::Deserialize;
 
+/// The `format` of `qadapt.json` this runtime reads (the exporter writes it).
+pub const FORMAT: u32 = 1;
+
 /// The parts of `qadapt.json` the runtime reads.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
+    /// Version of the layout; [`Manifest::parse`] refuses any other than [`FORMAT`].
+    pub format: Option<u32>,
     #[serde(default)]
     /// `bunny-phi` or the Q-Adapt model type.
     pub model_type: String,
@@ -86,6 +91,76 @@ pub struct QFormerSpec {
     pub max_text_length: usize,
 }
 
+impl Manifest {
+    /// Parses and validates `qadapt.json` text: an error names the field at fault, so a damaged
+    /// export is refused when opened instead of failing (or panicking) mid-request.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let m: Manifest = serde_path_to_error::deserialize(de).map_err(|e| match e.path().to_string().as_str() {
+            "." => format!("invalid: {}", e.inner()),
+            p => format!("{p}: {}", e.inner()),
+        })?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Range checks of every size and id the runtime indexes with.
+    pub fn validate(&self) -> Result<(), String> {
+        let fail = |field: &str, msg: String| Err(format!("{field}: {msg}"));
+        match self.format {
+            Some(FORMAT) => {}
+            Some(f) if f > FORMAT => return fail("format", format!("{f} is newer than this runtime reads ({FORMAT}); update qadapt-run")),
+            Some(f) => return fail("format", format!("{f} is older than this runtime reads ({FORMAT}); re-export the model")),
+            None => return fail("format", "missing (not written by qadapt-export?)".into()),
+        }
+        if self.dtype != "f32" && self.dtype != "f16" {
+            return fail("dtype", format!("{:?} is not f32 or f16", self.dtype));
+        }
+        let g = &self.graphs;
+        for (field, name) in [("graphs.vision", Some(&g.vision)), ("graphs.embed", Some(&g.embed)), ("graphs.decoder", Some(&g.decoder)), ("graphs.cache_join", g.cache_join.as_ref()), ("graphs.cache_select", g.cache_select.as_ref())] {
+            // Graphs are files of the export directory itself, never a path out of it.
+            if let Some(n) = name.filter(|n| n.is_empty() || n.contains(['/', '\\']) || n.starts_with('.')) {
+                return fail(field, format!("{n:?} is not a file name in the export directory"));
+            }
+        }
+        let i = &self.image;
+        if !(1..=8192).contains(&i.size) {
+            return fail("image.size", format!("{} is not between 1 and 8192", i.size));
+        }
+        if i.mean.iter().any(|m| !(0.0..=1.0).contains(m)) {
+            return fail("image.mean", format!("{:?} is not within [0, 1]", i.mean));
+        }
+        if i.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return fail("image.std", format!("{:?} must be positive", i.std));
+        }
+        let d = &self.decoder;
+        for (field, v) in [("decoder.layers", d.layers), ("decoder.heads", d.heads), ("decoder.head_dim", d.head_dim), ("decoder.hidden_size", d.hidden_size), ("decoder.vocab_size", d.vocab_size)] {
+            if !(1..=1 << 20).contains(&v) {
+                return fail(field, format!("{v} is not between 1 and {}", 1 << 20));
+            }
+        }
+        if i.tokens == 0 || i.tokens >= d.max_positions {
+            return fail("image.tokens", format!("{} image tokens do not fit decoder.max_positions {}", i.tokens, d.max_positions));
+        }
+        if d.max_positions > 1 << 20 {
+            return fail("decoder.max_positions", format!("{} is over {}", d.max_positions, 1 << 20));
+        }
+        let v = d.vocab_size;
+        if self.tokens.eos as usize >= v {
+            return fail("tokens.eos", format!("{} is outside the vocabulary of {v}", self.tokens.eos));
+        }
+        if let Some(l) = self.tokens.levels.iter().find(|&&l| l as usize >= v) {
+            return fail("tokens.levels", format!("{l} is outside the vocabulary of {v}"));
+        }
+        if let Some(q) = &self.qformer {
+            if !(1..=8192).contains(&q.max_text_length) {
+                return fail("qformer.max_text_length", format!("{} is not between 1 and 8192", q.max_text_length));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// TensorRT optimisation profiles of one graph: `(min, opt, max)` shapes in the provider's
 /// `name:AxBxC,…` syntax. TensorRT builds one engine per profile; the shapes cover batch 1 to
 /// `max_batch` and every sequence the decoder's positions allow, with the optimum at the common
@@ -131,6 +206,7 @@ mod tests {
 
     fn manifest() -> Manifest {
         serde_json::from_value(serde_json::json!({
+            "format": 1,
             "dtype": "f16",
             "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
             "image": {"size": 384, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "tokens": 729},
@@ -139,6 +215,36 @@ mod tests {
             "qformer": {"max_text_length": 256}
         }))
         .expect("manifest")
+    }
+
+    #[test]
+    fn damaged_manifests_name_the_field() {
+        let good = serde_json::json!({
+            "format": 1, "dtype": "f16",
+            "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
+            "image": {"size": 384, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "tokens": 729},
+            "decoder": {"layers": 2, "heads": 32, "head_dim": 80, "hidden_size": 2560, "vocab_size": 51200, "max_positions": 2048},
+            "tokens": {"eos": 50256, "levels": [1, 2, 3, 4, 5]},
+        });
+        assert!(Manifest::parse(&good.to_string()).is_ok());
+        let cases: [(&str, serde_json::Value, &str); 9] = [
+            ("/image/size", 0.into(), "image.size: 0"),
+            ("/format", 2.into(), "format: 2 is newer"),
+            ("/format", 0.into(), "format: 0 is older"),
+            ("/decoder/layers", "two".into(), "decoder.layers: invalid type"),
+            ("/tokens/eos", 60000.into(), "tokens.eos: 60000"),
+            ("/graphs/decoder", "../../etc/passwd".into(), "graphs.decoder"),
+            ("/image/tokens", 4096.into(), "image.tokens"),
+            ("/decoder/heads", 0.into(), "decoder.heads: 0"),
+            ("/image/std", serde_json::json!([0.5, 0.0, 0.5]), "image.std"),
+        ];
+        for (ptr, v, want) in cases {
+            let mut m = good.clone();
+            *m.pointer_mut(ptr).unwrap() = v;
+            let e = Manifest::parse(&m.to_string()).unwrap_err();
+            assert!(e.starts_with(want), "{ptr}: {e}");
+        }
+        assert!(Manifest::parse("{").unwrap_err().contains("EOF"));
     }
 
     #[test]
@@ -154,4 +260,40 @@ mod tests {
         assert_eq!(max, "pixel_values:4x3x384x384,qformer_input_ids:4x256,qformer_attention_mask:4x256");
         assert!(trt_profiles(&m, "other.onnx", 1).is_none());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// A manifest with any of its fields replaced by any JSON, or cut short: parsed (and then
+        /// every index the runtime takes from it is in range) or refused with a message.
+        #[test]
+        fn damaged_manifests_never_panic(m in crate::testing::mutated(
+            serde_json::to_value(serde_json::json!({
+                "format": 1, "dtype": "f16",
+                "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
+                "image": {"size": 384, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "tokens": 729},
+                "decoder": {"layers": 2, "heads": 32, "head_dim": 80, "hidden_size": 2560, "vocab_size": 51200, "max_positions": 2048},
+                "tokens": {"eos": 50256, "levels": [1, 2, 3, 4, 5]},
+                "qformer": {"max_text_length": 256}
+            })).unwrap_or_default(),
+            &["/format", "/dtype", "/graphs", "/graphs/decoder", "/image", "/image/size", "/image/mean", "/image/mean/1", "/image/std/0", "/image/tokens", "/decoder/layers", "/decoder/vocab_size", "/decoder/max_positions", "/tokens/eos", "/tokens/levels", "/tokens/levels/4", "/qformer", "/qformer/max_text_length"],
+        ), cut in 0usize..400) {
+            let text = m.to_string();
+            let mut c = cut.min(text.len());
+            while !text.is_char_boundary(c) {
+                c -= 1;
+            }
+            for t in [text.as_str(), &text[..c]] {
+                match Manifest::parse(t) {
+                    Ok(p) => {
+                        proptest::prop_assert!(p.image.size >= 1 && p.image.tokens < p.decoder.max_positions);
+                        proptest::prop_assert!((p.tokens.eos as usize) < p.decoder.vocab_size);
+                        proptest::prop_assert!(p.tokens.levels.iter().all(|&l| (l as usize) < p.decoder.vocab_size));
+                    }
+                    Err(e) => proptest::prop_assert!(!e.is_empty()),
+                }
+            }
+        }
+    }
 }
+

@@ -18,12 +18,14 @@ use crate::running::Running;
 use crate::{candidates, dispatch, environment, float_value, ints, int_value, ort_err, out_f32, Ep, Manifest, Placement, Result, RunError};
 
 /// Generation settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct GenerateOptions {
     /// Most tokens generated.
     pub max_new_tokens: usize,
     /// Greedy or sampled, and the repetition penalty.
     pub sampling: SamplingParams,
+    /// `Some(n)`: each answer token's log-probability with the `n` likeliest alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// The KV cache of a batch after `len` positions: each layer's key and value as the decoder
@@ -57,8 +59,11 @@ pub struct Request<'a> {
     pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
     /// The image.
     pub image: &'a RgbImage,
-    /// The question asked of it.
+    /// The question asked of it (the last user turn).
     pub question: &'a str,
+    /// Completed `(user, assistant)` turns before `question`, oldest first; the first user turn
+    /// carries the image, and the Q-Former reads it (as training does). Empty for one question.
+    pub history: &'a [(String, String)],
     /// This row's generation settings.
     pub opts: GenerateOptions,
 }
@@ -118,7 +123,7 @@ impl Runtime {
         }
         let mpath = dir.join("qadapt.json");
         let text = std::fs::read_to_string(&mpath).map_err(|e| RunError::Export { path: mpath.clone(), msg: format!("{e} (not a qadapt-export directory?)") })?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| RunError::Export { path: mpath.clone(), msg: format!("invalid: {e}") })?;
+        let manifest = Manifest::parse(&text).map_err(|msg| RunError::Export { path: mpath.clone(), msg })?;
         let env = environment(ort_lib)?;
         let cache = place.trt_cache.clone().unwrap_or_else(|| dir.join("trt-cache"));
         let open = |ep: Ep, file: &str| -> Result<Session> {
@@ -200,7 +205,7 @@ impl Runtime {
             feed.push(("qformer_input_ids".into(), ints(vec![b as i64, t as i64], ids)?));
         }
         let out = self.vision.run(feed).map_err(ort_err("vision"))?;
-        out_f32(&out["image_features"])
+        out_f32(out.get("image_features").ok_or_else(|| RunError::Ort("vision output image_features missing".into()))?)
     }
 
     /// Embeddings [B·L·D] of `ids` laid out [B, L].
@@ -208,7 +213,7 @@ impl Runtime {
         let v: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
         let shape = vec![b as i64, (v.len() / b) as i64];
         let out = self.embed.run(vec![("input_ids".to_string(), ints(shape, v)?)]).map_err(ort_err("embed"))?;
-        out_f32(&out["inputs_embeds"])
+        out_f32(out.get("inputs_embeds").ok_or_else(|| RunError::Ort("embed output inputs_embeds missing".into()))?)
     }
 
     /// An empty cache for a batch of `batch` rows.
@@ -272,7 +277,17 @@ impl Runtime {
 
     /// The tokenized prompt of a question (and answer prefix), checked against the positions.
     pub(crate) fn prompt(&self, question: &str, prefix: Option<&str>) -> Result<PromptIds> {
-        let prompt = template::tokenize_prompt(&self.tokenizer, &template::prompt(&template::user_turn(question), prefix))?;
+        self.check_prompt(&template::prompt(&template::user_turn(question), prefix))
+    }
+
+    /// The tokenized prompt of a request (its history and question), checked against the positions.
+    pub fn request_prompt(&self, r: &Request) -> Result<PromptIds> {
+        self.check_prompt(&template::chat_prompt(r.history, r.question))
+    }
+
+    /// `text` tokenized, with one image, checked against the positions.
+    fn check_prompt(&self, text: &str) -> Result<PromptIds> {
+        let prompt = template::tokenize_prompt(&self.tokenizer, text)?;
         let len = prompt.spliced_len(self.manifest.image.tokens);
         if len >= self.manifest.decoder.max_positions {
             return Err(RunError::Input(format!(
@@ -395,7 +410,7 @@ impl Runtime {
 
     /// Answers one question about each image of a batch (see [`Runtime::generate_mixed`]).
     pub fn generate_batch(&mut self, imgs: &[&RgbImage], question: &str, opts: &GenerateOptions, on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
-        let reqs: Vec<Request> = imgs.iter().map(|&image| Request { image, question, opts: *opts, cancel: None }).collect();
+        let reqs: Vec<Request> = imgs.iter().map(|&image| Request { image, question, history: &[], opts: *opts, cancel: None }).collect();
         self.generate_mixed(&reqs, on_text)
     }
 
@@ -450,7 +465,7 @@ impl Runtime {
     fn score_answer(&self, score: f32, probs: LevelProbs) -> AnswerJson {
         let arr = probs.to_array();
         let best = (0..5).fold(0, |b, i| if arr[i] > arr[b] { i } else { b });
-        AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![self.manifest.tokens.levels[best]], score: Some(score), level_probs: Some(probs) }
+        AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![self.manifest.tokens.levels[best]], score: Some(score), level_probs: Some(probs), logprobs: None }
     }
 
     /// Multiple choice by likelihood: each option scored as the complete answer to `question`

@@ -58,10 +58,11 @@ impl<T> Running<T> {
         if !self.is_empty() && !rt.can_regroup() {
             return Err(RunError::Input("this export has no cache graphs: a running batch cannot admit requests (re-export it)".into()));
         }
-        let prompts = reqs.iter().map(|(_, r)| rt.prompt(r.question, None)).collect::<Result<Vec<_>>>()?;
+        let prompts = reqs.iter().map(|(_, r)| rt.request_prompt(r)).collect::<Result<Vec<_>>>()?;
         let samplers = reqs.iter().map(|(_, r)| Ok(Sampler::new(r.opts.sampling)?)).collect::<Result<Vec<_>>>()?;
         let imgs: Vec<_> = reqs.iter().map(|(_, r)| r.image).collect();
-        let questions: Vec<&str> = reqs.iter().map(|(_, r)| r.question).collect();
+        // The Q-Former reads the first user turn, as training does.
+        let questions: Vec<&str> = reqs.iter().map(|(_, r)| r.history.first().map_or(r.question, |(u, _)| u.as_str())).collect();
         let feats = rt.image_features_each(&imgs, &questions)?;
         let (logits, cache) = rt.prefill_rows(&prompts.iter().collect::<Vec<_>>(), &feats)?;
         let (n_img, max_pos) = (rt.manifest.image.tokens, rt.manifest.decoder.max_positions);
@@ -79,7 +80,12 @@ impl<T> Running<T> {
         for (((tag, r), sampler), p) in reqs.into_iter().zip(samplers).zip(&prompts) {
             // Positions are the row's own (padding is not counted), so its room is its own too.
             let room = max_pos - p.spliced_len(n_img);
-            self.slots.push(Some(Row { tag, sampler, seq: Decoding::new(r.opts.max_new_tokens.min(room)) }));
+            let seq = Decoding::new(r.opts.max_new_tokens.min(room));
+            let seq = match r.opts.logprobs {
+                Some(n) => seq.with_logprobs(n),
+                None => seq,
+            };
+            self.slots.push(Some(Row { tag, sampler, seq }));
         }
         Ok(())
     }

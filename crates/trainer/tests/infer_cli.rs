@@ -118,3 +118,20 @@ fn bad_inputs_give_one_line_errors() {
     expect_error("bunny_f32_bpe", None, "q", &["--device", "tpu"], &["tpu"], nothing);
     expect_error("bunny_f32_bpe", None, "q", &["--adapter", "/nonexistent/adapter"], &["/nonexistent/adapter"], nothing);
 }
+
+/// The committed broken safetensors (`tests/bad-inputs/st-*`) in a model's place: one line naming
+/// the file, nothing allocated for a header that claims 2^60 bytes; and the image bombs of the
+/// corpus are refused from their headers here too.
+#[test]
+fn the_bad_input_corpus_gives_one_line_errors() {
+    let corpus = fixtures().join("../bad-inputs");
+    for f in ["st-huge-header-len.safetensors", "st-header-not-json.safetensors", "st-offsets-past-end.safetensors", "st-short.safetensors", "st-bad-dtype.safetensors"] {
+        let src = corpus.join(f);
+        expect_error("bunny_f32_bpe", None, "q", &[], &["model.safetensors"], |m| {
+            std::fs::copy(&src, m.join("model.safetensors")).unwrap();
+        });
+    }
+    for (f, needle) in [("png-100000x1.png", "100000×1 pixels"), ("jpeg-60000x60000.jpg", "60000×60000 pixels"), ("png-20000x20000-1bit.png", "over the limit")] {
+        expect_error("bunny_f32_bpe", Some(&corpus.join(f)), "q", &[], &[f, needle], |_| {});
+    }
+}

@@ -1,6 +1,8 @@
 //! Helpers of the runtime's integration tests: fixture exports, the binary, JSON output.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
