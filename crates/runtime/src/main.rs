@@ -402,7 +402,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     // Request logs (one line each, with its id) on stderr; RUST_LOG overrides.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).try_init();
     let rt = a.model.open(a.max_batch)?;
     let server = Server::start(rt, &format!("{}:{}", a.host, a.port), cfg)?;
     let stop = server.stop_flag();

@@ -306,3 +306,20 @@ fn openai_surface_models_usage_multi_turn_and_logprobs() {
     }
     server.shutdown();
 }
+
+/// The official `openai` Python client (`tools/openai_check.py`, run by the Python of
+/// `scripts/get-openai.sh`) against the server: models, chat, stream, multi-turn, logprobs, and the
+/// 400s for `n`, `tools` and a string `max_tokens`, all as the client parses them.
+#[test]
+fn the_official_openai_client_gets_what_it_expects() {
+    let python = std::env::var("QADAPT_OPENAI_PYTHON").expect("set QADAPT_OPENAI_PYTHON=$(bash scripts/get-openai.sh) (see .ci/run)");
+    let (_tmp, dir) = exported(CASE);
+    let (server, url) = start(&dir, Config::default());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/openai_check.py");
+    let out = std::process::Command::new(python).arg(script).arg(&url).arg(fixtures().join(CASE).join("image.png")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the openai client found faults");
+    assert!(text.contains("{\"passed\": 8, \"failed\": 0}"), "{text}");
+    server.shutdown();
+}
