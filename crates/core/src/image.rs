@@ -107,8 +107,9 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> std::result::Result<R
         None => DynamicImage::from_decoder(decoder).map_err(|e| bad("cannot decode", &e))?,
     };
     img.apply_orientation(orientation);
-    // PIL's convert('RGB') drops alpha without compositing and replicates grey; to_rgb8 does the same.
-    Ok(img.to_rgb8())
+    // PIL's convert('RGB') drops alpha without compositing and replicates grey; into_rgb8 does the same
+    // (and keeps an RGB image as it is, without a copy).
+    Ok(img.into_rgb8())
 }
 
 /// JPEG pixels through libjpeg-turbo (islow IDCT, fancy upsampling), as Pillow decodes them; other
