@@ -95,11 +95,7 @@ impl Manifest {
     /// Parses and validates `qadapt.json` text: an error names the field at fault, so a damaged
     /// export is refused when opened instead of failing (or panicking) mid-request.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let m: Manifest = serde_path_to_error::deserialize(de).map_err(|e| match e.path().to_string().as_str() {
-            "." => format!("invalid: {}", e.inner()),
-            p => format!("{p}: {}", e.inner()),
-        })?;
+        let m: Manifest = crate::from_json(text.as_bytes()).map_err(|(_, msg)| msg)?;
         m.validate()?;
         Ok(m)
     }

@@ -136,6 +136,11 @@ impl ApiError {
         self
     }
 
+    /// A request body [`crate::from_json`] refused: 400 with the field as `param`.
+    fn from_json((field, message): (Option<String>, String)) -> Self {
+        Self { status: 400, message, param: field }
+    }
+
     fn body(&self) -> Value {
         let kind = match self.status {
             503 => "overloaded",

@@ -139,11 +139,7 @@ async fn score(State(app): State<App>, req: Request) -> Result<Response, ApiErro
     struct ScoreRequest {
         image: String,
     }
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    let r: ScoreRequest = serde_path_to_error::deserialize(de).map_err(|e| match e.path().to_string().as_str() {
-        "." => ApiError::bad(format!("invalid JSON or no \"image\" (a data URL or base64): {}", e.inner())),
-        p => ApiError::bad(format!("{p}: {}", e.inner())).param(p),
-    })?;
+    let r: ScoreRequest = crate::from_json(&body).map_err(ApiError::from_json)?;
     let image = decode_image(&app, r.image).await?;
     let (mut rx, deadline) = submit(&app, id, image, Work::Score)?;
     match wait(&mut rx, deadline).await? {
