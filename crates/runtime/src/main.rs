@@ -382,7 +382,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     use runtime::serve::{Config, Server};
     let secs = |name: &str, v: f64| -> anyhow::Result<std::time::Duration> {
-        anyhow::ensure!(v.is_finite() && v >= 0.0 && v < 1e9, "--{name} must be a number of seconds ≥ 0, got {v}");
+        anyhow::ensure!((0.0..1e9).contains(&v), "--{name} must be a number of seconds ≥ 0, got {v}");
         Ok(std::time::Duration::from_secs_f64(v))
     };
     let cfg = Config {

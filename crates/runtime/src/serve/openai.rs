@@ -176,8 +176,11 @@ pub(crate) fn parse_chat(body: &[u8], lim: &Limits) -> Result<Chat, ApiError> {
     })
 }
 
+/// A conversation taken apart: the image, the completed (user, assistant) turns, the last question.
+type Conversation = (String, Vec<(String, String)>, String);
+
 /// The image, the completed turns and the last question of `messages`.
-fn conversation(messages: &[Message]) -> Result<(String, Vec<(String, String)>, String), ApiError> {
+fn conversation(messages: &[Message]) -> Result<Conversation, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad("messages: at least one user message is required").param("messages"));
     }
@@ -217,7 +220,7 @@ fn conversation(messages: &[Message]) -> Result<(String, Vec<(String, String)>, 
         }
         turns.push(text);
     }
-    if turns.len() % 2 == 0 {
+    if turns.len().is_multiple_of(2) {
         return Err(ApiError::bad("messages: the last message must be the user's").param("messages"));
     }
     let image = image.ok_or_else(|| ApiError::bad("messages[0]: the first user message needs an image_url part (a base64 data URL)").param("messages[0]"))?;
