@@ -62,6 +62,21 @@ pub fn chat_prompt(history: &[(String, String)], question: &str) -> String {
     p
 }
 
+/// [`chat_prompt`] tokenized piece by piece as training tokenizes a conversation (the first round
+/// around `<image>`, then each later piece on its own), so a chat's prompt has exactly the ids its
+/// history had in training.
+pub fn tokenize_chat(tok: &TextTokenizer, history: &[(String, String)], question: &str) -> Result<PromptIds> {
+    if history.is_empty() {
+        return tokenize_prompt(tok, &chat_prompt(history, question));
+    }
+    let mut pieces = conversation(history).into_iter().map(|(t, _)| t);
+    let mut out = tokenize_prompt(tok, &pieces.next().unwrap_or_default())?;
+    for p in pieces.chain(std::iter::once(format!(" USER: {question} ASSISTANT:"))) {
+        out.ids.extend(tok.encode(&p)?);
+    }
+    Ok(out)
+}
+
 /// The text the Q-Former reads: the question with `<image>` and every newline deleted (DESIGN §7.2).
 pub fn qformer_text(question: &str) -> String {
     question.replace(IMAGE_TOKEN, "").replace('\n', "")

@@ -282,12 +282,16 @@ impl Runtime {
 
     /// The tokenized prompt of a request (its history and question), checked against the positions.
     pub fn request_prompt(&self, r: &Request) -> Result<PromptIds> {
-        self.check_prompt(&template::chat_prompt(r.history, r.question))
+        self.check_len(template::tokenize_chat(&self.tokenizer, r.history, r.question)?)
     }
 
     /// `text` tokenized, with one image, checked against the positions.
     fn check_prompt(&self, text: &str) -> Result<PromptIds> {
-        let prompt = template::tokenize_prompt(&self.tokenizer, text)?;
+        self.check_len(template::tokenize_prompt(&self.tokenizer, text)?)
+    }
+
+    /// `prompt` if it fits the decoder's positions with its image.
+    fn check_len(&self, prompt: PromptIds) -> Result<PromptIds> {
         let len = prompt.spliced_len(self.manifest.image.tokens);
         if len >= self.manifest.decoder.max_positions {
             return Err(RunError::Input(format!(

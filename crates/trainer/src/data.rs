@@ -157,6 +157,24 @@ pub fn encode(s: &Sample, tok: &TextTokenizer, n_image: usize, max_length: usize
 mod tests {
     use super::*;
 
+    /// A served chat (`template::tokenize_chat`) has exactly the ids its history had in training.
+    #[test]
+    fn a_chat_prompt_has_the_training_ids_of_its_history() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qadapt_f32_sharded/model");
+        let tok = TextTokenizer::from_dir(&dir).unwrap();
+        let turns = vec![
+            (template::user_turn("Describe the quality of this photo."), "It is blurry, and the sky is blown out.".to_string()),
+            ("Is the sky over-exposed?".to_string(), "Yes.".to_string()),
+            ("Rate it: excellent, good, fair, poor or bad?".to_string(), "Poor".to_string()),
+        ];
+        let s = Sample { id: "x".into(), image: "x.png".into(), turns: turns.clone(), task: Task::Answering };
+        let trained = encode(&s, &tok, 4, 4096).unwrap().prompt;
+        let chat = template::tokenize_chat(&tok, &turns[..2], &turns[2].0).unwrap();
+        assert_eq!(chat.image_pos, trained.image_pos);
+        let answer = tok.encode(" Poor<|endoftext|>").unwrap();
+        assert_eq!([chat.ids.as_slice(), &answer].concat(), trained.ids);
+    }
+
     #[test]
     fn heuristic_split() {
         let long = "The image is slightly blurred and the colours look washed out, so the quality is fair.".to_string();

@@ -251,8 +251,7 @@ fn check_prompt(app: &App, history: &[(String, String)], question: &str) -> Resu
     if n > app.cfg.max_prompt_tokens {
         return Err(ApiError::bad(format!("the question is {n} tokens; the limit is {}", app.cfg.max_prompt_tokens)).param("messages"));
     }
-    let text = qadapt_core::template::chat_prompt(history, question);
-    let ids = qadapt_core::template::tokenize_prompt(tok, &text).map_err(|e| ApiError::bad(e.to_string()).param("messages"))?;
+    let ids = qadapt_core::template::tokenize_chat(tok, history, question).map_err(|e| ApiError::bad(e.to_string()).param("messages"))?;
     let len = ids.spliced_len(app.image_tokens);
     if len >= app.max_positions {
         return Err(ApiError::bad(format!("the prompt is {len} tokens with the image; the model takes at most {} (max_positions)", app.max_positions)).param("messages"));
