@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use models::{Bunny, QFormerText};
-use serde_json::json;
+use qadapt_core::Manifest;
 
 use crate::graph::{FloatType, Graph};
 use crate::onnx_pb::tensor_proto::DataType;
@@ -138,32 +138,40 @@ pub fn vision(model: &Bunny, ft: FloatType) -> Result<Traced> {
     Ok(Traced { file: "vision.onnx", graph: g, inputs, outputs })
 }
 
-/// What the runtime needs besides the graphs.
-pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, level_ids: [u32; 5]) -> serde_json::Value {
+/// What the runtime needs besides the graphs: the shared [`Manifest`] type, so the runtime parses
+/// exactly what is written here.
+pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, level_ids: [u32; 5]) -> Manifest {
+    use qadapt_core::manifest::{DecoderSpec, Graphs, ImageSpec, QFormerSpec, TemplateSpec, TokenSpec, FORMAT};
     let c = &model.config;
     let v = &c.vision_config;
-    json!({
-        "format": 1,
-        "model_type": c.model_type.as_str(),
-        "dtype": match ft { FloatType::F32 => "f32", FloatType::F16 => "f16" },
-        "opset": OPSET,
-        "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx", "cache_join": "cache_join.onnx", "cache_select": "cache_select.onnx"},
-        "image": {"size": v.image_size, "mean": v.image_mean, "std": v.image_std, "aspect_ratio": c.image_aspect_ratio, "tokens": v.num_patches()},
-        "decoder": {
-            "layers": c.num_hidden_layers, "heads": c.num_attention_heads, "head_dim": c.head_dim(),
-            "hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "max_positions": c.max_position_embeddings,
+    Manifest {
+        format: Some(FORMAT),
+        model_type: c.model_type.as_str().to_string(),
+        dtype: match ft {
+            FloatType::F32 => "f32",
+            FloatType::F16 => "f16",
+        }
+        .to_string(),
+        opset: Some(OPSET as u32),
+        graphs: Graphs {
+            vision: "vision.onnx".into(),
+            embed: "embed.onnx".into(),
+            decoder: "decoder.onnx".into(),
+            cache_join: Some("cache_join.onnx".into()),
+            cache_select: Some("cache_select.onnx".into()),
         },
-        "tokens": {"bos": c.bos_token_id, "eos": c.eos_token_id, "pad": c.pad_token_id, "levels": level_ids},
-        "template": {
-            "system": qadapt_core::template::SYSTEM,
-            "image_token": qadapt_core::template::IMAGE_TOKEN,
-            "score_question": qadapt_core::template::SCORE_QUESTION,
-            "score_answer_prefix": qadapt_core::template::SCORE_ANSWER_PREFIX,
-            "levels": qadapt_core::sampling::LEVELS.iter().map(|(w, s)| json!({"word": w, "score": s})).collect::<Vec<_>>(),
+        image: ImageSpec { size: v.image_size as u32, mean: v.image_mean, std: v.image_std, aspect_ratio: c.image_aspect_ratio.clone(), tokens: v.num_patches() },
+        decoder: DecoderSpec {
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+            hidden_size: c.hidden_size,
+            vocab_size: c.vocab_size,
+            max_positions: c.max_position_embeddings,
         },
-        "qformer": c.qformer_config.as_ref().filter(|_| model.is_qadapt()).map(|q| json!({
-            "tokenizer": "qformer", "max_text_length": q.max_text_length,
-        })),
-        "source": dir.display().to_string(),
-    })
+        tokens: TokenSpec { bos: Some(c.bos_token_id), eos: c.eos_token_id, pad: c.pad_token_id, levels: level_ids },
+        template: Some(TemplateSpec::current()),
+        qformer: c.qformer_config.as_ref().filter(|_| model.is_qadapt()).map(|q| QFormerSpec { tokenizer: "qformer".into(), max_text_length: q.max_text_length }),
+        source: Some(dir.display().to_string()),
+    }
 }

@@ -14,7 +14,7 @@ mod model;
 mod running;
 pub mod serve;
 
-pub use manifest::{trt_profiles, DecoderSpec, Graphs, ImageSpec, Manifest, QFormerSpec, TokenSpec};
+pub use manifest::{trt_profiles, DecoderSpec, Graphs, ImageSpec, Manifest, QFormerSpec, TokenSpec, FORMAT};
 pub use model::{Cache, Choice, GenerateOptions, Request, Runtime};
 pub use running::Running;
 
@@ -56,17 +56,6 @@ pub enum RunError {
 
 /// Result alias of the runtime.
 pub type Result<T> = std::result::Result<T, RunError>;
-
-/// JSON → `T`, an error naming the field at fault: `(Some("decoder.layers"), "decoder.layers: invalid
-/// type: …")`, or `(None, "invalid JSON: …")` when the text itself is broken or a top-level field is
-/// missing.
-pub(crate) fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, (Option<String>, String)> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| match e.path().to_string().as_str() {
-        "." => (None, format!("invalid JSON: {}", e.inner())),
-        p => (Some(p.to_string()), format!("{p}: {}", e.inner())),
-    })
-}
 
 fn ort_err(what: impl std::fmt::Display) -> impl Fn(ort::Error) -> RunError {
     move |e| RunError::Ort(format!("{what}: {e}"))

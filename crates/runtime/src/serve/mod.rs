@@ -136,7 +136,7 @@ impl ApiError {
         self
     }
 
-    /// A request body [`crate::from_json`] refused: 400 with the field as `param`.
+    /// A request body [`qadapt_core::from_json`] refused: 400 with the field as `param`.
     fn from_json((field, message): (Option<String>, String)) -> Self {
         Self { status: 400, message, param: field }
     }

@@ -128,7 +128,7 @@ pub(crate) struct Chat {
 /// conversation's (user and assistant turns alternating, one image in the first user turn), then
 /// the settings' ranges.
 pub(crate) fn parse_chat(body: &[u8], lim: &Limits) -> Result<Chat, ApiError> {
-    let req: ChatRequest = crate::from_json(body).map_err(ApiError::from_json)?;
+    let req: ChatRequest = qadapt_core::from_json(body).map_err(ApiError::from_json)?;
     for f in UNSUPPORTED {
         if req.other.get(f).is_some_and(|v| !v.is_null()) {
             return Err(ApiError::bad(format!("{f} is not supported by this server")).param(f));

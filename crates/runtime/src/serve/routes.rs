@@ -139,7 +139,7 @@ async fn score(State(app): State<App>, req: Request) -> Result<Response, ApiErro
     struct ScoreRequest {
         image: String,
     }
-    let r: ScoreRequest = crate::from_json(&body).map_err(ApiError::from_json)?;
+    let r: ScoreRequest = qadapt_core::from_json(&body).map_err(ApiError::from_json)?;
     let image = decode_image(&app, r.image).await?;
     let (mut rx, deadline) = submit(&app, id, image, Work::Score)?;
     match wait(&mut rx, deadline).await? {
