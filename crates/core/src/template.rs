@@ -97,6 +97,16 @@ impl PromptIds {
         self.ids.len() + if self.image_pos.is_some() { n_image } else { 0 }
     }
 
+    /// The spliced length, when it leaves room for one new token within `max_positions`; else the
+    /// message every caller reports, naming the setting (`field`) that set the limit.
+    pub fn fits(&self, n_image: usize, max_positions: usize, field: &str) -> std::result::Result<usize, String> {
+        let len = self.spliced_len(n_image);
+        if len >= max_positions {
+            return Err(format!("the prompt is {len} tokens with the image; the model takes at most {max_positions} ({field})"));
+        }
+        Ok(len)
+    }
+
     /// The ids in Bunny's `tokenizer_image_token` form, with `-200` where the image goes.
     pub fn with_placeholder(&self) -> Vec<i64> {
         let mut v: Vec<i64> = self.ids.iter().map(|&i| i as i64).collect();

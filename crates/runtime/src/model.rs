@@ -292,13 +292,7 @@ impl Runtime {
 
     /// `prompt` if it fits the decoder's positions with its image.
     fn check_len(&self, prompt: PromptIds) -> Result<PromptIds> {
-        let len = prompt.spliced_len(self.manifest.image.tokens);
-        if len >= self.manifest.decoder.max_positions {
-            return Err(RunError::Input(format!(
-                "the prompt is {len} tokens with the image; the model takes at most {} (max_positions)",
-                self.manifest.decoder.max_positions
-            )));
-        }
+        prompt.fits(self.manifest.image.tokens, self.manifest.decoder.max_positions, "max_positions").map_err(RunError::Input)?;
         Ok(prompt)
     }
 

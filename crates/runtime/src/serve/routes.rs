@@ -252,11 +252,7 @@ fn check_prompt(app: &App, history: &[(String, String)], question: &str) -> Resu
         return Err(ApiError::bad(format!("the question is {n} tokens; the limit is {}", app.cfg.max_prompt_tokens)).param("messages"));
     }
     let ids = qadapt_core::template::tokenize_chat(tok, history, question).map_err(|e| ApiError::bad(e.to_string()).param("messages"))?;
-    let len = ids.spliced_len(app.image_tokens);
-    if len >= app.max_positions {
-        return Err(ApiError::bad(format!("the prompt is {len} tokens with the image; the model takes at most {} (max_positions)", app.max_positions)).param("messages"));
-    }
-    Ok(len)
+    ids.fits(app.image_tokens, app.max_positions, "max_positions").map_err(|m| ApiError::bad(m).param("messages"))
 }
 
 /// Queues a job; a full queue is 503 with `Retry-After`.
