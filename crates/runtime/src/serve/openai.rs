@@ -7,7 +7,7 @@ use qadapt_core::sampling::{AnswerJson, SamplingParams, TokenLogprob};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::ApiError;
+use super::{ApiError, Config};
 use crate::GenerateOptions;
 
 /// `POST /v1/chat/completions` as far as we read it; other fields land in `other` and are refused
@@ -107,12 +107,6 @@ const UNSUPPORTED: [&str; 12] = [
     "parallel_tool_calls",
 ];
 
-/// Limits checked while parsing.
-pub(crate) struct Limits {
-    pub max_new_tokens: usize,
-    pub max_prompt_bytes: usize,
-}
-
 /// A chat request checked and reduced to what the inference thread needs.
 pub(crate) struct Chat {
     /// The data URL or base64 of the one image.
@@ -127,7 +121,7 @@ pub(crate) struct Chat {
 /// Parses a chat body: the JSON's shape (serde, the path of a wrong field named), then the
 /// conversation's (user and assistant turns alternating, one image in the first user turn), then
 /// the settings' ranges.
-pub(crate) fn parse_chat(body: &[u8], lim: &Limits) -> Result<Chat, ApiError> {
+pub(crate) fn parse_chat(body: &[u8], cfg: &Config) -> Result<Chat, ApiError> {
     let req: ChatRequest = qadapt_core::from_json(body).map_err(ApiError::from_json)?;
     for f in UNSUPPORTED {
         if req.other.get(f).is_some_and(|v| !v.is_null()) {
@@ -139,13 +133,13 @@ pub(crate) fn parse_chat(body: &[u8], lim: &Limits) -> Result<Chat, ApiError> {
     }
     let (image, history, question) = conversation(&req.messages)?;
     let text_bytes = question.len() + history.iter().map(|(u, a)| u.len() + a.len()).sum::<usize>();
-    if text_bytes > lim.max_prompt_bytes {
-        return Err(ApiError::bad(format!("the messages' text is {text_bytes} bytes; the limit is {}", lim.max_prompt_bytes)).param("messages"));
+    if text_bytes > cfg.max_prompt_bytes {
+        return Err(ApiError::bad(format!("the messages' text is {text_bytes} bytes; the limit is {}", cfg.max_prompt_bytes)).param("messages"));
     }
-    let max_tokens = req.max_completion_tokens.or(req.max_tokens).map_or(lim.max_new_tokens as u64, |v| v);
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).map_or(cfg.max_new_tokens as u64, |v| v);
     let max_name = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
-    if max_tokens == 0 || max_tokens > lim.max_new_tokens as u64 {
-        return Err(ApiError::bad(format!("{max_name} {max_tokens} is not between 1 and the limit {}", lim.max_new_tokens)).param(max_name));
+    if max_tokens == 0 || max_tokens > cfg.max_new_tokens as u64 {
+        return Err(ApiError::bad(format!("{max_name} {max_tokens} is not between 1 and the limit {}", cfg.max_new_tokens)).param(max_name));
     }
     let top_logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(k)) if k > 20 => return Err(ApiError::bad(format!("top_logprobs {k} is over 20")).param("top_logprobs")),
@@ -259,7 +253,7 @@ mod tests {
     use super::*;
 
     fn parse(v: Value) -> Result<Chat, ApiError> {
-        parse_chat(v.to_string().as_bytes(), &Limits { max_new_tokens: 64, max_prompt_bytes: 1000 })
+        parse_chat(v.to_string().as_bytes(), &Config { max_new_tokens: 64, max_prompt_bytes: 1000, ..Config::default() })
     }
 
     fn user(text: &str) -> Value {

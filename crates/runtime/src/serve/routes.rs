@@ -152,8 +152,7 @@ async fn score(State(app): State<App>, req: Request) -> Result<Response, ApiErro
 async fn chat(State(app): State<App>, req: Request) -> Result<Response, ApiError> {
     let id = request_id_of(&req);
     let body = read_body(&app, req).await?;
-    let lim = openai::Limits { max_new_tokens: app.cfg.max_new_tokens, max_prompt_bytes: app.cfg.max_prompt_bytes };
-    let c = openai::parse_chat(&body, &lim)?;
+    let c = openai::parse_chat(&body, &app.cfg)?;
     let prompt_tokens = check_prompt(&app, &c.history, &c.question)?;
     let image = decode_image(&app, c.image).await?;
     let (max, logprobs, stream, include_usage) = (c.opts.max_new_tokens, c.opts.logprobs.is_some(), c.stream, c.include_usage);
