@@ -15,12 +15,20 @@ const Q: &str = "model.layers.0.self_attn.q_proj";
 const VQ: &str = "model.vision_tower.vision_tower.vision_model.encoder.layers.1.self_attn.v_proj";
 
 fn write_adapter(dir: &Path, zero_b: bool, extra: Option<(&str, Tensor)>) {
-    std::fs::write(dir.join("adapter_config.json"), r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}"#).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}"#,
+    )
+    .unwrap();
     let dev = Device::Cpu;
     let mut t = HashMap::new();
     for (key, din, dout) in [(Q, 80, 80), (VQ, 32, 32)] {
         let a = Tensor::randn(0f32, 1.0, (2, din), &dev).unwrap();
-        let b = if zero_b { Tensor::zeros((dout, 2), DType::F32, &dev).unwrap() } else { Tensor::randn(0f32, 0.5, (dout, 2), &dev).unwrap() };
+        let b = if zero_b {
+            Tensor::zeros((dout, 2), DType::F32, &dev).unwrap()
+        } else {
+            Tensor::randn(0f32, 0.5, (dout, 2), &dev).unwrap()
+        };
         t.insert(format!("base_model.model.{key}.lora_A.weight"), a);
         t.insert(format!("base_model.model.{key}.lora_B.weight"), b);
     }
@@ -61,7 +69,10 @@ fn zero_b_is_the_base_model_and_lora_merges_exactly() {
     for key in [Q, VQ] {
         let shape = ck.shape(&format!("{key}.weight")).unwrap();
         let w = ck.get(&format!("{key}.weight"), &shape).unwrap();
-        let (a, b) = (&lora[&format!("base_model.model.{key}.lora_A.weight")], &lora[&format!("base_model.model.{key}.lora_B.weight")]);
+        let (a, b) = (
+            &lora[&format!("base_model.model.{key}.lora_A.weight")],
+            &lora[&format!("base_model.model.{key}.lora_B.weight")],
+        );
         let want = (w + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap(); // α / r = 4 / 2
         let got = src.get(&format!("{key}.weight"), &shape).unwrap();
         let err = max_abs(&(got - want).unwrap());
@@ -81,8 +92,14 @@ fn adapter_on_a_missing_weight_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("adapter_config.json"), r#"{"r": 1, "lora_alpha": 1}"#).unwrap();
     let t: HashMap<String, Tensor> = [
-        ("base_model.model.model.nothing.lora_A.weight".to_string(), Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap()),
-        ("base_model.model.model.nothing.lora_B.weight".to_string(), Tensor::zeros((4, 1), DType::F32, &Device::Cpu).unwrap()),
+        (
+            "base_model.model.model.nothing.lora_A.weight".to_string(),
+            Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "base_model.model.model.nothing.lora_B.weight".to_string(),
+            Tensor::zeros((4, 1), DType::F32, &Device::Cpu).unwrap(),
+        ),
     ]
     .into();
     candle_core::safetensors::save(&t, dir.path().join("adapter_model.safetensors")).unwrap();

@@ -207,10 +207,8 @@ impl BunnyConfig {
 
     /// Parses and validates config JSON text.
     pub fn from_json(text: &str) -> Result<Self> {
-        let mut cfg: BunnyConfig = serde_json::from_str(text).map_err(|e| Error::Config {
-            path: Default::default(),
-            msg: format!("invalid JSON: {e}"),
-        })?;
+        let mut cfg: BunnyConfig = serde_json::from_str(text)
+            .map_err(|e| Error::Config { path: Default::default(), msg: format!("invalid JSON: {e}") })?;
         if let Some(rp) = &cfg.rope_parameters {
             if let Some(f) = rp.partial_rotary_factor {
                 cfg.partial_rotary_factor = f;
@@ -250,7 +248,12 @@ impl BunnyConfig {
             ));
         }
         if !self.rotary_dims().is_multiple_of(2) || self.rotary_dims() > self.head_dim() {
-            return bad(format!("partial_rotary_factor {} gives {} rotary dims of a {}-dim head", self.partial_rotary_factor, self.rotary_dims(), self.head_dim()));
+            return bad(format!(
+                "partial_rotary_factor {} gives {} rotary dims of a {}-dim head",
+                self.partial_rotary_factor,
+                self.rotary_dims(),
+                self.head_dim()
+            ));
         }
         let v = &self.vision_config;
         // 384 / 14 is not whole: the stride-14 convolution drops the remainder (27² = 729 patches).
@@ -258,20 +261,29 @@ impl BunnyConfig {
             return bad(format!("vision patch_size {} does not fit image_size {}", v.patch_size, v.image_size));
         }
         if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
-            return bad(format!("vision hidden_size {} is not divisible by its heads {}", v.hidden_size, v.num_attention_heads));
+            return bad(format!(
+                "vision hidden_size {} is not divisible by its heads {}",
+                v.hidden_size, v.num_attention_heads
+            ));
         }
         if v.num_hidden_layers < 2 {
             return bad("vision num_hidden_layers must be ≥ 2 (Bunny uses the second-to-last layer)".into());
         }
         if let Some(q) = &self.qformer_config {
             if q.num_attention_heads == 0 || q.hidden_size % q.num_attention_heads != 0 {
-                return bad(format!("qformer hidden_size {} is not divisible by its heads {}", q.hidden_size, q.num_attention_heads));
+                return bad(format!(
+                    "qformer hidden_size {} is not divisible by its heads {}",
+                    q.hidden_size, q.num_attention_heads
+                ));
             }
             if q.cross_attention_freq == 0 {
                 return bad("qformer cross_attention_freq must be ≥ 1".into());
             }
             if q.cross_attn_num_heads == 0 || !self.mm_hidden_size.is_multiple_of(q.cross_attn_num_heads) {
-                return bad(format!("mm_hidden_size {} is not divisible by cross_attn_num_heads {}", self.mm_hidden_size, q.cross_attn_num_heads));
+                return bad(format!(
+                    "mm_hidden_size {} is not divisible by cross_attn_num_heads {}",
+                    self.mm_hidden_size, q.cross_attn_num_heads
+                ));
             }
         }
         Ok(())
@@ -304,7 +316,10 @@ mod tests {
 
     #[test]
     fn nested_rope_parameters_win() {
-        let c = BunnyConfig::from_json(r#"{"model_type":"bunny-phi","rope_parameters":{"partial_rotary_factor":0.5,"rope_theta":500.0}}"#).unwrap();
+        let c = BunnyConfig::from_json(
+            r#"{"model_type":"bunny-phi","rope_parameters":{"partial_rotary_factor":0.5,"rope_theta":500.0}}"#,
+        )
+        .unwrap();
         assert_eq!(c.rotary_dims(), 40);
         assert_eq!(c.rope_theta, 500.0);
     }

@@ -4,7 +4,14 @@ use std::io::{Error, ErrorKind};
 use std::path::Path;
 
 /// Tokenizer files a model directory may carry, copied verbatim between directories.
-pub const TOKENIZER_FILES: [&str; 6] = ["tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"];
+pub const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 fn ctx(e: Error, what: impl std::fmt::Display) -> Error {
     Error::new(e.kind(), format!("{what}: {e}"))
@@ -14,7 +21,11 @@ fn ctx(e: Error, what: impl std::fmt::Display) -> Error {
 /// `fill` leaves either the old directory or the new one, never half of one (a failed `fill`'s
 /// temporary directory is removed).
 pub fn write_dir_atomic<E: From<Error>>(dir: &Path, fill: impl FnOnce(&Path) -> Result<(), E>) -> Result<(), E> {
-    let name = dir.file_name().ok_or_else(|| Error::new(ErrorKind::InvalidInput, format!("{}: directory without a name", dir.display())))?.to_string_lossy().to_string();
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, format!("{}: directory without a name", dir.display())))?
+        .to_string_lossy()
+        .to_string();
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -48,7 +59,8 @@ pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
         if e.file_type()?.is_dir() {
             copy_tree(&e.path(), &to.join(e.file_name()))?;
         } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).map_err(|err| ctx(err, format!("copying {}", e.path().display())))?;
+            std::fs::copy(e.path(), to.join(e.file_name()))
+                .map_err(|err| ctx(err, format!("copying {}", e.path().display())))?;
         }
     }
     Ok(())
@@ -60,7 +72,8 @@ pub fn copy_tokenizers(from: &Path, to: &Path) -> std::io::Result<bool> {
     let mut any = false;
     for f in TOKENIZER_FILES {
         if from.join(f).exists() {
-            std::fs::copy(from.join(f), to.join(f)).map_err(|e| ctx(e, format!("copying {f} from {}", from.display())))?;
+            std::fs::copy(from.join(f), to.join(f))
+                .map_err(|e| ctx(e, format!("copying {f} from {}", from.display())))?;
             any = true;
         }
     }

@@ -84,7 +84,8 @@ pub fn load_image_within(path: &Path, limits: &ImageLimits) -> Result<RgbImage> 
 /// Like [`load_image`] for bytes already in memory (e.g. an upload).
 pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> std::result::Result<RgbImage, DecodeError> {
     let bad = |what: &str, e: &dyn std::fmt::Display| DecodeError::Invalid(format!("{what}: {e}"));
-    let mut reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| bad("cannot read", &e))?;
+    let mut reader =
+        ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| bad("cannot read", &e))?;
     let Some(format) = reader.format() else {
         return Err(DecodeError::Invalid("not a JPEG, PNG or WebP image".into()));
     };
@@ -312,7 +313,9 @@ pub fn square_resized(img: &RgbImage, cfg: &PreprocessConfig) -> RgbImage {
         })
         .collect();
     let fill_mid = hrow(&fill_row, &coeffs);
-    let canvas: Vec<&[u8]> = (0..side).map(|y| if (dy..dy + h).contains(&y) { mid[y - dy].as_slice() } else { fill_mid.as_slice() }).collect();
+    let canvas: Vec<&[u8]> = (0..side)
+        .map(|y| if (dy..dy + h).contains(&y) { mid[y - dy].as_slice() } else { fill_mid.as_slice() })
+        .collect();
     RgbImage::from_raw(s as u32, s as u32, vpass(&canvas, s, s)).expect("buffer size matches the requested dimensions")
 }
 
@@ -360,7 +363,10 @@ mod tests {
 
     #[test]
     fn garbage_bytes_are_an_error() {
-        assert!(matches!(decode_image(b"definitely not an image", &ImageLimits::default()), Err(DecodeError::Invalid(_))));
+        assert!(matches!(
+            decode_image(b"definitely not an image", &ImageLimits::default()),
+            Err(DecodeError::Invalid(_))
+        ));
     }
 
     /// The virtual canvas gives the materialised one's pixels exactly: wide, tall, odd offsets,
@@ -372,7 +378,20 @@ mod tests {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (state >> 33) as u8
         };
-        for (w, h, s) in [(900, 600, 384), (600, 900, 384), (20, 13, 384), (13, 20, 384), (7, 1, 5), (1, 7, 5), (1000, 3, 64), (3, 1000, 64), (384, 200, 384), (200, 384, 384), (50, 50, 30), (31, 17, 16)] {
+        for (w, h, s) in [
+            (900, 600, 384),
+            (600, 900, 384),
+            (20, 13, 384),
+            (13, 20, 384),
+            (7, 1, 5),
+            (1, 7, 5),
+            (1000, 3, 64),
+            (3, 1000, 64),
+            (384, 200, 384),
+            (200, 384, 384),
+            (50, 50, 30),
+            (31, 17, 16),
+        ] {
             let img = RgbImage::from_fn(w, h, |_, _| image::Rgb([rnd(), rnd(), rnd()]));
             let cfg = PreprocessConfig { image_size: s, mean: [0.5, 0.25, 0.75], std: [0.5; 3] };
             let want = resize_bicubic(&expand_to_square(&img, cfg.fill()), s, s);

@@ -13,8 +13,8 @@ pub mod template;
 pub mod tokenizer;
 
 pub use config::{BunnyConfig, ModelType, QFormerConfig, VisionConfig};
-pub use manifest::Manifest;
 pub use error::{Error, Result};
+pub use manifest::Manifest;
 pub use template::{PromptIds, IMAGE_TOKEN};
 pub use tokenizer::{QFormerTokenizer, TextTokenizer};
 

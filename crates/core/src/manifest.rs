@@ -172,24 +172,45 @@ impl Manifest {
         let fail = |field: &str, msg: String| Err(format!("{field}: {msg}"));
         match self.format {
             Some(FORMAT) => {}
-            Some(f) if f > FORMAT => return fail("format", format!("{f} is newer than this runtime reads ({FORMAT}); update qadapt-run")),
-            Some(f) => return fail("format", format!("{f} is older than this runtime reads ({FORMAT}); re-export the model")),
+            Some(f) if f > FORMAT => {
+                return fail("format", format!("{f} is newer than this runtime reads ({FORMAT}); update qadapt-run"))
+            }
+            Some(f) => {
+                return fail("format", format!("{f} is older than this runtime reads ({FORMAT}); re-export the model"))
+            }
             None => return fail("format", "missing (not written by qadapt-export?)".into()),
         }
         if let Some(t) = self.template.as_ref().filter(|t| **t != TemplateSpec::current()) {
-            return fail("template", format!("the export was made with another template (system {:?}); this build renders {:?}", t.system, TemplateSpec::current().system));
+            return fail(
+                "template",
+                format!(
+                    "the export was made with another template (system {:?}); this build renders {:?}",
+                    t.system,
+                    TemplateSpec::current().system
+                ),
+            );
         }
         if self.image.aspect_ratio != "pad" {
             return fail("image.aspect_ratio", format!("{:?} is not supported (only pad)", self.image.aspect_ratio));
         }
-        if let Some(q) = self.qformer.as_ref().filter(|q| q.tokenizer.is_empty() || q.tokenizer.contains(['/', '\\']) || q.tokenizer.starts_with('.')) {
+        if let Some(q) = self
+            .qformer
+            .as_ref()
+            .filter(|q| q.tokenizer.is_empty() || q.tokenizer.contains(['/', '\\']) || q.tokenizer.starts_with('.'))
+        {
             return fail("qformer.tokenizer", format!("{:?} is not a directory name in the export", q.tokenizer));
         }
         if self.dtype != "f32" && self.dtype != "f16" {
             return fail("dtype", format!("{:?} is not f32 or f16", self.dtype));
         }
         let g = &self.graphs;
-        for (field, name) in [("graphs.vision", Some(&g.vision)), ("graphs.embed", Some(&g.embed)), ("graphs.decoder", Some(&g.decoder)), ("graphs.cache_join", g.cache_join.as_ref()), ("graphs.cache_select", g.cache_select.as_ref())] {
+        for (field, name) in [
+            ("graphs.vision", Some(&g.vision)),
+            ("graphs.embed", Some(&g.embed)),
+            ("graphs.decoder", Some(&g.decoder)),
+            ("graphs.cache_join", g.cache_join.as_ref()),
+            ("graphs.cache_select", g.cache_select.as_ref()),
+        ] {
             // Graphs are files of the export directory itself, never a path out of it.
             if let Some(n) = name.filter(|n| n.is_empty() || n.contains(['/', '\\']) || n.starts_with('.')) {
                 return fail(field, format!("{n:?} is not a file name in the export directory"));
@@ -206,13 +227,22 @@ impl Manifest {
             return fail("image.std", format!("{:?} must be positive", i.std));
         }
         let d = &self.decoder;
-        for (field, v) in [("decoder.layers", d.layers), ("decoder.heads", d.heads), ("decoder.head_dim", d.head_dim), ("decoder.hidden_size", d.hidden_size), ("decoder.vocab_size", d.vocab_size)] {
+        for (field, v) in [
+            ("decoder.layers", d.layers),
+            ("decoder.heads", d.heads),
+            ("decoder.head_dim", d.head_dim),
+            ("decoder.hidden_size", d.hidden_size),
+            ("decoder.vocab_size", d.vocab_size),
+        ] {
             if !(1..=1 << 20).contains(&v) {
                 return fail(field, format!("{v} is not between 1 and {}", 1 << 20));
             }
         }
         if i.tokens == 0 || i.tokens >= d.max_positions {
-            return fail("image.tokens", format!("{} image tokens do not fit decoder.max_positions {}", i.tokens, d.max_positions));
+            return fail(
+                "image.tokens",
+                format!("{} image tokens do not fit decoder.max_positions {}", i.tokens, d.max_positions),
+            );
         }
         if d.max_positions > 1 << 20 {
             return fail("decoder.max_positions", format!("{} is over {}", d.max_positions, 1 << 20));

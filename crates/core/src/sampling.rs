@@ -92,7 +92,6 @@ pub struct SamplingParams {
     pub repetition_penalty: Option<f32>,
 }
 
-
 /// Picks next tokens from logits; owns the RNG so that one seed gives one text.
 pub struct Sampler {
     params: SamplingParams,
@@ -106,7 +105,9 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         if let Some(t) = params.temperature {
             if !(t == 0.0 || (t >= MIN_TEMPERATURE && t.is_finite())) {
-                return Err(Error::Sampling(format!("temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and any finite value, got {t}")));
+                return Err(Error::Sampling(format!(
+                    "temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and any finite value, got {t}"
+                )));
             }
         }
         if let Some(p) = params.top_p {
@@ -227,7 +228,14 @@ impl Decoding {
     /// Picks the next token from `logits` and hands new text to `on_text` (only once it is valid
     /// UTF-8: byte-level BPE may split a character). Returns the token when the model must be
     /// stepped with it, `None` once the sequence has stopped.
-    pub fn advance(&mut self, sampler: &mut Sampler, tokenizer: &TextTokenizer, eos: u32, logits: &[f32], mut on_text: impl FnMut(&str)) -> Result<Option<u32>> {
+    pub fn advance(
+        &mut self,
+        sampler: &mut Sampler,
+        tokenizer: &TextTokenizer,
+        eos: u32,
+        logits: &[f32],
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Option<u32>> {
         if self.done {
             return Ok(None);
         }
@@ -273,7 +281,12 @@ fn token_logprob(tokenizer: &TextTokenizer, logits: &[f32], id: u32, top: usize)
     order.truncate(n);
     order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
     let text = |i: u32| tokenizer.decode(&[i]);
-    Ok(TokenLogprob { id, token: text(id)?, logprob: lp(id), top: order.into_iter().map(|i| Ok((i, text(i)?, lp(i)))).collect::<Result<_>>()? })
+    Ok(TokenLogprob {
+        id,
+        token: text(id)?,
+        logprob: lp(id),
+        top: order.into_iter().map(|i| Ok((i, text(i)?, lp(i)))).collect::<Result<_>>()?,
+    })
 }
 
 /// The decoding loop shared by the candle engine and the ONNX runtime: picks a token from `logits`,
@@ -360,9 +373,16 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_and_top_k_one_is_greedy() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let p = SamplingParams { temperature: Some(1.0), top_k: None, top_p: Some(0.9), seed: 7, repetition_penalty: None };
-        let a: Vec<u32> = { let mut s = Sampler::new(p).unwrap(); (0..20).map(|_| s.next(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p).unwrap(); (0..20).map(|_| s.next(&logits)).collect() };
+        let p =
+            SamplingParams { temperature: Some(1.0), top_k: None, top_p: Some(0.9), seed: 7, repetition_penalty: None };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p).unwrap();
+            (0..20).map(|_| s.next(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p).unwrap();
+            (0..20).map(|_| s.next(&logits)).collect()
+        };
         assert_eq!(a, b);
         assert!(a.iter().any(|&x| x != a[0]), "sampling at T=1 should vary: {a:?}");
         let mut g = Sampler::new(SamplingParams { top_k: Some(1), ..p }).unwrap();

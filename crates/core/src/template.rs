@@ -41,7 +41,8 @@ pub fn prompt(user: &str, answer_prefix: Option<&str>) -> String {
 pub fn conversation(turns: &[(String, String)]) -> Vec<(String, bool)> {
     let mut out = Vec::with_capacity(turns.len() * 2);
     for (i, (user, answer)) in turns.iter().enumerate() {
-        let head = if i == 0 { format!("{SYSTEM} USER: {user} ASSISTANT:") } else { format!(" USER: {user} ASSISTANT:") };
+        let head =
+            if i == 0 { format!("{SYSTEM} USER: {user} ASSISTANT:") } else { format!(" USER: {user} ASSISTANT:") };
         out.push((head, false));
         out.push((format!(" {answer}{}", crate::tokenizer::END_OF_TEXT), true));
     }
@@ -102,7 +103,9 @@ impl PromptIds {
     pub fn fits(&self, n_image: usize, max_positions: usize, field: &str) -> std::result::Result<usize, String> {
         let len = self.spliced_len(n_image);
         if len >= max_positions {
-            return Err(format!("the prompt is {len} tokens with the image; the model takes at most {max_positions} ({field})"));
+            return Err(format!(
+                "the prompt is {len} tokens with the image; the model takes at most {max_positions} ({field})"
+            ));
         }
         Ok(len)
     }
@@ -129,7 +132,10 @@ pub fn tokenize_prompt(tok: &TextTokenizer, prompt: &str) -> Result<PromptIds> {
             ids.extend(tok.encode(after)?);
             Ok(PromptIds { ids, image_pos: Some(pos) })
         }
-        _ => Err(Error::Prompt(format!("the prompt has {} `<image>` placeholders; one image per prompt is supported", chunks.len() - 1))),
+        _ => Err(Error::Prompt(format!(
+            "the prompt has {} `<image>` placeholders; one image per prompt is supported",
+            chunks.len() - 1
+        ))),
     }
 }
 
@@ -147,7 +153,10 @@ mod tests {
         assert_eq!(chat_prompt(&[], "Q?"), prompt(&user_turn("Q?"), None));
         let history = [(user_turn("Describe it."), "It is blurry.".to_string())];
         let p = chat_prompt(&history, "Why?");
-        assert!(p.ends_with("USER: <image>\nDescribe it. ASSISTANT: It is blurry.<|endoftext|> USER: Why? ASSISTANT:"), "{p}");
+        assert!(
+            p.ends_with("USER: <image>\nDescribe it. ASSISTANT: It is blurry.<|endoftext|> USER: Why? ASSISTANT:"),
+            "{p}"
+        );
         assert_eq!(p.matches(IMAGE_TOKEN).count(), 1);
     }
 

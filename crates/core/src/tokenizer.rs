@@ -133,7 +133,10 @@ impl QFormerTokenizer {
         } else {
             let vocab = dir.join("vocab.txt");
             if !vocab.exists() {
-                return Err(tok_err(&dir, "Q-Adapt needs the Q-Former tokenizer: no qformer/tokenizer.json or qformer/vocab.txt"));
+                return Err(tok_err(
+                    &dir,
+                    "Q-Adapt needs the Q-Former tokenizer: no qformer/tokenizer.json or qformer/vocab.txt",
+                ));
             }
             (Self::wordpiece_from_vocab(&vocab)?, vocab)
         };

@@ -7,10 +7,19 @@ use qadapt_core::image::{decode_image, square_resized, DecodeError, ImageLimits,
 
 fn seeds() -> Vec<Vec<u8>> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests");
-    ["bad-inputs/ok-64x48.jpg", "bad-inputs/jpeg-cmyk.jpg", "bad-inputs/png-100000x1.png", "bad-inputs/jpeg-60000x60000.jpg", "bad-inputs/webp-16383x16383.webp", "fixtures/preprocess/coffee_lossless.webp", "fixtures/preprocess/tiny_20x13.png", "fixtures/preprocess/rgba.png"]
-        .iter()
-        .map(|f| std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}")))
-        .collect()
+    [
+        "bad-inputs/ok-64x48.jpg",
+        "bad-inputs/jpeg-cmyk.jpg",
+        "bad-inputs/png-100000x1.png",
+        "bad-inputs/jpeg-60000x60000.jpg",
+        "bad-inputs/webp-16383x16383.webp",
+        "fixtures/preprocess/coffee_lossless.webp",
+        "fixtures/preprocess/tiny_20x13.png",
+        "fixtures/preprocess/rgba.png",
+    ]
+    .iter()
+    .map(|f| std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}")))
+    .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -27,7 +36,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (any::<usize>(), 1..=255u8).prop_map(|(i, x)| Mutation::Flip(i, x)),
         any::<usize>().prop_map(Mutation::Truncate),
         (any::<usize>(), prop::collection::vec(any::<u8>(), 1..16)).prop_map(|(i, v)| Mutation::Insert(i, v)),
-        (any::<usize>(), prop_oneof![Just(0u32), Just(1), Just(0xFFFF), Just(60000), Just(u32::MAX), any::<u32>()]).prop_map(|(i, w)| Mutation::Word(i, w)),
+        (any::<usize>(), prop_oneof![Just(0u32), Just(1), Just(0xFFFF), Just(60000), Just(u32::MAX), any::<u32>()])
+            .prop_map(|(i, w)| Mutation::Word(i, w)),
     ]
 }
 

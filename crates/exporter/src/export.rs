@@ -30,7 +30,9 @@ pub fn decoder(model: &Bunny, ft: FloatType) -> Result<Traced> {
     let embeds = g.input("inputs_embeds", 3);
     let mask = g.input("attention_mask", 2);
     let pos = g.input("position_ids", 2);
-    let past: Vec<_> = (0..layers).map(|i| (g.input(&format!("past_key_values.{i}.key"), 4), g.input(&format!("past_key_values.{i}.value"), 4))).collect();
+    let past: Vec<_> = (0..layers)
+        .map(|i| (g.input(&format!("past_key_values.{i}.key"), 4), g.input(&format!("past_key_values.{i}.value"), 4)))
+        .collect();
     let keep = g.input("num_logits_to_keep", 0);
     let (logits, present) = model.llm.forward(&mut g, &embeds, &mask, &pos, Some(&past), Some(&keep))?;
     g.output_f32(&logits, "logits");
@@ -38,13 +40,16 @@ pub fn decoder(model: &Bunny, ft: FloatType) -> Result<Traced> {
         g.output(k, &format!("present.{i}.key"));
         g.output(v, &format!("present.{i}.value"));
     }
-    let kv = |name: String, len: &'static str| Io::new(name, ft.onnx(), vec![B, Dim::Fixed(heads as i64), Dim::Sym(len), Dim::Fixed(head_dim as i64)]);
+    let kv = |name: String, len: &'static str| {
+        Io::new(name, ft.onnx(), vec![B, Dim::Fixed(heads as i64), Dim::Sym(len), Dim::Fixed(head_dim as i64)])
+    };
     let mut inputs = vec![
         Io::new("inputs_embeds", ft.onnx(), vec![B, Dim::Sym("sequence"), Dim::Fixed(c.hidden_size as i64)]),
         Io::new("attention_mask", DataType::Int64, vec![B, Dim::Sym("total_sequence")]),
         Io::new("position_ids", DataType::Int64, vec![B, Dim::Sym("sequence")]),
     ];
-    let mut outputs = vec![Io::new("logits", DataType::Float, vec![B, Dim::Sym("kept_sequence"), Dim::Fixed(c.vocab_size as i64)])];
+    let mut outputs =
+        vec![Io::new("logits", DataType::Float, vec![B, Dim::Sym("kept_sequence"), Dim::Fixed(c.vocab_size as i64)])];
     for i in 0..layers {
         for part in ["key", "value"] {
             inputs.push(kv(format!("past_key_values.{i}.{part}"), "past_sequence"));
@@ -80,10 +85,17 @@ pub fn cache_select(model: &Bunny, ft: FloatType) -> Result<Traced> {
 
 /// A graph with one output `kv.{i}.{key,value}` per layer cache, built by `part`; its inputs are
 /// declared from the names `part` used (`a.`/`b.` for a join, `in.` for a select).
-fn cache_graph(model: &Bunny, ft: FloatType, file: &'static str, mut part: impl FnMut(&mut Graph, usize, &str) -> crate::graph::V) -> Result<Traced> {
+fn cache_graph(
+    model: &Bunny,
+    ft: FloatType,
+    file: &'static str,
+    mut part: impl FnMut(&mut Graph, usize, &str) -> crate::graph::V,
+) -> Result<Traced> {
     let c = &model.config;
     let (heads, head_dim) = (c.num_attention_heads as i64, c.head_dim() as i64);
-    let kv = |name: String, b: &'static str, len: &'static str| Io::new(name, ft.onnx(), vec![Dim::Sym(b), Dim::Fixed(heads), Dim::Sym(len), Dim::Fixed(head_dim)]);
+    let kv = |name: String, b: &'static str, len: &'static str| {
+        Io::new(name, ft.onnx(), vec![Dim::Sym(b), Dim::Fixed(heads), Dim::Sym(len), Dim::Fixed(head_dim)])
+    };
     let mut g = Graph::new(ft);
     let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
     for i in 0..c.num_hidden_layers {
@@ -111,7 +123,11 @@ pub fn embed(model: &Bunny, ft: FloatType) -> Result<Traced> {
     let e = model.llm.embed(&mut g, &ids)?;
     g.output(&e, "inputs_embeds");
     let inputs = vec![Io::new("input_ids", DataType::Int64, vec![B, Dim::Sym("sequence")])];
-    let outputs = vec![Io::new("inputs_embeds", ft.onnx(), vec![B, Dim::Sym("sequence"), Dim::Fixed(model.config.hidden_size as i64)])];
+    let outputs = vec![Io::new(
+        "inputs_embeds",
+        ft.onnx(),
+        vec![B, Dim::Sym("sequence"), Dim::Fixed(model.config.hidden_size as i64)],
+    )];
     Ok(Traced { file: "embed.onnx", graph: g, inputs, outputs })
 }
 
@@ -160,7 +176,13 @@ pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, level_ids: [u32; 5]) -
             cache_join: Some("cache_join.onnx".into()),
             cache_select: Some("cache_select.onnx".into()),
         },
-        image: ImageSpec { size: v.image_size as u32, mean: v.image_mean, std: v.image_std, aspect_ratio: c.image_aspect_ratio.clone(), tokens: v.num_patches() },
+        image: ImageSpec {
+            size: v.image_size as u32,
+            mean: v.image_mean,
+            std: v.image_std,
+            aspect_ratio: c.image_aspect_ratio.clone(),
+            tokens: v.num_patches(),
+        },
         decoder: DecoderSpec {
             layers: c.num_hidden_layers,
             heads: c.num_attention_heads,
@@ -171,7 +193,11 @@ pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, level_ids: [u32; 5]) -
         },
         tokens: TokenSpec { bos: Some(c.bos_token_id), eos: c.eos_token_id, pad: c.pad_token_id, levels: level_ids },
         template: Some(TemplateSpec::current()),
-        qformer: c.qformer_config.as_ref().filter(|_| model.is_qadapt()).map(|q| QFormerSpec { tokenizer: "qformer".into(), max_text_length: q.max_text_length }),
+        qformer: c
+            .qformer_config
+            .as_ref()
+            .filter(|_| model.is_qadapt())
+            .map(|q| QFormerSpec { tokenizer: "qformer".into(), max_text_length: q.max_text_length }),
         source: Some(dir.display().to_string()),
     }
 }

@@ -149,7 +149,11 @@ impl Graph {
             // Pad's pads: the begin of every axis, then the end of every axis.
             let before = self.ints(&vec![0; axis as usize]);
             let after = self.ints(&vec![0; 2 * rank - axis as usize - 1]);
-            let pads = if axis == 0 { self.concat(&[&short.name, &after], 0, 1) } else { self.concat(&[&before, &short.name, &after], 0, 1) };
+            let pads = if axis == 0 {
+                self.concat(&[&short.name, &after], 0, 1)
+            } else {
+                self.concat(&[&before, &short.name, &after], 0, 1)
+            };
             let n = self.name(x);
             padded.push(self.node("Pad", &[&n, &pads.name], vec![], rank));
         }
@@ -170,7 +174,13 @@ impl Graph {
     /// Renames `v` as a graph output (an Identity node).
     pub fn output(&mut self, v: &V, name: &str) {
         let input = self.name(v);
-        self.nodes.push(NodeProto { op_type: "Identity".into(), name: format!("out_{name}"), input: vec![input], output: vec![name.into()], ..Default::default() });
+        self.nodes.push(NodeProto {
+            op_type: "Identity".into(),
+            name: format!("out_{name}"),
+            input: vec![input],
+            output: vec![name.into()],
+            ..Default::default()
+        });
     }
 
     /// Declares `v` as a graph output in f32 (a Cast first when exporting f16).
@@ -181,8 +191,16 @@ impl Graph {
 
     /// An int64 constant.
     pub fn ints(&mut self, v: &[i64]) -> String {
-        let name = format!("const_i64_{}", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("_")).replace('-', "m");
-        self.register(&name, InitData::Raw { dtype: DataType::Int64, dims: vec![v.len() as i64], bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() });
+        let name =
+            format!("const_i64_{}", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("_")).replace('-', "m");
+        self.register(
+            &name,
+            InitData::Raw {
+                dtype: DataType::Int64,
+                dims: vec![v.len() as i64],
+                bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            },
+        );
         name
     }
 
@@ -355,7 +373,12 @@ impl Ops for Graph {
         let xf = self.as_f32(x);
         let ones = self.floats(&vec![1.0; width], &[width as i64], true);
         let zeros = self.floats(&vec![0.0; width], &[width as i64], true);
-        let y = self.node("LayerNormalization", &[&xf.name, &ones, &zeros], vec![attr_int("axis", -1), attr_float("epsilon", eps as f32)], x.rank);
+        let y = self.node(
+            "LayerNormalization",
+            &[&xf.name, &ones, &zeros],
+            vec![attr_int("axis", -1), attr_float("epsilon", eps as f32)],
+            x.rank,
+        );
         let y = self.back_from_f32(y);
         let y = self.binary("Mul", &y, w);
         Ok(self.binary("Add", &y, b))
@@ -414,7 +437,12 @@ impl Ops for Graph {
     fn patchify(&mut self, pixels: &V, w: &V, b: &V, patch: usize) -> Result<V> {
         let (p, wn, bn) = (self.name(pixels), self.name(w), self.name(b));
         let k = patch as i64;
-        let y = self.node("Conv", &[&p, &wn, &bn], vec![attr_ints("kernel_shape", &[k, k]), attr_ints("strides", &[k, k])], 4);
+        let y = self.node(
+            "Conv",
+            &[&p, &wn, &bn],
+            vec![attr_ints("kernel_shape", &[k, k]), attr_ints("strides", &[k, k])],
+            4,
+        );
         let y = self.reshape(&y, &[0, 0, -1]); // [B, D, N]
         Ok(self.permute(&y, &[0, 2, 1]))
     }
@@ -428,7 +456,8 @@ impl Ops for Graph {
         Ok(self.node("Expand", &[&xn, &shape.name], vec![], x.rank))
     }
     fn rope_tables(&mut self, position_ids: &V, rot_dims: usize, theta: f64) -> Result<(V, V)> {
-        let inv: Vec<f32> = (0..rot_dims / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot_dims as f64)) as f32).collect();
+        let inv: Vec<f32> =
+            (0..rot_dims / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot_dims as f64)) as f32).collect();
         let inv = self.floats(&inv, &[(rot_dims / 2) as i64], true);
         let pn = self.name(position_ids);
         let pos = self.cast(&pn, DataType::Float, 2);
@@ -484,7 +513,12 @@ impl Ops for Graph {
         let value = AttributeProto {
             name: "value".into(),
             r#type: AttributeType::Tensor as i32,
-            t: Some(crate::onnx_pb::TensorProto { dims: vec![1], data_type: DataType::Int64 as i32, int64_data: vec![1], ..Default::default() }),
+            t: Some(crate::onnx_pb::TensorProto {
+                dims: vec![1],
+                data_type: DataType::Int64 as i32,
+                int64_data: vec![1],
+                ..Default::default()
+            }),
             ..Default::default()
         };
         Ok(self.node("ConstantOfShape", &[&bl.name], vec![value], 2))

@@ -164,10 +164,18 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
             let total = traced.graph.inits.len();
             let external = opts.external_data || write::weight_bytes(&traced.graph) > EXTERNAL_ABOVE;
             let mut done = 0;
-            let bytes = write::write_model(&traced.graph, &traced.inputs, &traced.outputs, &dir.join(traced.file), external, "qadapt-export", || {
-                done += 1;
-                progress(traced.file, done, total);
-            })?;
+            let bytes = write::write_model(
+                &traced.graph,
+                &traced.inputs,
+                &traced.outputs,
+                &dir.join(traced.file),
+                external,
+                "qadapt-export",
+                || {
+                    done += 1;
+                    progress(traced.file, done, total);
+                },
+            )?;
             graphs.push(GraphSummary {
                 file: traced.file.into(),
                 nodes: traced.graph.nodes.len(),

@@ -57,7 +57,12 @@ struct Cli {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    anyhow::ensure!(cli.opset == exporter::write::OPSET, "--opset {}: the graphs are written for opset {}", cli.opset, exporter::write::OPSET);
+    anyhow::ensure!(
+        cli.opset == exporter::write::OPSET,
+        "--opset {}: the graphs are written for opset {}",
+        cli.opset,
+        exporter::write::OPSET
+    );
     let ft = match cli.dtype {
         Dtype::F32 => FloatType::F32,
         Dtype::F16 => FloatType::F16,
@@ -73,7 +78,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ort_lib: cli.ort_lib,
         tolerance: cli.tolerance.unwrap_or(default_tolerance(ft)),
     };
-    let bar = ProgressBar::new(0).with_style(ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} tensors").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} tensors")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let mut current = String::new();
     let summary = export(&opts, |graph, done, total| {
         if current != graph {
@@ -88,16 +96,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
         return Ok(());
     }
-    println!("exported {} ({}):", summary.out.display(), if summary.verified { "verified against candle through ONNX Runtime" } else { "not verified" });
+    println!(
+        "exported {} ({}):",
+        summary.out.display(),
+        if summary.verified { "verified against candle through ONNX Runtime" } else { "not verified" }
+    );
     for g in &summary.graphs {
         let err = g.max_rel_err.map(|e| format!("max rel err {e:.1e}")).unwrap_or_default();
-        println!("  {:<17} {:>6} nodes {:>5} tensors {:>10.2} MB{} {err}", g.file, g.nodes, g.initializers, g.bytes as f64 / 1e6, if g.external_data { " (+ .data)" } else { "" });
+        println!(
+            "  {:<17} {:>6} nodes {:>5} tensors {:>10.2} MB{} {err}",
+            g.file,
+            g.nodes,
+            g.initializers,
+            g.bytes as f64 / 1e6,
+            if g.external_data { " (+ .data)" } else { "" }
+        );
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

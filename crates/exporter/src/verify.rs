@@ -16,7 +16,10 @@ use crate::{ExportError, Result};
 /// `ORT_DYLIB_PATH`.
 pub fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Environment> {
     if lib.is_none() && std::env::var_os("ORT_DYLIB_PATH").is_none() {
-        return Err(ExportError::Ort("--verify needs ONNX Runtime: pass --ort-lib PATH/libonnxruntime.so or set ORT_DYLIB_PATH (or --no-verify)".into()));
+        return Err(ExportError::Ort(
+            "--verify needs ONNX Runtime: pass --ort-lib PATH/libonnxruntime.so or set ORT_DYLIB_PATH (or --no-verify)"
+                .into(),
+        ));
     }
     runtime::environment(lib).map_err(|e| ExportError::Ort(e.to_string()))
 }
@@ -47,7 +50,13 @@ fn to_ort(x: &Input, ft: FloatType) -> Result<ort::session::SessionInputValue<'s
 }
 
 /// Runs `graph` and returns the named outputs as f32.
-fn run_ort(env: &ort::environment::Environment, graph: &Path, inputs: &[(&str, &Input)], outputs: &[&str], ft: FloatType) -> Result<Vec<Vec<f32>>> {
+fn run_ort(
+    env: &ort::environment::Environment,
+    graph: &Path,
+    inputs: &[(&str, &Input)],
+    outputs: &[&str],
+    ft: FloatType,
+) -> Result<Vec<Vec<f32>>> {
     let what = graph.display().to_string();
     let mut session = Session::builder(env).map_err(ort_err(&what))?.commit_from_file(graph).map_err(ort_err(&what))?;
     let mut feed = Vec::with_capacity(inputs.len());
@@ -83,7 +92,14 @@ pub type Report = Vec<(String, f32)>;
 
 /// Runs the three graphs in `dir` against `model` (loaded in `dtype` on the CPU, which runs the
 /// candle side in that type too).
-pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft: FloatType, dtype: DType, seed: u64) -> Result<Vec<(String, Report)>> {
+pub fn verify(
+    env: &ort::environment::Environment,
+    model: &Bunny,
+    dir: &Path,
+    ft: FloatType,
+    dtype: DType,
+    seed: u64,
+) -> Result<Vec<(String, Report)>> {
     let dev = Device::Cpu;
     let mut o = Candle::new(dev.clone(), dtype);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -95,11 +111,13 @@ pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft
     let (layers, heads, hd, d) = (c.num_hidden_layers, c.num_attention_heads, c.head_dim(), c.hidden_size);
     // Inputs come from the seeded RNG, so that a failed verification can be reproduced.
     let mut randn = |shape: &[usize]| -> Result<Tensor> {
-        let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| models::train_source::normal(&mut rng) as f32).collect();
+        let v: Vec<f32> =
+            (0..shape.iter().product::<usize>()).map(|_| models::train_source::normal(&mut rng) as f32).collect();
         Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?)
     };
     let embeds = randn(&[b, s, d])?;
-    let past: Vec<(Tensor, Tensor)> = (0..layers).map(|_| Ok((randn(&[b, heads, p, hd])?, randn(&[b, heads, p, hd])?))).collect::<Result<_>>()?;
+    let past: Vec<(Tensor, Tensor)> =
+        (0..layers).map(|_| Ok((randn(&[b, heads, p, hd])?, randn(&[b, heads, p, hd])?))).collect::<Result<_>>()?;
     // The second row is left-padded by one position, as a batched runtime does.
     let mask: Vec<i64> = (0..b).flat_map(|r| (0..p + s).map(move |j| i64::from(!(r == 1 && j == 0)))).collect();
     let pos: Vec<i64> = (0..b).flat_map(|_| (p..p + s).map(|x| x as i64)).collect();
@@ -132,7 +150,10 @@ pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft
     let ids_t = Tensor::from_vec(ids.clone(), (b, 5), &dev)?;
     let e = model.llm.embed(&mut o, &ids_t)?;
     let inputs = vec![("input_ids".to_string(), Input::I(vec![b, 5], ids))];
-    all.push(("embed.onnx".to_string(), compare(env, &dir.join("embed.onnx"), &inputs, &["inputs_embeds".into()], &[flat(&e)?], ft)?));
+    all.push((
+        "embed.onnx".to_string(),
+        compare(env, &dir.join("embed.onnx"), &inputs, &["inputs_embeds".into()], &[flat(&e)?], ft)?,
+    ));
 
     // vision: pixels in the normalised range, a question of 6 tokens with the second row padded.
     let sz = c.vision_config.image_size;
@@ -144,18 +165,29 @@ pub fn verify(env: &ort::environment::Environment, model: &Bunny, dir: &Path, ft
             let t = 6;
             let qids: Vec<i64> = (0..b * t).map(|_| rng.random_range(1..q.vocab_size as i64)).collect();
             let qmask: Vec<i64> = (0..b).flat_map(|r| (0..t).map(move |j| i64::from(!(r == 1 && j >= 4)))).collect();
-            let (ids_t, mask_t) = (Tensor::from_vec(qids.clone(), (b, t), &dev)?, Tensor::from_vec(qmask.clone(), (b, t), &dev)?);
+            let (ids_t, mask_t) =
+                (Tensor::from_vec(qids.clone(), (b, t), &dev)?, Tensor::from_vec(qmask.clone(), (b, t), &dev)?);
             inputs.push(("qformer_input_ids".into(), Input::I(vec![b, t], qids)));
             inputs.push(("qformer_attention_mask".into(), Input::I(vec![b, t], qmask)));
             model.image_features(&mut o, &pixels, Some(QFormerText { input_ids: &ids_t, attention_mask: &mask_t }))?
         }
         _ => model.image_features(&mut o, &pixels, None)?,
     };
-    all.push(("vision.onnx".to_string(), compare(env, &dir.join("vision.onnx"), &inputs, &["image_features".into()], &[flat(&feats.projected)?], ft)?));
+    all.push((
+        "vision.onnx".to_string(),
+        compare(env, &dir.join("vision.onnx"), &inputs, &["image_features".into()], &[flat(&feats.projected)?], ft)?,
+    ));
     Ok(all)
 }
 
-fn compare(env: &ort::environment::Environment, graph: &Path, inputs: &[(String, Input)], names: &[String], want: &[Vec<f32>], ft: FloatType) -> Result<Report> {
+fn compare(
+    env: &ort::environment::Environment,
+    graph: &Path,
+    inputs: &[(String, Input)],
+    names: &[String],
+    want: &[Vec<f32>],
+    ft: FloatType,
+) -> Result<Report> {
     let ins: Vec<(&str, &Input)> = inputs.iter().map(|(n, x)| (n.as_str(), x)).collect();
     let outs: Vec<&str> = names.iter().map(String::as_str).collect();
     let got = run_ort(env, graph, &ins, &outs, ft)?;

@@ -12,7 +12,10 @@ use crate::graph::{FloatType, Graph, InitData};
 use crate::onnx_pb::tensor_proto::{DataLocation, DataType};
 use crate::onnx_pb::tensor_shape_proto::{dimension, Dimension};
 use crate::onnx_pb::type_proto::{self, Value as TypeValue};
-use crate::onnx_pb::{GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto};
+use crate::onnx_pb::{
+    GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
 use crate::{ExportError, Result};
 
 /// The opset every graph targets (LayerNormalization needs 17).
@@ -58,7 +61,10 @@ impl Io {
         ValueInfoProto {
             name: self.name.clone(),
             r#type: Some(TypeProto {
-                value: Some(TypeValue::TensorType(type_proto::Tensor { elem_type: self.dtype as i32, shape: Some(TensorShapeProto { dim }) })),
+                value: Some(TypeValue::TensorType(type_proto::Tensor {
+                    elem_type: self.dtype as i32,
+                    shape: Some(TensorShapeProto { dim }),
+                })),
                 ..Default::default()
             }),
             ..Default::default()
@@ -74,8 +80,20 @@ fn encode(data: &InitData, ft: FloatType) -> Result<(DataType, Vec<i64>, Vec<u8>
             let t = if *transpose { t.t()?.contiguous()? } else { t.clone() };
             let dims = t.dims().iter().map(|&d| d as i64).collect();
             let bytes = match ft {
-                FloatType::F32 => t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                FloatType::F16 => t.to_dtype(DType::F16)?.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                FloatType::F32 => t
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                FloatType::F16 => t
+                    .to_dtype(DType::F16)?
+                    .flatten_all()?
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
             };
             Ok((ft.onnx(), dims, bytes))
         }
@@ -99,12 +117,26 @@ pub fn weight_bytes(g: &Graph) -> u64 {
 
 /// Writes `g` to `path` (and its weights to `path` + `.data` when `external`); `on_tensor` is called
 /// after each initializer (for a progress bar). Returns the bytes written.
-pub fn write_model(g: &Graph, inputs: &[Io], outputs: &[Io], path: &Path, external: bool, doc: &str, mut on_tensor: impl FnMut()) -> Result<u64> {
-    let file_name = path.file_name().and_then(|f| f.to_str()).ok_or_else(|| ExportError::Io(format!("bad output path {}", path.display())))?;
+pub fn write_model(
+    g: &Graph,
+    inputs: &[Io],
+    outputs: &[Io],
+    path: &Path,
+    external: bool,
+    doc: &str,
+    mut on_tensor: impl FnMut(),
+) -> Result<u64> {
+    let file_name = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .ok_or_else(|| ExportError::Io(format!("bad output path {}", path.display())))?;
     let data_name = format!("{file_name}.data");
     let data_path = path.with_file_name(&data_name);
     let mut data_file = if external {
-        Some(std::io::BufWriter::new(std::fs::File::create(&data_path).map_err(|e| ExportError::Io(format!("creating {}: {e}", data_path.display())))?))
+        Some(std::io::BufWriter::new(
+            std::fs::File::create(&data_path)
+                .map_err(|e| ExportError::Io(format!("creating {}: {e}", data_path.display())))?,
+        ))
     } else {
         None
     };
@@ -118,7 +150,11 @@ pub fn write_model(g: &Graph, inputs: &[Io], outputs: &[Io], path: &Path, extern
                 f.write_all(&bytes).map_err(|e| ExportError::Io(format!("writing {}: {e}", data_path.display())))?;
                 t.data_location = DataLocation::External as i32;
                 let kv = |k: &str, v: String| StringStringEntryProto { key: k.into(), value: v };
-                t.external_data = vec![kv("location", data_name.clone()), kv("offset", offset.to_string()), kv("length", bytes.len().to_string())];
+                t.external_data = vec![
+                    kv("location", data_name.clone()),
+                    kv("offset", offset.to_string()),
+                    kv("length", bytes.len().to_string()),
+                ];
                 offset += bytes.len() as u64;
             }
             _ => t.raw_data = bytes,

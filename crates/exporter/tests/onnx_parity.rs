@@ -10,9 +10,9 @@ use std::process::Command;
 
 use candle_core::{Device, IndexOp, Tensor};
 use qadapt_core::sampling::quality_score;
-use runtime::{Ep, Runtime};
 use qadapt_core::template::SCORE_QUESTION;
 use qadapt_core::QFormerTokenizer;
+use runtime::{Ep, Runtime};
 
 const CASES: [&str; 4] = ["bunny_f32_bpe", "qadapt_f32_sharded", "qadapt_f16", "bunny_bf16_sharded"];
 
@@ -26,7 +26,11 @@ fn export_bin() -> Command {
 
 fn export(case: &str, out: &Path, extra: &[&str]) {
     let model = fixtures().join(case).join("model");
-    let o = export_bin().args(["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(extra).output().unwrap();
+    let o = export_bin()
+        .args(["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "export of {case} failed: {}", String::from_utf8_lossy(&o.stderr));
     println!("{}", String::from_utf8_lossy(&o.stdout).trim_end());
 }
@@ -34,7 +38,10 @@ fn export(case: &str, out: &Path, extra: &[&str]) {
 /// The export opened by the runtime (CPU provider); the tests feed it HF's own pixel values and
 /// prompt ids through its lower-level entry points.
 fn open(dir: &Path) -> Runtime {
-    assert!(std::env::var_os("ORT_DYLIB_PATH").is_some(), "set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (see .ci/run)");
+    assert!(
+        std::env::var_os("ORT_DYLIB_PATH").is_some(),
+        "set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (see .ci/run)"
+    );
     Runtime::open(dir, Ep::Cpu, 0, false, None).unwrap()
 }
 
@@ -54,7 +61,8 @@ fn argmax(v: &[f32]) -> u32 {
 /// Runs one case through ORT; returns (max rel err of features and logits, |Δscore|).
 fn run_case(case: &str, dir: &Path) -> (f32, f32) {
     let fx = fixtures().join(case);
-    let exp_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+    let exp_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
     let exp = candle_core::safetensors::load(fx.join("expected.safetensors"), &Device::Cpu).unwrap();
     let ids = |k: &str| exp[k].flatten_all().unwrap().to_vec1::<i64>().unwrap();
     let mut m = open(dir);
@@ -63,7 +71,13 @@ fn run_case(case: &str, dir: &Path) -> (f32, f32) {
     let mut score_err = 0f32;
     for p in ["ask", "score"] {
         let question = if p == "ask" { exp_json["questions"]["ask"].as_str().unwrap() } else { SCORE_QUESTION };
-        let q = qtok.as_ref().map(|t| t.encode(&qadapt_core::template::qformer_text(question)).unwrap().into_iter().map(i64::from).collect::<Vec<_>>());
+        let q = qtok.as_ref().map(|t| {
+            t.encode(&qadapt_core::template::qformer_text(question))
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect::<Vec<_>>()
+        });
         if let Some(q) = &q {
             assert_eq!(q, &ids(&format!("{p}.qformer_input_ids")), "{case} {p}: Q-Former ids");
         }
@@ -122,7 +136,8 @@ fn f16_and_external_data_exports_stay_within_tolerance() {
     let mut m = open(&dir);
     assert_eq!(m.manifest.dtype, "f16");
     let qtok = QFormerTokenizer::from_dir(&dir, 256).unwrap();
-    let q: Vec<i64> = qtok.encode(&qadapt_core::template::qformer_text(SCORE_QUESTION)).unwrap().into_iter().map(i64::from).collect();
+    let q: Vec<i64> =
+        qtok.encode(&qadapt_core::template::qformer_text(SCORE_QUESTION)).unwrap().into_iter().map(i64::from).collect();
     let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&[q.clone()])).unwrap();
     let e_feat = rel(&feats, &exp["score.image_features"]);
     let ids = exp["score.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
@@ -132,9 +147,11 @@ fn f16_and_external_data_exports_stay_within_tolerance() {
     assert!(e_feat < 2e-2 && e_logits < 2e-2);
     // Greedy decoding through the f16 cache (kept as ONNX Runtime f16 values between steps) gives
     // HF's f32 ids: the fixture's smallest greedy margin (0.53) is far above f16's error.
-    let exp_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+    let exp_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
     let ask = exp_json["questions"]["ask"].as_str().unwrap();
-    let q: Vec<i64> = qtok.encode(&qadapt_core::template::qformer_text(ask)).unwrap().into_iter().map(i64::from).collect();
+    let q: Vec<i64> =
+        qtok.encode(&qadapt_core::template::qformer_text(ask)).unwrap().into_iter().map(i64::from).collect();
     let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&[q])).unwrap();
     let ids = exp["ask.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
     let (mut logits, mut cache) = m.prefill_ids(&ids, &feats).unwrap();
@@ -173,7 +190,11 @@ fn f16_and_external_data_exports_stay_within_tolerance() {
     }
     assert_eq!(answers[0].as_ref(), Some(&lone[0]), "the running row changed when another joined");
     assert_eq!(answers[1].as_ref(), Some(&lone[1]), "the joined row differs from a lone run");
-    println!("f16 export: a request joining a running batch answers as alone ({} and {} tokens)", lone[0].len(), lone[1].len());
+    println!(
+        "f16 export: a request joining a running batch answers as alone ({} and {} tokens)",
+        lone[0].len(),
+        lone[1].len()
+    );
 }
 
 #[test]
@@ -190,10 +211,18 @@ fn bad_inputs_fail_clearly_and_leave_nothing() {
     assert!(err.contains("/nonexistent/model") && err.contains("not found"), "{err}");
     let err = run(&["--model", fixtures().join("bunny_f32_bpe/model").to_str().unwrap(), "--out", o, "--opset", "13"]);
     assert!(err.contains("--opset 13"), "{err}");
-    let err = run(&["--model", fixtures().join("bunny_f32_bpe/model").to_str().unwrap(), "--out", o, "--ort-lib", "/nonexistent/libonnxruntime.so"]);
+    let err = run(&[
+        "--model",
+        fixtures().join("bunny_f32_bpe/model").to_str().unwrap(),
+        "--out",
+        o,
+        "--ort-lib",
+        "/nonexistent/libonnxruntime.so",
+    ]);
     assert!(err.contains("/nonexistent/libonnxruntime.so"), "{err}");
     // A tolerance no graph can meet: verification fails and the directory never appears.
-    let err = run(&["--model", fixtures().join("bunny_f32_bpe/model").to_str().unwrap(), "--out", o, "--tolerance", "0"]);
+    let err =
+        run(&["--model", fixtures().join("bunny_f32_bpe/model").to_str().unwrap(), "--out", o, "--tolerance", "0"]);
     assert!(err.contains("verification failed") && err.contains("decoder.onnx"), "{err}");
     assert!(!out.exists(), "a failed export left {}", out.display());
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
@@ -211,7 +240,11 @@ fn stage_runs_are_merged_into_the_export() {
     let (run1, run2) = (tmp.path().join("run1/final"), tmp.path().join("run2/final"));
     std::fs::create_dir_all(&run1).unwrap();
     std::fs::create_dir_all(&run2).unwrap();
-    std::fs::write(run1.join("adapter_config.json"), r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}"#).unwrap();
+    std::fs::write(
+        run1.join("adapter_config.json"),
+        r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}"#,
+    )
+    .unwrap();
     let dev = Device::Cpu;
     let mut lora = HashMap::new();
     let q = "model.layers.0.self_attn.q_proj";
@@ -226,7 +259,8 @@ fn stage_runs_are_merged_into_the_export() {
     let ck = models::loader::Checkpoint::open(&model_dir, &dev, candle_core::DType::F32).unwrap();
     let proj = "model.mm_projector.2.bias";
     let shape = models::loader::WeightSource::shape(&ck, proj).unwrap();
-    let replaced: HashMap<String, Tensor> = [(proj.to_string(), Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap())].into();
+    let replaced: HashMap<String, Tensor> =
+        [(proj.to_string(), Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap())].into();
     candle_core::safetensors::save(&replaced, run2.join("non_lora_trainables.safetensors")).unwrap();
 
     let (base, merged) = (tmp.path().join("base"), tmp.path().join("merged"));
@@ -246,7 +280,8 @@ fn stage_runs_are_merged_into_the_export() {
     };
     let mut init = lora.clone();
     init.extend(replaced.clone());
-    let unmerged = models::train_source::TrainSource::new(&ck, |_| false, Some(spec), &dev, candle_core::DType::F32, 0).with_init(init);
+    let unmerged = models::train_source::TrainSource::new(&ck, |_| false, Some(spec), &dev, candle_core::DType::F32, 0)
+        .with_init(init);
     let reference = models::Bunny::new(&unmerged, cfg).unwrap();
     assert!(reference.llm.layers[0].q_proj.lora.is_some(), "the reference must run the LoRA unmerged");
     let fx = fixtures().join(case);
@@ -256,7 +291,8 @@ fn stage_runs_are_merged_into_the_export() {
     let mut o = models::Candle::new(dev.clone(), candle_core::DType::F32);
     let feats = reference.image_features(&mut o, px, None).unwrap().projected;
     let at = ids.iter().position(|&i| i == -200).unwrap();
-    let mut text = |r: &[i64]| reference.llm.embed(&mut o, &Tensor::new(r, &dev).unwrap().unsqueeze(0).unwrap()).unwrap();
+    let mut text =
+        |r: &[i64]| reference.llm.embed(&mut o, &Tensor::new(r, &dev).unwrap().unsqueeze(0).unwrap()).unwrap();
     let embeds = Tensor::cat(&[text(&ids[..at]), feats.clone(), text(&ids[at + 1..])], 1).unwrap();
     let len = embeds.dim(1).unwrap();
     let mask = Tensor::ones((1, len), candle_core::DType::I64, &dev).unwrap();
@@ -304,21 +340,30 @@ fn stage2_adds_prompt_module_tensors_the_base_lacks() {
         }
     };
     copy_dir(&fx.join("qformer"), &base.join("qformer"));
-    let (module, rest): (HashMap<_, _>, HashMap<_, _>) = all.into_iter().partition(|(k, _)| k.starts_with("model.vlm_"));
+    let (module, rest): (HashMap<_, _>, HashMap<_, _>) =
+        all.into_iter().partition(|(k, _)| k.starts_with("model.vlm_"));
     assert!(module.len() > 20, "the fixture has a prompt module");
     candle_core::safetensors::save(&rest, base.join("model.safetensors")).unwrap();
     candle_core::safetensors::save(&module, run2.join("non_lora_trainables.safetensors")).unwrap();
     let (full, staged) = (tmp.path().join("full"), tmp.path().join("staged"));
     export(case, &full, &[]);
     let o = export_bin()
-        .args(["--model", base.to_str().unwrap(), "--stage2", run2.parent().unwrap().to_str().unwrap(), "--out", staged.to_str().unwrap()])
+        .args([
+            "--model",
+            base.to_str().unwrap(),
+            "--stage2",
+            run2.parent().unwrap().to_str().unwrap(),
+            "--out",
+            staged.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let exp = candle_core::safetensors::load(fixtures().join(case).join("expected.safetensors"), &Device::Cpu).unwrap();
     let ids = exp["score.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
     let qtok = QFormerTokenizer::from_dir(&full, 256).unwrap();
-    let q: Vec<i64> = qtok.encode(&qadapt_core::template::qformer_text(SCORE_QUESTION)).unwrap().into_iter().map(i64::from).collect();
+    let q: Vec<i64> =
+        qtok.encode(&qadapt_core::template::qformer_text(SCORE_QUESTION)).unwrap().into_iter().map(i64::from).collect();
     let mut logits = Vec::new();
     for dir in [&full, &staged] {
         let mut m = open(dir);
@@ -329,7 +374,10 @@ fn stage2_adds_prompt_module_tensors_the_base_lacks() {
     println!("base without the prompt module + --stage2 carrying it: max |Δlogit| vs the full checkpoint {diff:.1e}");
     assert_eq!(diff, 0.0);
     // Without the stage-2 run, the base alone names the first missing prompt-module tensor.
-    let o = export_bin().args(["--model", base.to_str().unwrap(), "--out", tmp.path().join("no").to_str().unwrap()]).output().unwrap();
+    let o = export_bin()
+        .args(["--model", base.to_str().unwrap(), "--out", tmp.path().join("no").to_str().unwrap()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("model.vlm_"), "{err}");
 }

@@ -43,7 +43,8 @@ fn adapter_err(path: &Path, msg: impl std::fmt::Display) -> Error {
 }
 
 fn load_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device).map_err(|e| adapter_err(path, format!("not a valid safetensors file: {e}")))
+    candle_core::safetensors::load(path, device)
+        .map_err(|e| adapter_err(path, format!("not a valid safetensors file: {e}")))
 }
 
 impl<'a> AdaptedSource<'a> {
@@ -59,7 +60,8 @@ impl<'a> AdaptedSource<'a> {
         let mut scale = 1.0;
         if model_path.exists() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| adapter_err(&cfg_path, format!("invalid adapter config: {e}")))?;
+            let cfg: AdapterConfig = serde_json::from_str(&text)
+                .map_err(|e| adapter_err(&cfg_path, format!("invalid adapter config: {e}")))?;
             if cfg.r == 0 {
                 return Err(adapter_err(&cfg_path, "r must be ≥ 1"));
             }
@@ -70,15 +72,23 @@ impl<'a> AdaptedSource<'a> {
                 let stem = a_key.trim_end_matches(".lora_A.weight");
                 let b_key = format!("{stem}.lora_B.weight");
                 let a = tensors.remove(&a_key).ok_or_else(|| adapter_err(&model_path, format!("missing {a_key}")))?;
-                let b = tensors.remove(&b_key).ok_or_else(|| adapter_err(&model_path, format!("{a_key} has no matching {b_key}")))?;
+                let b = tensors
+                    .remove(&b_key)
+                    .ok_or_else(|| adapter_err(&model_path, format!("{a_key} has no matching {b_key}")))?;
                 let base_key = format!("{}.weight", stem.strip_prefix(PEFT_PREFIX).unwrap_or(stem));
                 lora.insert(base_key, (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?));
             }
             if let Some(k) = tensors.keys().next() {
-                return Err(adapter_err(&model_path, format!("unexpected tensor {k} (only lora_A / lora_B pairs belong here)")));
+                return Err(adapter_err(
+                    &model_path,
+                    format!("unexpected tensor {k} (only lora_A / lora_B pairs belong here)"),
+                ));
             }
         } else if !full_path.exists() {
-            return Err(adapter_err(dir, "neither adapter_model.safetensors nor non_lora_trainables.safetensors is present"));
+            return Err(adapter_err(
+                dir,
+                "neither adapter_model.safetensors nor non_lora_trainables.safetensors is present",
+            ));
         }
         let mut replace = HashMap::new();
         if full_path.exists() {
@@ -95,11 +105,18 @@ impl<'a> AdaptedSource<'a> {
     /// base has must keep its shape.
     fn check(&self) -> Result<()> {
         for (key, (a, b)) in &self.lora {
-            let found = self.base.shape(key).ok_or_else(|| Error::MissingKey { key: format!("{key} (targeted by the adapter)") })?;
+            let found = self
+                .base
+                .shape(key)
+                .ok_or_else(|| Error::MissingKey { key: format!("{key} (targeted by the adapter)") })?;
             let (r, din) = a.dims2()?;
             let (dout, rb) = b.dims2()?;
             if rb != r || found != [dout, din] {
-                return Err(Error::ShapeMismatch { key: format!("{key} (LoRA B·A)"), expected: found, found: vec![dout, din] });
+                return Err(Error::ShapeMismatch {
+                    key: format!("{key} (LoRA B·A)"),
+                    expected: found,
+                    found: vec![dout, din],
+                });
             }
         }
         // A stage-2 run also carries prompt-module tensors a plain base lacks: those are added.
@@ -130,7 +147,11 @@ impl WeightSource for AdaptedSource<'_> {
                 // Mark the base tensor as used without keeping it: the replacement wins.
                 drop(self.base.get(key, expected)?);
             } else if t.dims() != expected {
-                return Err(Error::ShapeMismatch { key: format!("{key} (added by the adapter)"), expected: expected.to_vec(), found: t.dims().to_vec() });
+                return Err(Error::ShapeMismatch {
+                    key: format!("{key} (added by the adapter)"),
+                    expected: expected.to_vec(),
+                    found: t.dims().to_vec(),
+                });
             }
             return Ok(t.to_dtype(self.dtype)?);
         }

@@ -66,7 +66,9 @@ impl Bunny {
         let model = root.pp("model");
         let prompt = match (config.model_type, &config.qformer_config) {
             (ModelType::QAdapt, Some(q)) => Some(PromptModule::new(&model, config.mm_hidden_size, q)?),
-            (ModelType::QAdapt, None) => return Err(Error::Unsupported("Q-Adapt config without qformer_config".into())),
+            (ModelType::QAdapt, None) => {
+                return Err(Error::Unsupported("Q-Adapt config without qformer_config".into()))
+            }
             (ModelType::Bunny, _) => None,
         };
         let mm_projector = Projector::new(&model.pp("mm_projector"), config.mm_hidden_size, config.hidden_size)?;
@@ -104,14 +106,21 @@ impl Bunny {
 
     /// pixel_values [B, 3, S, S] (+ the question for Q-Adapt) → features at every stage.
     /// A Q-Adapt model always runs its prompt module: no question is an error (DESIGN §7.7).
-    pub fn image_features<O: Ops>(&self, o: &mut O, pixels: &O::T, text: Option<QFormerText<'_, O::T>>) -> Result<ImageFeatures<O::T>> {
+    pub fn image_features<O: Ops>(
+        &self,
+        o: &mut O,
+        pixels: &O::T,
+        text: Option<QFormerText<'_, O::T>>,
+    ) -> Result<ImageFeatures<O::T>> {
         let vision = self.vision.forward(o, pixels)?;
         let (qformer_output, fused) = match (&self.prompt, text) {
             (Some(p), Some(t)) => {
                 let out = p.forward(o, &vision, t.input_ids, t.attention_mask)?;
                 (Some(out.qformer_output), Some(out.fused))
             }
-            (Some(_), None) => return Err(Error::Input("a Q-Adapt model needs the question for its prompt module".into())),
+            (Some(_), None) => {
+                return Err(Error::Input("a Q-Adapt model needs the question for its prompt module".into()))
+            }
             (None, _) => (None, None),
         };
         let projected = self.mm_projector.forward(o, fused.as_ref().unwrap_or(&vision))?;
@@ -142,8 +151,18 @@ mod tests {
         let bert_att = |kv: usize| q * q + q + 2 * (kv * q + q) + q * q + q + 2 * q;
         let ffn = q * qf + qf + qf * q + q + 2 * q;
         let qformer = 30523 * q + 512 * q + 2 * q + 12 * (bert_att(q) + 2 * ffn) + 6 * bert_att(att);
-        let prompt = vd * att + att + 2 * att + 32 * q + qformer + q * vd + vd
-            + (3 * vd * vd + 3 * vd + vd * vd + vd) + (2 * vd * 2048 + 2048) + (2048 + 1) + 2 * 2 * vd + 2 * vd;
+        let prompt = vd * att
+            + att
+            + 2 * att
+            + 32 * q
+            + qformer
+            + q * vd
+            + vd
+            + (3 * vd * vd + 3 * vd + vd * vd + vd)
+            + (2 * vd * 2048 + 2048)
+            + (2048 + 1)
+            + 2 * 2 * vd
+            + 2 * vd;
         assert_eq!(n, phi + siglip + conn + prompt);
         assert_eq!(m.vision.layers.len(), 26);
         assert_eq!(m.prompt.as_ref().unwrap().num_query, 32);

@@ -6,7 +6,9 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use image::RgbImage;
 use qadapt_core::image::{pixel_values, PreprocessConfig};
-use qadapt_core::sampling::{decode_loop, level_token_ids, quality_score, AnswerJson, LevelProbs, Sampler, SamplingParams, LEVELS};
+use qadapt_core::sampling::{
+    decode_loop, level_token_ids, quality_score, AnswerJson, LevelProbs, Sampler, SamplingParams, LEVELS,
+};
 use qadapt_core::template::{self, PromptIds};
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
 
@@ -144,7 +146,13 @@ impl Engine {
     }
 
     /// Answers a question about an image; `on_text` receives the answer text as it grows.
-    pub fn generate(&self, img: &RgbImage, question: &str, opts: &GenerateOptions, mut on_text: impl FnMut(&str)) -> Result<AnswerJson> {
+    pub fn generate(
+        &self,
+        img: &RgbImage,
+        question: &str,
+        opts: &GenerateOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<AnswerJson> {
         let mut sampler = Sampler::new(opts.sampling)?;
         let pixels = self.pixel_values(img)?;
         let feats = self.image_features(&pixels, question)?;
@@ -178,6 +186,12 @@ impl Engine {
         let (score, probs) = self.score(img)?;
         let arr = probs.to_array();
         let best = (0..5).fold(0, |b, i| if arr[i] > arr[b] { i } else { b });
-        Ok(AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![self.level_ids[best]], score: Some(score), level_probs: Some(probs), logprobs: None })
+        Ok(AnswerJson {
+            answer: LEVELS[best].0.to_string(),
+            token_ids: vec![self.level_ids[best]],
+            score: Some(score),
+            level_probs: Some(probs),
+            logprobs: None,
+        })
     }
 }

@@ -82,7 +82,10 @@ impl Checkpoint {
         let mut index = HashMap::new();
         for (fi, path) in paths.iter().enumerate() {
             if !path.exists() {
-                return Err(Error::Checkpoint { path: path.clone(), msg: "shard named in model.safetensors.index.json is missing".into() });
+                return Err(Error::Checkpoint {
+                    path: path.clone(),
+                    msg: "shard named in model.safetensors.index.json is missing".into(),
+                });
             }
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the map is read-only; a checkpoint modified while we run is outside our contract.
@@ -139,11 +142,16 @@ impl WeightSource for Checkpoint {
     fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
         let (fi, info) = self.index.get(key).ok_or_else(|| Error::MissingKey { key: key.to_string() })?;
         if info.shape != expected {
-            return Err(Error::ShapeMismatch { key: key.to_string(), expected: expected.to_vec(), found: info.shape.clone() });
+            return Err(Error::ShapeMismatch {
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
         }
         let (path, mmap, start) = &self.files[*fi];
         let bytes = &mmap[start + info.data_offsets.0..start + info.data_offsets.1];
-        let dt = DType::try_from(info.dtype).map_err(|e| Error::Checkpoint { path: path.clone(), msg: format!("{key}: {e}") })?;
+        let dt = DType::try_from(info.dtype)
+            .map_err(|e| Error::Checkpoint { path: path.clone(), msg: format!("{key}: {e}") })?;
         let t = Tensor::from_raw_buffer(bytes, dt, &info.shape, &self.device)?;
         // The tensor now owns its data: let the kernel drop the mapped file pages, so that loading
         // never holds the checkpoint twice (file cache + tensors). The map is read-only and shared,
@@ -152,7 +160,11 @@ impl WeightSource for Checkpoint {
         // SAFETY: MADV_DONTNEED on a read-only shared file mapping only discards clean page-cache
         // pages of this process's view; no Rust reference into the range outlives this call.
         unsafe {
-            let _ = mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start + info.data_offsets.0, bytes.len());
+            let _ = mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start + info.data_offsets.0,
+                bytes.len(),
+            );
         }
         self.used.borrow_mut().insert(key.to_string());
         // Integer buffers (position_ids) keep their type; floating weights go to the compute dtype.

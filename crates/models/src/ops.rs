@@ -199,7 +199,11 @@ impl Ops for Candle {
         let xf = x.to_dtype(DType::F32)?;
         // candle's fused softmax_last_dim records no backward op: gradients would silently stop at
         // every attention softmax (q and k would never learn). Training uses the composite form.
-        let y = if self.dropout_rng.is_some() { candle_nn::ops::softmax(&xf, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&xf)? };
+        let y = if self.dropout_rng.is_some() {
+            candle_nn::ops::softmax(&xf, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&xf)?
+        };
         Ok(y.to_dtype(dt)?)
     }
     fn transpose(&mut self, x: &Tensor, d1: usize, d2: usize) -> Result<Tensor> {
@@ -235,7 +239,8 @@ impl Ops for Candle {
         Ok(x.broadcast_as((like.dim(0)?, n, d))?.contiguous()?)
     }
     fn rope_tables(&mut self, position_ids: &Tensor, rot_dims: usize, theta: f64) -> Result<(Tensor, Tensor)> {
-        let inv: Vec<f32> = (0..rot_dims / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot_dims as f64)) as f32).collect();
+        let inv: Vec<f32> =
+            (0..rot_dims / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot_dims as f64)) as f32).collect();
         let inv = Tensor::new(inv, &self.device)?.reshape((1, 1, ()))?;
         let pos = position_ids.to_dtype(DType::F32)?.unsqueeze(2)?; // [B, L, 1]
         let freqs = pos.broadcast_mul(&inv)?; // [B, L, rot/2]
@@ -308,7 +313,8 @@ mod tests {
         let q0 = Tensor::randn(0f32, 1.0, (1, 1, 3, 4), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (1, 1, 3, 4), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, 1, 3, 4), &dev).unwrap();
-        let loss_of = |q: &Tensor, o: &mut Candle| attention(o, q, &k, &v, None, 0.5).unwrap().sqr().unwrap().sum_all().unwrap();
+        let loss_of =
+            |q: &Tensor, o: &mut Candle| attention(o, q, &k, &v, None, 0.5).unwrap().sqr().unwrap().sum_all().unwrap();
         let q = Var::from_tensor(&q0).unwrap();
         let mut o = Candle::training(dev.clone(), DType::F32, 0);
         let g = loss_of(q.as_tensor(), &mut o).backward().unwrap();
@@ -320,9 +326,15 @@ mod tests {
             plus[i] += eps;
             let mut minus = base.clone();
             minus[i] -= eps;
-            let mut f = |d: Vec<f32>| loss_of(&Tensor::from_vec(d, (1, 1, 3, 4), &dev).unwrap(), &mut o).to_scalar::<f32>().unwrap();
+            let mut f = |d: Vec<f32>| {
+                loss_of(&Tensor::from_vec(d, (1, 1, 3, 4), &dev).unwrap(), &mut o).to_scalar::<f32>().unwrap()
+            };
             let numeric = (f(plus) - f(minus)) / (2.0 * eps);
-            assert!((numeric - gq[i]).abs() < 2e-2 * numeric.abs().max(1.0), "d/dq[{i}]: numeric {numeric}, autograd {}", gq[i]);
+            assert!(
+                (numeric - gq[i]).abs() < 2e-2 * numeric.abs().max(1.0),
+                "d/dq[{i}]: numeric {numeric}, autograd {}",
+                gq[i]
+            );
         }
     }
 }

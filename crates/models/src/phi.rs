@@ -64,11 +64,17 @@ impl Phi {
         let d = cfg.hidden_size;
         let m = vb.pp("model");
         let embed_tokens = m.get("embed_tokens.weight", &[cfg.vocab_size, d])?;
-        let layers = (0..cfg.num_hidden_layers).map(|i| PhiLayer::new(&m.pp("layers").pp(i), cfg)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| PhiLayer::new(&m.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
         let final_layernorm = LayerNorm::new(&m.pp("final_layernorm"), d, cfg.layer_norm_eps)?;
         // Bunny's lm_head has no bias; a plain phi-2 checkpoint's bias is honoured when present.
         let head = vb.pp("lm_head");
-        let lm_head = Linear { weight: head.get("weight", &[cfg.vocab_size, d])?, bias: head.get_opt("bias", &[cfg.vocab_size])?, lora: None };
+        let lm_head = Linear {
+            weight: head.get("weight", &[cfg.vocab_size, d])?,
+            bias: head.get_opt("bias", &[cfg.vocab_size])?,
+            lora: None,
+        };
         Ok(Self {
             embed_tokens,
             layers,

@@ -14,7 +14,10 @@ pub struct Projector {
 
 impl Projector {
     pub fn new(vb: &Vb, mm_hidden: usize, hidden: usize) -> Result<Self> {
-        Ok(Self { l0: Linear::new(&vb.pp(0), mm_hidden, hidden, true)?, l2: Linear::new(&vb.pp(2), hidden, hidden, true)? })
+        Ok(Self {
+            l0: Linear::new(&vb.pp(0), mm_hidden, hidden, true)?,
+            l2: Linear::new(&vb.pp(2), hidden, hidden, true)?,
+        })
     }
 
     /// [B, N, mm_hidden] → [B, N, hidden].

@@ -107,10 +107,20 @@ impl PromptModule {
         let qshape = vb.require_shape("vlm_att_query")?;
         let (num_query, qh) = match qshape.as_slice() {
             [1, n, h] => (*n, *h),
-            _ => return Err(Error::ShapeMismatch { key: vb.key("vlm_att_query"), expected: vec![1, cfg.num_query, cfg.hidden_size], found: qshape }),
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    key: vb.key("vlm_att_query"),
+                    expected: vec![1, cfg.num_query, cfg.hidden_size],
+                    found: qshape,
+                })
+            }
         };
         if qh != cfg.hidden_size {
-            return Err(Error::ShapeMismatch { key: vb.key("vlm_att_query"), expected: vec![1, num_query, cfg.hidden_size], found: qshape });
+            return Err(Error::ShapeMismatch {
+                key: vb.key("vlm_att_query"),
+                expected: vec![1, num_query, cfg.hidden_size],
+                found: qshape,
+            });
         }
         let att_feat = vb.pp("vlm_att_projector").require_shape("weight")?[0];
         Ok(Self {
@@ -126,7 +136,13 @@ impl PromptModule {
     }
 
     /// f [B, N, d] visual features, `input_ids` / `text_mask` [B, T] the Q-Former text.
-    pub fn forward<O: Ops>(&self, o: &mut O, f: &O::T, input_ids: &O::T, text_mask: &O::T) -> Result<PromptOutput<O::T>> {
+    pub fn forward<O: Ops>(
+        &self,
+        o: &mut O,
+        f: &O::T,
+        input_ids: &O::T,
+        text_mask: &O::T,
+    ) -> Result<PromptOutput<O::T>> {
         // The official code drops token 0 for the Q-Former's image input only (DESIGN §7.3).
         let x = o.narrow(f, 1, 1, None)?;
         let x = self.vlm_att_projector.forward(o, &x)?;

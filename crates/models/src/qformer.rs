@@ -113,7 +113,11 @@ impl QFormer {
             let cross = i % cfg.cross_attention_freq == 0;
             layers.push(QFormerLayer {
                 attention: BertAttention::new(&l.pp("attention"), d, d, cfg)?,
-                crossattention: if cross { Some(BertAttention::new(&l.pp("crossattention"), d, att_feat, cfg)?) } else { None },
+                crossattention: if cross {
+                    Some(BertAttention::new(&l.pp("crossattention"), d, att_feat, cfg)?)
+                } else {
+                    None
+                },
                 ffn_query: Ffn::new(&l, "intermediate_query", "output_query", cfg)?,
                 ffn_text: Ffn::new(&l, "intermediate", "output", cfg)?,
             });

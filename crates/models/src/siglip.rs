@@ -93,7 +93,10 @@ impl SiglipVision {
     /// Loads the layers Bunny runs; later layers, `post_layernorm` and `head` are left unread.
     pub fn new(vb: &Vb, cfg: &VisionConfig) -> Result<Self> {
         if cfg.hidden_act != "gelu_pytorch_tanh" {
-            return Err(Error::Unsupported(format!("vision hidden_act {:?} (SigLIP uses gelu_pytorch_tanh)", cfg.hidden_act)));
+            return Err(Error::Unsupported(format!(
+                "vision hidden_act {:?} (SigLIP uses gelu_pytorch_tanh)",
+                cfg.hidden_act
+            )));
         }
         let d = cfg.hidden_size;
         let p = cfg.patch_size;

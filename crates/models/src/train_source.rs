@@ -194,7 +194,11 @@ impl WeightSource for TrainSource<'_> {
         let value = match self.init.get(key) {
             Some(t) if t.dims() == expected => t.to_device(&self.device)?,
             Some(t) => {
-                return Err(crate::Error::ShapeMismatch { key: key.to_string(), expected: expected.to_vec(), found: t.dims().to_vec() })
+                return Err(crate::Error::ShapeMismatch {
+                    key: key.to_string(),
+                    expected: expected.to_vec(),
+                    found: t.dims().to_vec(),
+                })
             }
             None if self.base.shape(key).is_none() && (self.random_missing)(key) => {
                 self.randomised.borrow_mut().push(key.to_string());
@@ -222,7 +226,8 @@ impl WeightSource for TrainSource<'_> {
             None => {
                 let bound = 1.0 / (in_dim as f64).sqrt();
                 let mut rng = self.rng.borrow_mut();
-                let data: Vec<f32> = (0..spec.r * in_dim).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
+                let data: Vec<f32> =
+                    (0..spec.r * in_dim).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
                 Tensor::from_vec(data, (spec.r, in_dim), &self.device)?
             }
         };

@@ -17,7 +17,11 @@ fn main() -> anyhow::Result<()> {
         _ => Ep::Cpu,
     };
     let t_open = Instant::now();
-    let mut rt = Runtime::open_with(std::path::Path::new(&a[1]), &Placement { ep, max_batch: batch, ..Default::default() }, None)?;
+    let mut rt = Runtime::open_with(
+        std::path::Path::new(&a[1]),
+        &Placement { ep, max_batch: batch, ..Default::default() },
+        None,
+    )?;
     let open_s = t_open.elapsed().as_secs_f64();
     let img = qadapt_core::image::load_image(std::path::Path::new(&a[2]))?;
     if let Ok(path) = std::env::var("QADAPT_BENCH_DUMP") {
@@ -37,7 +41,8 @@ fn main() -> anyhow::Result<()> {
     let imgs: Vec<&image::RgbImage> = (0..batch).map(|_| &img).collect();
     let run = |rt: &mut Runtime, n: usize| -> anyhow::Result<(f64, Vec<u32>)> {
         let t = Instant::now();
-        let out = rt.generate_batch(&imgs, &a[3], &GenerateOptions { max_new_tokens: n, ..Default::default() }, |_, _| {})?;
+        let out =
+            rt.generate_batch(&imgs, &a[3], &GenerateOptions { max_new_tokens: n, ..Default::default() }, |_, _| {})?;
         Ok((t.elapsed().as_secs_f64() * 1e3, out[0].token_ids.clone()))
     };
     let t_pre = Instant::now();

@@ -87,7 +87,12 @@ pub fn read_rows(input: &Path) -> Result<Vec<Row>> {
             .map_err(io(input))?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .filter(|p| p.is_file() && p.extension().and_then(|x| x.to_str()).is_some_and(|x| IMAGE_EXTS.contains(&x.to_ascii_lowercase().as_str())))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| IMAGE_EXTS.contains(&x.to_ascii_lowercase().as_str()))
+            })
             .map(|p| p.display().to_string())
             .collect();
         names.sort();
@@ -97,7 +102,9 @@ pub fn read_rows(input: &Path) -> Result<Vec<Row>> {
     let base = input.parent().unwrap_or(Path::new("."));
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let mut row: Row = serde_json::from_str(line).map_err(|e| RunError::Input(format!("{} line {}: {e} (want {{\"image\": path}})", input.display(), i + 1)))?;
+        let mut row: Row = serde_json::from_str(line).map_err(|e| {
+            RunError::Input(format!("{} line {}: {e} (want {{\"image\": path}})", input.display(), i + 1))
+        })?;
         let p = Path::new(&row.image);
         if p.is_relative() {
             row.image = base.join(p).display().to_string();
@@ -124,7 +131,14 @@ pub fn done_rows(out: &Path) -> Result<HashSet<String>> {
 }
 
 /// Runs `task` over `rows`, appending to `out`; `tick` is called with the rows finished so far.
-pub fn run(rt: &mut Runtime, rows: &[Row], task: &Task, batch_size: usize, out: &Path, mut tick: impl FnMut(&Summary)) -> Result<Summary> {
+pub fn run(
+    rt: &mut Runtime,
+    rows: &[Row],
+    task: &Task,
+    batch_size: usize,
+    out: &Path,
+    mut tick: impl FnMut(&Summary),
+) -> Result<Summary> {
     let t0 = std::time::Instant::now();
     let done = done_rows(out)?;
     let mut sum = Summary { total: rows.len(), ..Default::default() };
@@ -152,14 +166,30 @@ pub fn run(rt: &mut Runtime, rows: &[Row], task: &Task, batch_size: usize, out: 
             let fits = question_of(row).map_or(Ok(()), |q| rt.check_question(&q));
             match fits.and_then(|_| Ok(load_image(Path::new(&row.image))?)) {
                 Ok(img) => imgs.push((k, img)),
-                Err(e) => records[k] = Some(Record { image: row.image.clone(), question: question_of(row), result: Outcome::Error { error: e.to_string() } }),
+                Err(e) => {
+                    records[k] = Some(Record {
+                        image: row.image.clone(),
+                        question: question_of(row),
+                        result: Outcome::Error { error: e.to_string() },
+                    })
+                }
             }
         }
         if !imgs.is_empty() {
             let questions: Vec<Option<String>> = imgs.iter().map(|(k, _)| question_of(todo[i + k])).collect();
             let answers: Result<Vec<qadapt_core::sampling::AnswerJson>> = match task {
                 Task::Ask(opts, _) => {
-                    let reqs: Vec<Request> = imgs.iter().zip(&questions).map(|((_, image), q)| Request { image, question: q.as_deref().unwrap_or(""), history: &[], opts: *opts, cancel: None }).collect();
+                    let reqs: Vec<Request> = imgs
+                        .iter()
+                        .zip(&questions)
+                        .map(|((_, image), q)| Request {
+                            image,
+                            question: q.as_deref().unwrap_or(""),
+                            history: &[],
+                            opts: *opts,
+                            cancel: None,
+                        })
+                        .collect();
                     rt.generate_mixed(&reqs, |_, _| {})
                 }
                 Task::Score => {
@@ -170,12 +200,20 @@ pub fn run(rt: &mut Runtime, rows: &[Row], task: &Task, batch_size: usize, out: 
             match answers {
                 Ok(a) => {
                     for (((k, _), ans), q) in imgs.iter().zip(a).zip(questions) {
-                        records[*k] = Some(Record { image: todo[i + k].image.clone(), question: q, result: Outcome::Answer(ans) });
+                        records[*k] = Some(Record {
+                            image: todo[i + k].image.clone(),
+                            question: q,
+                            result: Outcome::Answer(ans),
+                        });
                     }
                 }
                 Err(e) => {
                     for ((k, _), q) in imgs.iter().zip(questions) {
-                        records[*k] = Some(Record { image: todo[i + k].image.clone(), question: q, result: Outcome::Error { error: e.to_string() } });
+                        records[*k] = Some(Record {
+                            image: todo[i + k].image.clone(),
+                            question: q,
+                            result: Outcome::Error { error: e.to_string() },
+                        });
                     }
                 }
             }

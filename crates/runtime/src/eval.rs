@@ -95,7 +95,9 @@ const LETTERS: [&str; 8] = ["A", "B", "C", "D", "E", "F", "G", "H"];
 
 fn label(v: &Option<serde_json::Value>, names: &[&str]) -> String {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|i| names.get(i as usize)).map_or_else(|| n.to_string(), |s| s.to_string()),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().and_then(|i| names.get(i as usize)).map_or_else(|| n.to_string(), |s| s.to_string())
+        }
         Some(serde_json::Value::String(s)) => s.clone(),
         _ => "unknown".into(),
     }
@@ -125,7 +127,14 @@ pub fn parse_choice(answer: &str, candidates: &[String]) -> Option<usize> {
 
 /// Q-Bench A1 accuracy of `rows` with images under `images`; generation runs `batch` rows at a
 /// time (their prompts differ: a mixed batch). `tick` after each row.
-pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy, batch: usize, mut tick: impl FnMut()) -> Result<QBenchReport> {
+pub fn qbench(
+    rt: &mut Runtime,
+    rows: &[QBenchRow],
+    images: &Path,
+    by: ChooseBy,
+    batch: usize,
+    mut tick: impl FnMut(),
+) -> Result<QBenchReport> {
     let mut rep = QBenchReport::default();
     let opts = GenerateOptions { max_new_tokens: 16, ..Default::default() };
     for chunk in rows.chunks(batch.max(1)) {
@@ -144,20 +153,28 @@ pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy,
         // (answer text, option index) per loaded row.
         let picks: Vec<(String, Option<usize>)> = match by {
             ChooseBy::Generate => {
-                let reqs: Vec<Request> = loaded.iter().map(|(_, img, p)| Request { image: img, question: p, history: &[], opts, cancel: None }).collect();
+                let reqs: Vec<Request> = loaded
+                    .iter()
+                    .map(|(_, img, p)| Request { image: img, question: p, history: &[], opts, cancel: None })
+                    .collect();
                 if reqs.is_empty() {
                     Vec::new()
                 } else {
-                    rt.generate_mixed(&reqs, |_, _| {})?.into_iter().zip(&loaded).map(|(a, (row, _, _))| {
-                        let pick = parse_choice(&a.answer, &row.candidates);
-                        (a.answer, pick)
-                    }).collect()
+                    rt.generate_mixed(&reqs, |_, _| {})?
+                        .into_iter()
+                        .zip(&loaded)
+                        .map(|(a, (row, _, _))| {
+                            let pick = parse_choice(&a.answer, &row.candidates);
+                            (a.answer, pick)
+                        })
+                        .collect()
                 }
             }
             ChooseBy::Likelihood => loaded
                 .iter()
                 .map(|(row, img, p)| {
-                    let letters: Vec<String> = LETTERS.iter().take(row.candidates.len()).map(|l| format!("{l}.")).collect();
+                    let letters: Vec<String> =
+                        LETTERS.iter().take(row.candidates.len()).map(|l| format!("{l}.")).collect();
                     let refs: Vec<&str> = letters.iter().map(String::as_str).collect();
                     let best = Runtime::best_choice(&rt.choices(img, p, &refs)?);
                     Ok((letters[best].clone(), Some(best)))
@@ -167,10 +184,19 @@ pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy,
         for ((row, _, _), (answer, got)) in loaded.iter().zip(picks) {
             let want = row.candidates.iter().position(|c| c == &row.correct_ans);
             let ok = want.is_some() && got == want;
-            rep.answers.push(QBenchAnswer { img_path: row.img_path.clone(), question: row.question.clone(), answer, choice: got.map(|i| row.candidates[i].clone()), correct: ok });
+            rep.answers.push(QBenchAnswer {
+                img_path: row.img_path.clone(),
+                question: row.question.clone(),
+                answer,
+                choice: got.map(|i| row.candidates[i].clone()),
+                correct: ok,
+            });
             rep.overall.add(ok);
             rep.by_type.entry(label(&row.kind, &["yes-or-no", "what", "how"])).or_default().add(ok);
-            rep.by_concern.entry(label(&row.concern, &["distortion", "other", "in-context distortion", "in-context other"])).or_default().add(ok);
+            rep.by_concern
+                .entry(label(&row.concern, &["distortion", "other", "in-context distortion", "in-context other"]))
+                .or_default()
+                .add(ok);
             tick();
         }
     }
@@ -180,7 +206,12 @@ pub fn qbench(rt: &mut Runtime, rows: &[QBenchRow], images: &Path, by: ChooseBy,
 /// Reads a Q-Bench A1 JSON file (a list of rows).
 pub fn read_qbench(path: &Path) -> Result<Vec<QBenchRow>> {
     let text = std::fs::read_to_string(path).map_err(|e| RunError::Input(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| RunError::Input(format!("{}: {e} (want a list of {{img_path, question, candidates, correct_ans}})", path.display())))
+    serde_json::from_str(&text).map_err(|e| {
+        RunError::Input(format!(
+            "{}: {e} (want a list of {{img_path, question, candidates, correct_ans}})",
+            path.display()
+        ))
+    })
 }
 
 /// One IQA label: an image and its mean opinion score.
@@ -198,9 +229,11 @@ pub fn read_labels(path: &Path, split: Option<&str>) -> Result<Vec<Label>> {
     let bad = |m: String| RunError::Input(format!("{}: {m}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     let mut lines = text.lines();
-    let header: Vec<String> = lines.next().ok_or_else(|| bad("empty".into()))?.split(',').map(|h| h.trim().to_lowercase()).collect();
+    let header: Vec<String> =
+        lines.next().ok_or_else(|| bad("empty".into()))?.split(',').map(|h| h.trim().to_lowercase()).collect();
     let col = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
-    let ic = col(&["image", "image_name", "img_path", "filename"]).ok_or_else(|| bad("no image column in the header".into()))?;
+    let ic = col(&["image", "image_name", "img_path", "filename"])
+        .ok_or_else(|| bad("no image column in the header".into()))?;
     let mc = col(&["mos", "score", "dmos"]).ok_or_else(|| bad("no mos column in the header".into()))?;
     let sc = col(&["split"]);
     if split.is_some() && sc.is_none() {
@@ -239,7 +272,13 @@ pub struct IqaReport {
 
 /// Scores every labelled image (`batch` at a time) and correlates with the MOS; `tick(n)` after
 /// each batch of n.
-pub fn iqa(rt: &mut Runtime, labels: &[Label], images: &Path, batch: usize, mut tick: impl FnMut(usize)) -> Result<IqaReport> {
+pub fn iqa(
+    rt: &mut Runtime,
+    labels: &[Label],
+    images: &Path,
+    batch: usize,
+    mut tick: impl FnMut(usize),
+) -> Result<IqaReport> {
     let (mut points, mut failed) = (Vec::new(), Vec::new());
     for chunk in labels.chunks(batch.max(1)) {
         let mut ok: Vec<(f64, RgbImage)> = Vec::new();
@@ -259,7 +298,10 @@ pub fn iqa(rt: &mut Runtime, labels: &[Label], images: &Path, batch: usize, mut 
         tick(chunk.len());
     }
     if points.len() < 3 {
-        return Err(RunError::Input(format!("only {} images could be scored; correlations need at least 3", points.len())));
+        return Err(RunError::Input(format!(
+            "only {} images could be scored; correlations need at least 3",
+            points.len()
+        )));
     }
     let (mos, pred): (Vec<f64>, Vec<f64>) = points.iter().copied().unzip();
     Ok(IqaReport { scored: points.len(), srocc: spearman(&pred, &mos), plcc: pearson(&pred, &mos), failed, points })
@@ -271,7 +313,8 @@ const FONT: &[u8] = include_bytes!("../../trainer/assets/DejaVuSans.ttf");
 pub fn scatter_png(rep: &IqaReport, path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let err = |e: String| RunError::Input(format!("plotting {}: {e}", path.display()));
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| err("cannot load the embedded font".into()))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| err("cannot load the embedded font".into()))?;
     let (w, h) = (640u32, 560u32);
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
@@ -293,7 +336,9 @@ pub fn scatter_png(rep: &IqaReport, path: &Path) -> Result<()> {
             .map_err(|e| err(e.to_string()))?;
         chart.configure_mesh().x_desc("MOS").y_desc("predicted score").draw().map_err(|e| err(e.to_string()))?;
         chart
-            .draw_series(rep.points.iter().map(|&(x, y)| Circle::new((x, y), 3, RGBColor(20, 60, 160).mix(0.6).filled())))
+            .draw_series(
+                rep.points.iter().map(|&(x, y)| Circle::new((x, y), 3, RGBColor(20, 60, 160).mix(0.6).filled())),
+            )
             .map_err(|e| err(e.to_string()))?;
         root.present().map_err(|e| err(e.to_string()))?;
     }
@@ -315,7 +360,10 @@ mod tests {
         assert_eq!(parse_choice("D.", &c), None);
         assert_eq!(parse_choice("Blurry", &c), None);
         assert_eq!(parse_choice("", &c), None);
-        assert_eq!(qbench_prompt("Is it sharp?", &c[..2]), "Is it sharp?\nA. Yes\nB. No\nAnswer with the option's letter from the given choices directly.");
+        assert_eq!(
+            qbench_prompt("Is it sharp?", &c[..2]),
+            "Is it sharp?\nA. Yes\nB. No\nAnswer with the option's letter from the given choices directly."
+        );
     }
 
     #[test]

@@ -88,7 +88,9 @@ pub fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Envi
         Some(p) => ort::init_from(p).map_err(|e| RunError::Ort(format!("loading {}: {e}", p.display())))?,
         None => {
             if std::env::var_os("ORT_DYLIB_PATH").is_none() {
-                return Err(RunError::Ort("libonnxruntime not found: pass --ort-lib PATH/libonnxruntime.so or set ORT_DYLIB_PATH".into()));
+                return Err(RunError::Ort(
+                    "libonnxruntime not found: pass --ort-lib PATH/libonnxruntime.so or set ORT_DYLIB_PATH".into(),
+                ));
             }
             ort::init()
         }
@@ -174,7 +176,9 @@ fn dispatch(ep: Ep, p: &Placement, graph: &str, m: &Manifest, cache: &Path) -> V
 /// A float tensor of `shape`, stored as f16 when `f16` (the graphs' float type).
 pub fn float_value(shape: Vec<i64>, v: Vec<f32>, f16: bool) -> Result<DynValue> {
     Ok(if f16 {
-        Tensor::from_array((shape, v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>())).map_err(ort_err("input"))?.into_dyn()
+        Tensor::from_array((shape, v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>()))
+            .map_err(ort_err("input"))?
+            .into_dyn()
     } else {
         Tensor::from_array((shape, v)).map_err(ort_err("input"))?.into_dyn()
     })
@@ -199,7 +203,9 @@ pub fn ints(shape: Vec<i64>, v: Vec<i64>) -> Result<SessionInputValue<'static>> 
 pub fn out_f32(v: &DynValue) -> Result<Vec<f32>> {
     match v.try_extract_tensor::<f32>() {
         Ok((_, d)) => Ok(d.to_vec()),
-        Err(_) => Ok(v.try_extract_tensor::<half::f16>().map_err(ort_err("output"))?.1.iter().map(|x| x.to_f32()).collect()),
+        Err(_) => {
+            Ok(v.try_extract_tensor::<half::f16>().map_err(ort_err("output"))?.1.iter().map(|x| x.to_f32()).collect())
+        }
     }
 }
 
@@ -215,14 +221,33 @@ pub(crate) mod testing {
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
             prop_oneof![Just(0i64), Just(-1), Just(i64::MAX), Just(i64::MIN), any::<i64>()].prop_map(Value::from),
-            prop_oneof![Just(1e-40f64), Just(1e300), Just(-0.0), any::<f64>().prop_filter("finite", |f| f.is_finite())].prop_map(Value::from),
-            prop_oneof![Just(String::new()), Just("data:image/png;base64,@@".to_string()), Just("<image>".to_string()), ".{0,12}"].prop_map(Value::from),
+            prop_oneof![Just(1e-40f64), Just(1e300), Just(-0.0), any::<f64>().prop_filter("finite", |f| f.is_finite())]
+                .prop_map(Value::from),
+            prop_oneof![
+                Just(String::new()),
+                Just("data:image/png;base64,@@".to_string()),
+                Just("<image>".to_string()),
+                ".{0,12}"
+            ]
+            .prop_map(Value::from),
         ];
         leaf.prop_recursive(3, 24, 6, |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-                prop::collection::btree_map(prop_oneof![Just("role".to_string()), Just("content".to_string()), Just("type".to_string()), Just("text".to_string()), Just("image_url".to_string()), Just("url".to_string()), "[a-z_]{1,8}"], inner, 0..4)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("role".to_string()),
+                        Just("content".to_string()),
+                        Just("type".to_string()),
+                        Just("text".to_string()),
+                        Just("image_url".to_string()),
+                        Just("url".to_string()),
+                        "[a-z_]{1,8}"
+                    ],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
     }

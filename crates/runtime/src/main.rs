@@ -56,8 +56,15 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn open(&self, max_batch: usize) -> anyhow::Result<Runtime> {
-        let place = Placement { ep: self.ep, device_id: self.device_id, fp16: self.fp16, max_batch, trt_cache: self.trt_cache.clone() };
-        let rt = Runtime::open_with(&self.model, &place, self.ort_lib.as_deref()).with_context(|| format!("opening {}", self.model.display()))?;
+        let place = Placement {
+            ep: self.ep,
+            device_id: self.device_id,
+            fp16: self.fp16,
+            max_batch,
+            trt_cache: self.trt_cache.clone(),
+        };
+        let rt = Runtime::open_with(&self.model, &place, self.ort_lib.as_deref())
+            .with_context(|| format!("opening {}", self.model.display()))?;
         if self.ep == Ep::Auto {
             eprintln!("execution provider: {}", rt.ep);
             for s in &rt.skipped {
@@ -112,7 +119,13 @@ impl GenArgs {
         GenerateOptions {
             logprobs: None,
             max_new_tokens: self.max_new_tokens,
-            sampling: SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed, repetition_penalty: self.repetition_penalty },
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+                repetition_penalty: self.repetition_penalty,
+            },
         }
     }
 }
@@ -120,12 +133,7 @@ impl GenArgs {
 /// Answer questions about image quality, or score it, with an exported Q-Adapt / Bunny model.
 /// `--ask` streams the answer, `--score` prints the score, `--choices` ranks options.
 #[derive(Debug, Parser)]
-#[command(
-    name = "qadapt-run",
-    version,
-    about,
-    after_help = "Subcommands: qadapt-run batch | eval | serve --help"
-)]
+#[command(name = "qadapt-run", version, about, after_help = "Subcommands: qadapt-run batch | eval | serve --help")]
 struct OneArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -258,7 +266,8 @@ struct ServeArgs {
 
 fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}").map(|s| s.progress_chars("=> "));
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
+        .map(|s| s.progress_chars("=> "));
     if let Ok(s) = style {
         pb.set_style(s);
     }
@@ -284,7 +293,15 @@ fn one(a: OneArgs) -> anyhow::Result<()> {
             writeln!(out, "{}", serde_json::json!({"answer": res[best].option, "choices": res}))?;
         } else {
             for (i, c) in res.iter().enumerate() {
-                writeln!(out, "{} {:<24} log-prob {:>9.4}  loss {:.4}  ({} tokens)", if i == best { "*" } else { " " }, c.option, c.log_prob, c.loss, c.tokens)?;
+                writeln!(
+                    out,
+                    "{} {:<24} log-prob {:>9.4}  loss {:.4}  ({} tokens)",
+                    if i == best { "*" } else { " " },
+                    c.option,
+                    c.log_prob,
+                    c.loss,
+                    c.tokens
+                )?;
             }
         }
         return Ok(());
@@ -345,8 +362,16 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&rep)?);
         } else {
             println!("| Q-Bench A1 | correct | total | accuracy |\n|---|---:|---:|---:|");
-            println!("| **overall** | {} | {} | **{:.4}** |", rep.overall.correct, rep.overall.total, rep.overall.accuracy);
-            for (k, t) in rep.by_type.iter().map(|(k, t)| (format!("type: {k}"), t)).chain(rep.by_concern.iter().map(|(k, t)| (format!("concern: {k}"), t))) {
+            println!(
+                "| **overall** | {} | {} | **{:.4}** |",
+                rep.overall.correct, rep.overall.total, rep.overall.accuracy
+            );
+            for (k, t) in rep
+                .by_type
+                .iter()
+                .map(|(k, t)| (format!("type: {k}"), t))
+                .chain(rep.by_concern.iter().map(|(k, t)| (format!("concern: {k}"), t)))
+            {
                 println!("| {k} | {} | {} | {:.4} |", t.correct, t.total, t.accuracy);
             }
         }
@@ -354,7 +379,8 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
             eprintln!("skipped {f}");
         }
         if let Some(out) = &a.out {
-            let lines: String = rep.answers.iter().map(|r| serde_json::to_string(r).map(|l| l + "\n")).collect::<Result<_, _>>()?;
+            let lines: String =
+                rep.answers.iter().map(|r| serde_json::to_string(r).map(|l| l + "\n")).collect::<Result<_, _>>()?;
             std::fs::write(out, lines).with_context(|| format!("writing {}", out.display()))?;
         }
         return Ok(());
@@ -401,13 +427,19 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     // Request logs (one line each, with its id) on stderr; RUST_LOG overrides.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
     let rt = a.model.open(a.max_batch)?;
     let server = Server::start(rt, &format!("{}:{}", a.host, a.port), cfg)?;
     let stop = server.stop_flag();
-    ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst)).context("installing the signal handler")?;
+    ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst))
+        .context("installing the signal handler")?;
     match server.addr() {
         Some(addr) => eprintln!("listening on http://{addr}"),
         None => eprintln!("listening"),

@@ -17,12 +17,20 @@ pub fn trt_profiles(m: &Manifest, graph: &str, max_batch: usize) -> Option<(Stri
     let mut parts: Vec<[String; 3]> = Vec::new();
     if graph == m.graphs.decoder {
         let typical = (m.image.tokens + 64).min(p - 1);
-        parts.push(dims("inputs_embeds", [[1, 1, d.hidden_size, 0], [1, 1, d.hidden_size, 0], [b, p, d.hidden_size, 0]], 3));
+        parts.push(dims(
+            "inputs_embeds",
+            [[1, 1, d.hidden_size, 0], [1, 1, d.hidden_size, 0], [b, p, d.hidden_size, 0]],
+            3,
+        ));
         parts.push(dims("attention_mask", [[1, 1, 0, 0], [1, typical + 1, 0, 0], [b, p, 0, 0]], 2));
         parts.push(dims("position_ids", [[1, 1, 0, 0], [1, 1, 0, 0], [b, p, 0, 0]], 2));
         for i in 0..d.layers {
             for kv in ["key", "value"] {
-                parts.push(dims(&format!("past_key_values.{i}.{kv}"), [[1, d.heads, 0, d.head_dim], [1, d.heads, typical, d.head_dim], [b, d.heads, p - 1, d.head_dim]], 4));
+                parts.push(dims(
+                    &format!("past_key_values.{i}.{kv}"),
+                    [[1, d.heads, 0, d.head_dim], [1, d.heads, typical, d.head_dim], [b, d.heads, p - 1, d.head_dim]],
+                    4,
+                ));
             }
         }
     } else if graph == m.graphs.vision {
@@ -30,7 +38,11 @@ pub fn trt_profiles(m: &Manifest, graph: &str, max_batch: usize) -> Option<(Stri
         parts.push(dims("pixel_values", [[1, 3, s, s], [1, 3, s, s], [b, 3, s, s]], 4));
         if let Some(q) = &m.qformer {
             for name in ["qformer_input_ids", "qformer_attention_mask"] {
-                parts.push(dims(name, [[1, 1, 0, 0], [1, q.max_text_length.min(32), 0, 0], [b, q.max_text_length, 0, 0]], 2));
+                parts.push(dims(
+                    name,
+                    [[1, 1, 0, 0], [1, q.max_text_length.min(32), 0, 0], [b, q.max_text_length, 0, 0]],
+                    2,
+                ));
             }
         }
     } else if graph == m.graphs.embed {
@@ -63,9 +75,17 @@ mod tests {
     fn profiles_cover_every_input_of_each_graph() {
         let m = manifest();
         let (min, opt, max) = trt_profiles(&m, "decoder.onnx", 8).expect("decoder");
-        assert!(min.starts_with("inputs_embeds:1x1x2560,attention_mask:1x1,position_ids:1x1,past_key_values.0.key:1x32x0x80,"), "{min}");
+        assert!(
+            min.starts_with(
+                "inputs_embeds:1x1x2560,attention_mask:1x1,position_ids:1x1,past_key_values.0.key:1x32x0x80,"
+            ),
+            "{min}"
+        );
         assert!(opt.contains("attention_mask:1x794,") && opt.contains("past_key_values.1.value:1x32x793x80"), "{opt}");
-        assert!(max.contains("inputs_embeds:8x2048x2560") && max.ends_with("past_key_values.1.value:8x32x2047x80"), "{max}");
+        assert!(
+            max.contains("inputs_embeds:8x2048x2560") && max.ends_with("past_key_values.1.value:8x32x2047x80"),
+            "{max}"
+        );
         assert_eq!(min.split(',').count(), 3 + 2 * 2);
         let (min, _, max) = trt_profiles(&m, "vision.onnx", 4).expect("vision");
         assert_eq!(min, "pixel_values:1x3x384x384,qformer_input_ids:1x1,qformer_attention_mask:1x1");
@@ -108,4 +128,3 @@ mod tests {
         }
     }
 }
-

@@ -15,7 +15,10 @@ use qadapt_core::tokenizer::END_OF_TEXT;
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
 
 use crate::running::Running;
-use crate::{candidates, dispatch, environment, float_value, ints, int_value, ort_err, out_f32, Ep, Manifest, Placement, Result, RunError};
+use crate::{
+    candidates, dispatch, environment, float_value, int_value, ints, ort_err, out_f32, Ep, Manifest, Placement, Result,
+    RunError,
+};
 
 /// Generation settings.
 #[derive(Debug, Clone, Copy, Default)]
@@ -122,7 +125,10 @@ impl Runtime {
             return Err(bad("export directory not found".into()));
         }
         let mpath = dir.join("qadapt.json");
-        let text = std::fs::read_to_string(&mpath).map_err(|e| RunError::Export { path: mpath.clone(), msg: format!("{e} (not a qadapt-export directory?)") })?;
+        let text = std::fs::read_to_string(&mpath).map_err(|e| RunError::Export {
+            path: mpath.clone(),
+            msg: format!("{e} (not a qadapt-export directory?)"),
+        })?;
         let manifest = Manifest::parse(&text).map_err(|msg| RunError::Export { path: mpath.clone(), msg })?;
         let env = environment(ort_lib)?;
         let cache = place.trt_cache.clone().unwrap_or_else(|| dir.join("trt-cache"));
@@ -132,7 +138,9 @@ impl Runtime {
                 return Err(RunError::Export { path, msg: "graph missing".into() });
             }
             let b = Session::builder(env).map_err(ort_err(file))?;
-            let mut b = b.with_execution_providers(dispatch(ep, place, file, &manifest, &cache)).map_err(|e| RunError::Ep { ep: ep.name().into(), msg: ep_reason(&e.to_string()) })?;
+            let mut b = b
+                .with_execution_providers(dispatch(ep, place, file, &manifest, &cache))
+                .map_err(|e| RunError::Ep { ep: ep.name().into(), msg: ep_reason(&e.to_string()) })?;
             b.commit_from_file(&path).map_err(ort_err(path.display()))
         };
         // `auto` takes the first provider whose registration succeeds: a GPU build of
@@ -150,21 +158,46 @@ impl Runtime {
                 Err(e) => return Err(e),
             }
         }
-        let (chosen, (vision, embed, decoder)) = opened.ok_or_else(|| RunError::Ep { ep: "auto".into(), msg: skipped.join("; ") })?;
+        let (chosen, (vision, embed, decoder)) =
+            opened.ok_or_else(|| RunError::Ep { ep: "auto".into(), msg: skipped.join("; ") })?;
         let optional = |file: &Option<String>| file.as_deref().map(|f| open(chosen, f)).transpose();
-        let (cache_join, cache_select) = (optional(&manifest.graphs.cache_join)?, optional(&manifest.graphs.cache_select)?);
+        let (cache_join, cache_select) =
+            (optional(&manifest.graphs.cache_join)?, optional(&manifest.graphs.cache_select)?);
         let tokenizer = Arc::new(TextTokenizer::from_dir(dir)?);
         let qformer_tokenizer = match &manifest.qformer {
             Some(q) => Some(QFormerTokenizer::from_dir(dir, q.max_text_length)?),
             None => None,
         };
-        let preprocess = PreprocessConfig { image_size: manifest.image.size, mean: manifest.image.mean, std: manifest.image.std };
-        let mem = |dev, id| MemoryInfo::new(dev, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err("memory info"));
+        let preprocess =
+            PreprocessConfig { image_size: manifest.image.size, mean: manifest.image.mean, std: manifest.image.std };
+        let mem = |dev, id| {
+            MemoryInfo::new(dev, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err("memory info"))
+        };
         let host_mem = mem(AllocationDevice::CPU, 0)?;
-        let kv_mem = if chosen == Ep::Cpu { mem(AllocationDevice::CPU, 0)? } else { mem(AllocationDevice::CUDA, place.device_id)? };
+        let kv_mem = if chosen == Ep::Cpu {
+            mem(AllocationDevice::CPU, 0)?
+        } else {
+            mem(AllocationDevice::CUDA, place.device_id)?
+        };
         let f16 = manifest.dtype == "f16";
         let keep_input = decoder.inputs().iter().any(|i| i.name() == "num_logits_to_keep");
-        Ok(Self { manifest, tokenizer, qformer_tokenizer, preprocess, ep: chosen.name(), skipped, vision, embed, decoder, cache_join, cache_select, f16, keep_input, kv_mem, host_mem })
+        Ok(Self {
+            manifest,
+            tokenizer,
+            qformer_tokenizer,
+            preprocess,
+            ep: chosen.name(),
+            skipped,
+            vision,
+            embed,
+            decoder,
+            cache_join,
+            cache_select,
+            f16,
+            keep_input,
+            kv_mem,
+            host_mem,
+        })
     }
 
     /// Image features [B·N·D] of a batch of images asked the same question (the Q-Former reads it).
@@ -179,7 +212,12 @@ impl Runtime {
             px.extend(pixel_values(img, &self.preprocess));
         }
         let ids = match &self.qformer_tokenizer {
-            Some(qt) => Some(questions.iter().map(|q| Ok(qt.encode(&template::qformer_text(q))?.into_iter().map(i64::from).collect())).collect::<Result<Vec<Vec<i64>>>>()?),
+            Some(qt) => Some(
+                questions
+                    .iter()
+                    .map(|q| Ok(qt.encode(&template::qformer_text(q))?.into_iter().map(i64::from).collect()))
+                    .collect::<Result<Vec<Vec<i64>>>>()?,
+            ),
             None => None,
         };
         self.features_from_pixels(px, ids.as_deref())
@@ -193,7 +231,9 @@ impl Runtime {
         let b = px.len() / (3 * (s * s) as usize);
         let mut feed = vec![("pixel_values".to_string(), crate::floats(vec![b as i64, 3, s, s], px, self.f16)?)];
         if self.qformer_tokenizer.is_some() {
-            let rows = qformer_ids.filter(|r| r.len() == 1 || r.len() == b).ok_or_else(|| RunError::Input(format!("this export needs the Q-Former ids of the question: one row or {b}")))?;
+            let rows = qformer_ids.filter(|r| r.len() == 1 || r.len() == b).ok_or_else(|| {
+                RunError::Input(format!("this export needs the Q-Former ids of the question: one row or {b}"))
+            })?;
             let t = rows.iter().map(Vec::len).max().unwrap_or(0);
             let (mut ids, mut mask) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
             for r in 0..b {
@@ -234,16 +274,23 @@ impl Runtime {
         let total = cache.len + s;
         let e = |w: &'static str| ort_err(format!("decoder {w}"));
         let mut bind = self.decoder.create_binding().map_err(e("binding"))?;
-        bind.bind_input("inputs_embeds", &float_value(vec![b as i64, s as i64, d.hidden_size as i64], embeds, self.f16)?).map_err(e("inputs_embeds"))?;
+        bind.bind_input(
+            "inputs_embeds",
+            &float_value(vec![b as i64, s as i64, d.hidden_size as i64], embeds, self.f16)?,
+        )
+        .map_err(e("inputs_embeds"))?;
         // A left-padded row masks its padding and counts positions from its first real token (the
         // padding's own positions are clamped to 0: masked, they are never read).
         let mask: Vec<i64> = cache.pad.iter().flat_map(|&p| (0..total).map(move |j| i64::from(j >= p))).collect();
-        bind.bind_input("attention_mask", &int_value(vec![b as i64, total as i64], mask)?).map_err(e("attention_mask"))?;
-        let pos: Vec<i64> = cache.pad.iter().flat_map(|&p| (cache.len..total).map(move |j| j.saturating_sub(p) as i64)).collect();
+        bind.bind_input("attention_mask", &int_value(vec![b as i64, total as i64], mask)?)
+            .map_err(e("attention_mask"))?;
+        let pos: Vec<i64> =
+            cache.pad.iter().flat_map(|&p| (cache.len..total).map(move |j| j.saturating_sub(p) as i64)).collect();
         bind.bind_input("position_ids", &int_value(vec![b as i64, s as i64], pos)?).map_err(e("position_ids"))?;
         let kept = if all { s } else { 1 };
         if self.keep_input {
-            bind.bind_input("num_logits_to_keep", &int_value(vec![], vec![kept as i64])?).map_err(e("num_logits_to_keep"))?;
+            bind.bind_input("num_logits_to_keep", &int_value(vec![], vec![kept as i64])?)
+                .map_err(e("num_logits_to_keep"))?;
         }
         for (i, pair) in cache.kv.chunks(2).enumerate() {
             bind.bind_input(format!("past_key_values.{i}.key"), &pair[0]).map_err(e("past"))?;
@@ -292,7 +339,9 @@ impl Runtime {
 
     /// `prompt` if it fits the decoder's positions with its image.
     fn check_len(&self, prompt: PromptIds) -> Result<PromptIds> {
-        prompt.fits(self.manifest.image.tokens, self.manifest.decoder.max_positions, "max_positions").map_err(RunError::Input)?;
+        prompt
+            .fits(self.manifest.image.tokens, self.manifest.decoder.max_positions, "max_positions")
+            .map_err(RunError::Input)?;
         Ok(prompt)
     }
 
@@ -311,7 +360,11 @@ impl Runtime {
     /// `tokenizer_image_token` form): the last position's logits and the cache.
     pub fn prefill_ids(&mut self, ids: &[i64], feats: &[f32]) -> Result<(Vec<f32>, Cache)> {
         let image_pos = ids.iter().position(|&i| i == -200);
-        let text: Vec<u32> = ids.iter().filter(|&&i| i != -200).map(|&i| u32::try_from(i).map_err(|_| RunError::Input(format!("token id {i}")))).collect::<Result<_>>()?;
+        let text: Vec<u32> = ids
+            .iter()
+            .filter(|&&i| i != -200)
+            .map(|&i| u32::try_from(i).map_err(|_| RunError::Input(format!("token id {i}"))))
+            .collect::<Result<_>>()?;
         self.prefill_rows(&[&PromptIds { ids: text, image_pos }], feats)
     }
 
@@ -359,11 +412,17 @@ impl Runtime {
     }
 
     /// Runs a cache graph: the named caches in, `kv.*` out on the cache's device.
-    fn cache_op(&mut self, join: bool, feeds: Vec<(String, &DynValue)>, extra: Vec<(&str, DynValue)>) -> Result<Vec<DynValue>> {
+    fn cache_op(
+        &mut self,
+        join: bool,
+        feeds: Vec<(String, &DynValue)>,
+        extra: Vec<(&str, DynValue)>,
+    ) -> Result<Vec<DynValue>> {
         let layers = self.manifest.decoder.layers;
         let e = |w: &'static str| ort_err(format!("cache {w}"));
         let session = if join { self.cache_join.as_mut() } else { self.cache_select.as_mut() };
-        let session = session.ok_or_else(|| RunError::Input("this export has no cache graphs (re-export it)".into()))?;
+        let session =
+            session.ok_or_else(|| RunError::Input("this export has no cache graphs (re-export it)".into()))?;
         let mut bind = session.create_binding().map_err(e("binding"))?;
         for (name, v) in feeds {
             bind.bind_input(name, v).map_err(e("input"))?;
@@ -388,10 +447,16 @@ impl Runtime {
 
     /// The rows of `a`, then those of `b`, in one cache; the shorter is left-padded (masked).
     pub(crate) fn join(&mut self, a: &Cache, b: &Cache) -> Result<Cache> {
-        let feeds = a.kv.iter().enumerate().map(|(j, v)| (kv_name("a", j), v)).chain(b.kv.iter().enumerate().map(|(j, v)| (kv_name("b", j), v))).collect();
+        let feeds =
+            a.kv.iter()
+                .enumerate()
+                .map(|(j, v)| (kv_name("a", j), v))
+                .chain(b.kv.iter().enumerate().map(|(j, v)| (kv_name("b", j), v)))
+                .collect();
         let kv = self.cache_op(true, feeds, Vec::new())?;
         let len = a.len.max(b.len);
-        let pad = a.pad.iter().map(|p| p + len - a.len).chain(b.pad.iter().map(|p| p + len - b.len)).collect::<Vec<_>>();
+        let pad =
+            a.pad.iter().map(|p| p + len - a.len).chain(b.pad.iter().map(|p| p + len - b.len)).collect::<Vec<_>>();
         Ok(Cache { kv, len, pad })
     }
 
@@ -407,8 +472,15 @@ impl Runtime {
     }
 
     /// Answers one question about each image of a batch (see [`Runtime::generate_mixed`]).
-    pub fn generate_batch(&mut self, imgs: &[&RgbImage], question: &str, opts: &GenerateOptions, on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
-        let reqs: Vec<Request> = imgs.iter().map(|&image| Request { image, question, history: &[], opts: *opts, cancel: None }).collect();
+    pub fn generate_batch(
+        &mut self,
+        imgs: &[&RgbImage],
+        question: &str,
+        opts: &GenerateOptions,
+        on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<AnswerJson>> {
+        let reqs: Vec<Request> =
+            imgs.iter().map(|&image| Request { image, question, history: &[], opts: *opts, cancel: None }).collect();
         self.generate_mixed(&reqs, on_text)
     }
 
@@ -416,7 +488,11 @@ impl Runtime {
     /// together (a [`Running`] batch admitting them all at once): shorter prompts are left-padded
     /// and masked; a finished row leaves the batch. Every row samples with its own [`Sampler`], so a
     /// row's text is the one a lone run gives. `on_text` receives (row, new text) as answers grow.
-    pub fn generate_mixed(&mut self, reqs: &[Request], mut on_text: impl FnMut(usize, &str)) -> Result<Vec<AnswerJson>> {
+    pub fn generate_mixed(
+        &mut self,
+        reqs: &[Request],
+        mut on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<AnswerJson>> {
         if reqs.is_empty() {
             return Err(RunError::Input("no requests".into()));
         }
@@ -424,7 +500,11 @@ impl Runtime {
         run.admit(self, reqs.iter().copied().enumerate().collect())?;
         let mut out: Vec<Option<AnswerJson>> = vec![None; reqs.len()];
         while !run.is_empty() {
-            for (r, a) in run.step(self, |&r, s| on_text(r, s), |&r| reqs[r].cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)))? {
+            for (r, a) in run.step(
+                self,
+                |&r, s| on_text(r, s),
+                |&r| reqs[r].cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)),
+            )? {
                 out[r] = Some(a);
             }
         }
@@ -432,7 +512,13 @@ impl Runtime {
     }
 
     /// Answers a question about an image; `on_text` receives the answer as it grows.
-    pub fn generate(&mut self, img: &RgbImage, question: &str, opts: &GenerateOptions, mut on_text: impl FnMut(&str)) -> Result<AnswerJson> {
+    pub fn generate(
+        &mut self,
+        img: &RgbImage,
+        question: &str,
+        opts: &GenerateOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<AnswerJson> {
         let mut out = self.generate_batch(&[img], question, opts, |_, s| on_text(s))?;
         Ok(out.remove(0))
     }
@@ -463,7 +549,13 @@ impl Runtime {
     fn score_answer(&self, score: f32, probs: LevelProbs) -> AnswerJson {
         let arr = probs.to_array();
         let best = (0..5).fold(0, |b, i| if arr[i] > arr[b] { i } else { b });
-        AnswerJson { answer: LEVELS[best].0.to_string(), token_ids: vec![self.manifest.tokens.levels[best]], score: Some(score), level_probs: Some(probs), logprobs: None }
+        AnswerJson {
+            answer: LEVELS[best].0.to_string(),
+            token_ids: vec![self.manifest.tokens.levels[best]],
+            score: Some(score),
+            level_probs: Some(probs),
+            logprobs: None,
+        }
     }
 
     /// Multiple choice by likelihood: each option scored as the complete answer to `question`
@@ -485,7 +577,8 @@ impl Runtime {
                 let e = self.embed(&ids[..ids.len() - 1], 1)?;
                 let (logits, _) = self.step(e, &cache, true)?;
                 let v = logits.len() / (ids.len() - 1);
-                lp += ids[1..].iter().enumerate().map(|(i, &id)| log_prob(&logits[i * v..(i + 1) * v], id)).sum::<f64>();
+                lp +=
+                    ids[1..].iter().enumerate().map(|(i, &id)| log_prob(&logits[i * v..(i + 1) * v], id)).sum::<f64>();
             }
             out.push(Choice { option: opt.to_string(), log_prob: lp, tokens: ids.len(), loss: -lp / ids.len() as f64 });
         }

@@ -56,13 +56,16 @@ impl<T> Running<T> {
             return Ok(());
         }
         if !self.is_empty() && !rt.can_regroup() {
-            return Err(RunError::Input("this export has no cache graphs: a running batch cannot admit requests (re-export it)".into()));
+            return Err(RunError::Input(
+                "this export has no cache graphs: a running batch cannot admit requests (re-export it)".into(),
+            ));
         }
         let prompts = reqs.iter().map(|(_, r)| rt.request_prompt(r)).collect::<Result<Vec<_>>>()?;
         let samplers = reqs.iter().map(|(_, r)| Ok(Sampler::new(r.opts.sampling)?)).collect::<Result<Vec<_>>>()?;
         let imgs: Vec<_> = reqs.iter().map(|(_, r)| r.image).collect();
         // The Q-Former reads the first user turn, as training does.
-        let questions: Vec<&str> = reqs.iter().map(|(_, r)| r.history.first().map_or(r.question, |(u, _)| u.as_str())).collect();
+        let questions: Vec<&str> =
+            reqs.iter().map(|(_, r)| r.history.first().map_or(r.question, |(u, _)| u.as_str())).collect();
         let feats = rt.image_features_each(&imgs, &questions)?;
         let (logits, cache) = rt.prefill_rows(&prompts.iter().collect::<Vec<_>>(), &feats)?;
         let (n_img, max_pos) = (rt.manifest.image.tokens, rt.manifest.decoder.max_positions);
@@ -93,7 +96,12 @@ impl<T> Running<T> {
     /// One token for every row: returns the rows that finished (end of text, budget, or
     /// `cancelled`), which leave the batch, and steps the decoder for the others. `on_text`
     /// receives (tag, new text) as answers grow.
-    pub fn step(&mut self, rt: &mut Runtime, mut on_text: impl FnMut(&T, &str), cancelled: impl Fn(&T) -> bool) -> Result<Vec<(T, AnswerJson)>> {
+    pub fn step(
+        &mut self,
+        rt: &mut Runtime,
+        mut on_text: impl FnMut(&T, &str),
+        cancelled: impl Fn(&T) -> bool,
+    ) -> Result<Vec<(T, AnswerJson)>> {
         let b = self.slots.len();
         let Some(cache) = self.cache.take() else { return Ok(Vec::new()) };
         let v = self.logits.len() / b.max(1);
@@ -106,7 +114,10 @@ impl<T> Running<T> {
             if cancelled(&row.tag) {
                 row.seq.stop();
             }
-            match row.seq.advance(&mut row.sampler, &tok, eos, &self.logits[r * v..(r + 1) * v], |s| on_text(&row.tag, s))? {
+            match row
+                .seq
+                .advance(&mut row.sampler, &tok, eos, &self.logits[r * v..(r + 1) * v], |s| on_text(&row.tag, s))?
+            {
                 Some(t) => {
                     next[r] = t;
                     going.push(r);

@@ -13,7 +13,13 @@ use common::{exported, fixtures};
 fn run_capped(args: &[&str]) -> Output {
     let bin = env!("CARGO_BIN_EXE_qadapt-run");
     assert!(std::env::var_os("ORT_DYLIB_PATH").is_some(), "set ORT_DYLIB_PATH (see .ci/run)");
-    std::process::Command::new("sh").arg("-c").arg("ulimit -v 3145728 && exec \"$0\" \"$@\"").arg(bin).args(args).output().unwrap()
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 3145728 && exec \"$0\" \"$@\"")
+        .arg(bin)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// Exit 1 with one `error:` line naming `needle`, nothing that smells of a crash.
@@ -56,7 +62,15 @@ fn image_bombs_and_damaged_images_are_clear_errors_under_a_memory_cap() {
         println!("{f:<26} {:>5} ms  {line}", t0.elapsed().as_millis());
     }
     // The limits are the user's to set.
-    let o = run_capped(&["--model", model, "--image", bad.join("ok-64x48.jpg").to_str().unwrap(), "--score", "--max-image-pixels", "1000"]);
+    let o = run_capped(&[
+        "--model",
+        model,
+        "--image",
+        bad.join("ok-64x48.jpg").to_str().unwrap(),
+        "--score",
+        "--max-image-pixels",
+        "1000",
+    ]);
     clear_error(&o, "--max-image-pixels 1000", "64×48 pixels is over the limit of 1000 pixels");
     // Accepted within the cap: a valid JPEG, a CMYK JPEG, and 2^26 pixels (the largest the defaults take).
     for f in ["ok-64x48.jpg", "jpeg-cmyk.jpg", "png-8192x8192-1bit.png"] {
@@ -70,7 +84,8 @@ fn image_bombs_and_damaged_images_are_clear_errors_under_a_memory_cap() {
 #[test]
 fn damaged_manifests_are_refused_naming_the_field() {
     let (tmp, dir) = exported("bunny_f32_bpe");
-    let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("qadapt.json")).unwrap()).unwrap();
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("qadapt.json")).unwrap()).unwrap();
     let img = fixtures().join("bunny_f32_bpe/image.png");
     let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
         ("size 0", Box::new(|m| m["image"]["size"] = 0.into()), "image.size: 0"),
@@ -94,7 +109,9 @@ fn damaged_manifests_are_refused_naming_the_field() {
         println!("{what:<24} {line}");
     }
     // Not JSON at all, and not UTF-8.
-    for (what, bytes) in [("truncated", b"{\"format\": 1, \"dtype\"".to_vec()), ("binary", vec![0xff, 0xfe, 0x00, 0x7b])] {
+    for (what, bytes) in
+        [("truncated", b"{\"format\": 1, \"dtype\"".to_vec()), ("binary", vec![0xff, 0xfe, 0x00, 0x7b])]
+    {
         let d = tmp.path().join(what);
         copy_dir(&dir, &d);
         std::fs::write(d.join("qadapt.json"), bytes).unwrap();

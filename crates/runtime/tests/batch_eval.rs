@@ -25,8 +25,25 @@ fn choices_match_the_candle_engine() {
     let img = fx.join("image.png");
     let q = "How is the sharpness?";
     let opts = ["good", "bad quality", "fair"];
-    let got = ok(run().args(["--model", dir.to_str().unwrap(), "--image", img.to_str().unwrap(), "--ask", q, "--choices", &opts.join("|"), "--json"]).output().unwrap(), "choices");
-    let engine = models::Engine::load(&fx.join("model"), None, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let got = ok(
+        run()
+            .args([
+                "--model",
+                dir.to_str().unwrap(),
+                "--image",
+                img.to_str().unwrap(),
+                "--ask",
+                q,
+                "--choices",
+                &opts.join("|"),
+                "--json",
+            ])
+            .output()
+            .unwrap(),
+        "choices",
+    );
+    let engine =
+        models::Engine::load(&fx.join("model"), None, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
     let tok = qadapt_core::TextTokenizer::from_dir(&dir).unwrap();
     let picture = qadapt_core::image::load_image(&img).unwrap();
     let eos = common::expected(case)["eos_token_id"].as_u64().unwrap() as u32;
@@ -52,7 +69,10 @@ fn choices_match_the_candle_engine() {
         }
     }
     assert_eq!(got["answer"], best.1, "the lowest-loss option is the answer");
-    let one = run().args(["--model", dir.to_str().unwrap(), "--image", img.to_str().unwrap(), "--ask", q, "--choices", "good"]).output().unwrap();
+    let one = run()
+        .args(["--model", dir.to_str().unwrap(), "--image", img.to_str().unwrap(), "--ask", q, "--choices", "good"])
+        .output()
+        .unwrap();
     assert!(!one.status.success() && String::from_utf8_lossy(&one.stderr).contains("at least two options"));
 }
 
@@ -70,10 +90,34 @@ fn batch_equals_single_runs_skips_bad_images_and_resumes() {
     let imgs = images(&imgs_dir, 7);
     std::fs::write(imgs_dir.join("img03.png"), b"\x89PNG\r\n\x1a\n broken").unwrap();
     let q = "Is the image blurry?";
-    let single = |p: &Path| ok(run().args(["--model", m, "--image", p.to_str().unwrap(), "--ask", q, "--json", "--max-new-tokens", "10"]).output().unwrap(), "single");
+    let single = |p: &Path| {
+        ok(
+            run()
+                .args(["--model", m, "--image", p.to_str().unwrap(), "--ask", q, "--json", "--max-new-tokens", "10"])
+                .output()
+                .unwrap(),
+            "single",
+        )
+    };
     let out = tmp.path().join("r.jsonl");
     let args = |out: &Path| -> Vec<String> {
-        ["batch", "--model", m, "--images", imgs_dir.to_str().unwrap(), "--ask", q, "--max-new-tokens", "10", "--batch-size", "3", "--out", out.to_str().unwrap()].map(String::from).to_vec()
+        [
+            "batch",
+            "--model",
+            m,
+            "--images",
+            imgs_dir.to_str().unwrap(),
+            "--ask",
+            q,
+            "--max-new-tokens",
+            "10",
+            "--batch-size",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
     };
     let o = run().args(args(&out)).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -82,7 +126,10 @@ fn batch_equals_single_runs_skips_bad_images_and_resumes() {
     let rows = lines(&out);
     assert_eq!(rows.len(), 7);
     for (i, p) in imgs.iter().enumerate() {
-        let row = rows.iter().find(|r| r["image"] == p.display().to_string()).unwrap_or_else(|| panic!("no row for {}", p.display()));
+        let row = rows
+            .iter()
+            .find(|r| r["image"] == p.display().to_string())
+            .unwrap_or_else(|| panic!("no row for {}", p.display()));
         if i == 3 {
             assert!(row["error"].as_str().unwrap().contains("img03.png"), "{row}");
             continue;
@@ -104,9 +151,30 @@ fn batch_equals_single_runs_skips_bad_images_and_resumes() {
     assert_eq!(names.len(), 7);
     // Scores in batches equal one-image scores.
     let list = tmp.path().join("list.jsonl");
-    std::fs::write(&list, imgs.iter().filter(|p| !p.ends_with("img03.png")).map(|p| format!("{{\"image\": \"{}\"}}\n", p.display())).collect::<String>()).unwrap();
+    std::fs::write(
+        &list,
+        imgs.iter()
+            .filter(|p| !p.ends_with("img03.png"))
+            .map(|p| format!("{{\"image\": \"{}\"}}\n", p.display()))
+            .collect::<String>(),
+    )
+    .unwrap();
     let sout = tmp.path().join("s.jsonl");
-    let o = run().args(["batch", "--model", m, "--images", list.to_str().unwrap(), "--score", "--batch-size", "4", "--out", sout.to_str().unwrap()]).output().unwrap();
+    let o = run()
+        .args([
+            "batch",
+            "--model",
+            m,
+            "--images",
+            list.to_str().unwrap(),
+            "--score",
+            "--batch-size",
+            "4",
+            "--out",
+            sout.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for row in lines(&sout) {
         let p = row["image"].as_str().unwrap();
@@ -117,13 +185,40 @@ fn batch_equals_single_runs_skips_bad_images_and_resumes() {
     // Rows with their own questions (different lengths) share batches, left-padded: each row still
     // equals a one-image run with its question.
     let long = "very ".repeat(600);
-    let questions = ["Is it blurry?", "Describe the quality of this photo in a few words, please.", "Noise?", long.as_str()];
+    let questions =
+        ["Is it blurry?", "Describe the quality of this photo in a few words, please.", "Noise?", long.as_str()];
     let mixed = tmp.path().join("mixed.jsonl");
     let good: Vec<&std::path::PathBuf> = imgs.iter().filter(|p| !p.ends_with("img03.png")).collect();
     // Row 3 asks a question too long for the model: it fails alone, its batch-mates are answered.
-    std::fs::write(&mixed, good.iter().enumerate().map(|(i, p)| format!("{}\n", serde_json::json!({"image": p, "question": questions[if i == 3 { 3 } else { i % 3 }]}))).collect::<String>()).unwrap();
+    std::fs::write(
+        &mixed,
+        good.iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!("{}\n", serde_json::json!({"image": p, "question": questions[if i == 3 { 3 } else { i % 3 }]}))
+            })
+            .collect::<String>(),
+    )
+    .unwrap();
     let mout = tmp.path().join("m.jsonl");
-    let o = run().args(["batch", "--model", m, "--images", mixed.to_str().unwrap(), "--ask", "unused", "--max-new-tokens", "10", "--batch-size", "4", "--out", mout.to_str().unwrap()]).output().unwrap();
+    let o = run()
+        .args([
+            "batch",
+            "--model",
+            m,
+            "--images",
+            mixed.to_str().unwrap(),
+            "--ask",
+            "unused",
+            "--max-new-tokens",
+            "10",
+            "--batch-size",
+            "4",
+            "--out",
+            mout.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = lines(&mout);
     assert_eq!(rows.len(), good.len());
@@ -132,11 +227,26 @@ fn batch_equals_single_runs_skips_bad_images_and_resumes() {
     assert!(too_long[0]["error"].as_str().unwrap().contains("max_positions"), "{}", too_long[0]);
     for row in rows.iter().filter(|r| r.get("error").is_none()) {
         let (p, q) = (row["image"].as_str().unwrap(), row["question"].as_str().unwrap());
-        let one = ok(run().args(["--model", m, "--image", p, "--ask", q, "--json", "--max-new-tokens", "10"]).output().unwrap(), "single");
+        let one = ok(
+            run().args(["--model", m, "--image", p, "--ask", q, "--json", "--max-new-tokens", "10"]).output().unwrap(),
+            "single",
+        );
         assert_eq!(row["token_ids"], one["token_ids"], "{p} / {q}: mixed batch differs from a one-image run");
     }
     println!("mixed-question batches: {} rows equal one-image runs, 1 too-long question failed alone", rows.len() - 1);
-    let bad = run().args(["batch", "--model", m, "--images", "/nonexistent/list.jsonl", "--score", "--out", sout.to_str().unwrap()]).output().unwrap();
+    let bad = run()
+        .args([
+            "batch",
+            "--model",
+            m,
+            "--images",
+            "/nonexistent/list.jsonl",
+            "--score",
+            "--out",
+            sout.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/list.jsonl"));
 }
 
@@ -155,18 +265,69 @@ fn eval_qbench_and_iqa_agree_with_per_image_runs() {
     let mut rows = Vec::new();
     let (mut want_lik, mut want_gen) = (0, 0);
     for (i, p) in imgs.iter().enumerate() {
-        let c = ok(run().args(["--model", m, "--image", p.to_str().unwrap(), "--ask", &prompt, "--choices", "A.|B.|C.", "--json"]).output().unwrap(), "choices");
+        let c = ok(
+            run()
+                .args([
+                    "--model",
+                    m,
+                    "--image",
+                    p.to_str().unwrap(),
+                    "--ask",
+                    &prompt,
+                    "--choices",
+                    "A.|B.|C.",
+                    "--json",
+                ])
+                .output()
+                .unwrap(),
+            "choices",
+        );
         let picked = ["A.", "B.", "C."].iter().position(|l| c["answer"] == *l).unwrap();
         let correct = if i % 2 == 0 { picked } else { (picked + 1) % 3 };
         want_lik += usize::from(i % 2 == 0);
-        let g = ok(run().args(["--model", m, "--image", p.to_str().unwrap(), "--ask", &prompt, "--json", "--max-new-tokens", "16"]).output().unwrap(), "ask");
+        let g = ok(
+            run()
+                .args([
+                    "--model",
+                    m,
+                    "--image",
+                    p.to_str().unwrap(),
+                    "--ask",
+                    &prompt,
+                    "--json",
+                    "--max-new-tokens",
+                    "16",
+                ])
+                .output()
+                .unwrap(),
+            "ask",
+        );
         want_gen += usize::from(runtime::eval::parse_choice(g["answer"].as_str().unwrap(), &cands) == Some(correct));
         rows.push(serde_json::json!({"img_path": p.file_name().unwrap().to_str().unwrap(), "question": question, "candidates": cands, "correct_ans": cands[correct], "type": i % 3, "concern": i % 2}));
     }
     rows.push(serde_json::json!({"img_path": "missing.png", "question": question, "candidates": cands, "correct_ans": "good", "type": 0, "concern": 0}));
     let a1 = tmp.path().join("a1.json");
     std::fs::write(&a1, serde_json::to_string(&rows).unwrap()).unwrap();
-    let eval = |by: &str| ok(run().args(["eval", "--model", m, "--qbench", a1.to_str().unwrap(), "--images", imgs_dir.to_str().unwrap(), "--by", by, "--json"]).output().unwrap(), by);
+    let eval = |by: &str| {
+        ok(
+            run()
+                .args([
+                    "eval",
+                    "--model",
+                    m,
+                    "--qbench",
+                    a1.to_str().unwrap(),
+                    "--images",
+                    imgs_dir.to_str().unwrap(),
+                    "--by",
+                    by,
+                    "--json",
+                ])
+                .output()
+                .unwrap(),
+            by,
+        )
+    };
     let lik = eval("likelihood");
     println!("likelihood: {}", lik["overall"]);
     assert_eq!(lik["overall"]["total"], 8);
@@ -181,13 +342,44 @@ fn eval_qbench_and_iqa_agree_with_per_image_runs() {
     assert_eq!(gen["overall"]["correct"].as_u64().unwrap() as usize, want_gen);
     // Batched generation (mixed prompts, 3 rows a batch): each row's answer is the one-image answer.
     let preds = tmp.path().join("preds.jsonl");
-    let o = run().args(["eval", "--model", m, "--qbench", a1.to_str().unwrap(), "--images", imgs_dir.to_str().unwrap(), "--batch-size", "3", "--out", preds.to_str().unwrap()]).output().unwrap();
+    let o = run()
+        .args([
+            "eval",
+            "--model",
+            m,
+            "--qbench",
+            a1.to_str().unwrap(),
+            "--images",
+            imgs_dir.to_str().unwrap(),
+            "--batch-size",
+            "3",
+            "--out",
+            preds.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let answers = lines(&preds);
     assert_eq!(answers.len(), 8);
     for (a, p) in answers.iter().zip(&imgs) {
         assert_eq!(a["img_path"], p.file_name().unwrap().to_str().unwrap());
-        let one = ok(run().args(["--model", m, "--image", p.to_str().unwrap(), "--ask", &prompt, "--json", "--max-new-tokens", "16"]).output().unwrap(), "ask");
+        let one = ok(
+            run()
+                .args([
+                    "--model",
+                    m,
+                    "--image",
+                    p.to_str().unwrap(),
+                    "--ask",
+                    &prompt,
+                    "--json",
+                    "--max-new-tokens",
+                    "16",
+                ])
+                .output()
+                .unwrap(),
+            "ask",
+        );
         assert_eq!(a["answer"], one["answer"], "{}: batched Q-Bench answer differs from a one-image run", p.display());
     }
 
@@ -197,7 +389,14 @@ fn eval_qbench_and_iqa_agree_with_per_image_runs() {
     let (mut pred, mut labels) = (Vec::new(), Vec::new());
     for (p, m_) in imgs.iter().zip(mos) {
         csv += &format!("{},{m_},test\n", p.file_name().unwrap().to_str().unwrap());
-        pred.push(ok(run().args(["--model", m, "--image", p.to_str().unwrap(), "--score", "--json"]).output().unwrap(), "score")["score"].as_f64().unwrap());
+        pred.push(
+            ok(
+                run().args(["--model", m, "--image", p.to_str().unwrap(), "--score", "--json"]).output().unwrap(),
+                "score",
+            )["score"]
+                .as_f64()
+                .unwrap(),
+        );
         labels.push(m_);
     }
     csv += "missing.png,3.0,test\nimg00.png,3.0,train\n";
@@ -205,7 +404,25 @@ fn eval_qbench_and_iqa_agree_with_per_image_runs() {
     std::fs::write(&lab, csv).unwrap();
     let png = tmp.path().join("scatter.png");
     let rep = ok(
-        run().args(["eval", "--model", m, "--iqa", lab.to_str().unwrap(), "--images", imgs_dir.to_str().unwrap(), "--split", "test", "--batch-size", "3", "--plot", png.to_str().unwrap(), "--json"]).output().unwrap(),
+        run()
+            .args([
+                "eval",
+                "--model",
+                m,
+                "--iqa",
+                lab.to_str().unwrap(),
+                "--images",
+                imgs_dir.to_str().unwrap(),
+                "--split",
+                "test",
+                "--batch-size",
+                "3",
+                "--plot",
+                png.to_str().unwrap(),
+                "--json",
+            ])
+            .output()
+            .unwrap(),
         "iqa",
     );
     let (s, p) = (qadapt_core::metrics::spearman(&pred, &labels), qadapt_core::metrics::pearson(&pred, &labels));
@@ -215,6 +432,9 @@ fn eval_qbench_and_iqa_agree_with_per_image_runs() {
     assert!((rep["srocc"].as_f64().unwrap() - s).abs() < 1e-9 && (rep["plcc"].as_f64().unwrap() - p).abs() < 1e-4);
     let plot = image::open(&png).unwrap();
     assert_eq!((plot.width(), plot.height()), (640, 560));
-    let bad = run().args(["eval", "--model", m, "--qbench", lab.to_str().unwrap(), "--images", imgs_dir.to_str().unwrap()]).output().unwrap();
+    let bad = run()
+        .args(["eval", "--model", m, "--qbench", lab.to_str().unwrap(), "--images", imgs_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("labels.csv"));
 }

@@ -18,15 +18,35 @@ fn answers_and_scores_match_hf_on_every_fixture() {
         let dir = tmp.path().join(case);
         export(case, &dir);
         let fx = fixtures().join(case);
-        let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+        let exp: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
         let img = fx.join("image.png");
         let (m, i) = (dir.to_str().unwrap(), img.to_str().unwrap());
         let max_new = exp["max_new_tokens"].to_string();
-        let got = ok(run().args(["--model", m, "--image", i, "--ask", exp["questions"]["ask"].as_str().unwrap(), "--json", "--max-new-tokens", &max_new]).output().unwrap(), case);
+        let got = ok(
+            run()
+                .args([
+                    "--model",
+                    m,
+                    "--image",
+                    i,
+                    "--ask",
+                    exp["questions"]["ask"].as_str().unwrap(),
+                    "--json",
+                    "--max-new-tokens",
+                    &max_new,
+                ])
+                .output()
+                .unwrap(),
+            case,
+        );
         assert_eq!(got["token_ids"], exp["greedy_ids"], "{case}: greedy ids");
         let s = ok(run().args(["--model", m, "--image", i, "--score", "--json"]).output().unwrap(), case);
         let (ours, hf) = (s["score"].as_f64().unwrap(), exp["score"].as_f64().unwrap());
-        println!("{case:<22} greedy ids {} equal; score {ours:.6} vs HF {hf:.6}", got["token_ids"].as_array().unwrap().len());
+        println!(
+            "{case:<22} greedy ids {} equal; score {ours:.6} vs HF {hf:.6}",
+            got["token_ids"].as_array().unwrap().len()
+        );
         assert!((ours - hf).abs() < 1e-4, "{case}: score {ours} vs {hf}");
     }
 }
@@ -37,7 +57,32 @@ fn same_seed_same_text() {
     let dir = tmp.path().join("m");
     export("bunny_f32_bpe", &dir);
     let img = fixtures().join("bunny_f32_bpe/image.png");
-    let sample = |seed: &str| ok(run().args(["--model", dir.to_str().unwrap(), "--image", img.to_str().unwrap(), "--ask", "How is it?", "--json", "--temperature", "1.5", "--top-k", "50", "--seed", seed, "--max-new-tokens", "16"]).output().unwrap(), "sample")["token_ids"].clone();
+    let sample = |seed: &str| {
+        ok(
+            run()
+                .args([
+                    "--model",
+                    dir.to_str().unwrap(),
+                    "--image",
+                    img.to_str().unwrap(),
+                    "--ask",
+                    "How is it?",
+                    "--json",
+                    "--temperature",
+                    "1.5",
+                    "--top-k",
+                    "50",
+                    "--seed",
+                    seed,
+                    "--max-new-tokens",
+                    "16",
+                ])
+                .output()
+                .unwrap(),
+            "sample",
+        )["token_ids"]
+            .clone()
+    };
     assert_eq!(sample("7"), sample("7"));
     assert_ne!(sample("7"), sample("8"), "different seeds gave the same 16 sampled tokens");
 }
@@ -61,7 +106,10 @@ fn broken_inputs_are_clear_errors() {
         (vec!["--model", m, "--image", i, "--ask", "q", "--ep", "cuda"], "cuda"),
         (vec!["--model", m, "--image", i, "--ask", "q", "--ep", "tensorrt"], "TensorRT"),
         (vec!["--model", m, "--image", i, "--ask", &long], "max_positions"),
-        (vec!["--model", m, "--image", i, "--ask", "q", "--ort-lib", "/nonexistent/libonnxruntime.so"], "/nonexistent/libonnxruntime.so"),
+        (
+            vec!["--model", m, "--image", i, "--ask", "q", "--ort-lib", "/nonexistent/libonnxruntime.so"],
+            "/nonexistent/libonnxruntime.so",
+        ),
         (vec!["--model", m, "--image", i, "--ask", "q", "--temperature=-1"], "temperature"),
     ];
     // `--ep auto` on the CPU library falls back to the CPU and says so.
@@ -90,13 +138,36 @@ fn repetition_penalty_matches_the_candle_engine() {
     let fx = fixtures().join(case);
     let img = fx.join("image.png");
     let q = "Describe the quality of this image.";
-    let engine = models::Engine::load(&fx.join("model"), None, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let engine =
+        models::Engine::load(&fx.join("model"), None, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
     let picture = qadapt_core::image::load_image(&img).unwrap();
     let mut outputs = Vec::new();
     for penalty in ["1.0", "1.8"] {
-        let got = ok(run().args(["--model", dir.to_str().unwrap(), "--image", img.to_str().unwrap(), "--ask", q, "--json", "--max-new-tokens", "24", "--repetition-penalty", penalty]).output().unwrap(), penalty);
-        let sampling = qadapt_core::sampling::SamplingParams { repetition_penalty: Some(penalty.parse().unwrap()), ..Default::default() };
-        let want = engine.generate(&picture, q, &models::GenerateOptions { max_new_tokens: 24, sampling }, |_| {}).unwrap();
+        let got = ok(
+            run()
+                .args([
+                    "--model",
+                    dir.to_str().unwrap(),
+                    "--image",
+                    img.to_str().unwrap(),
+                    "--ask",
+                    q,
+                    "--json",
+                    "--max-new-tokens",
+                    "24",
+                    "--repetition-penalty",
+                    penalty,
+                ])
+                .output()
+                .unwrap(),
+            penalty,
+        );
+        let sampling = qadapt_core::sampling::SamplingParams {
+            repetition_penalty: Some(penalty.parse().unwrap()),
+            ..Default::default()
+        };
+        let want =
+            engine.generate(&picture, q, &models::GenerateOptions { max_new_tokens: 24, sampling }, |_| {}).unwrap();
         let got_ids: Vec<u32> = serde_json::from_value(got["token_ids"].clone()).unwrap();
         println!("penalty {penalty}: {} ids, equal to candle", got_ids.len());
         assert_eq!(got_ids, want.token_ids, "penalty {penalty}");
@@ -120,22 +191,43 @@ fn gpu_build_without_its_libraries_falls_back_and_names_them() {
     export("bunny_f32_bpe", &dir);
     let img = fixtures().join("bunny_f32_bpe/image.png");
     let (m, i) = (dir.to_str().unwrap(), img.to_str().unwrap());
-    let with_gpu_lib = |ep: &str| run().env("ORT_DYLIB_PATH", &gpu_lib).args(["--model", m, "--image", i, "--score", "--json", "--ep", ep]).output().unwrap();
+    let with_gpu_lib = |ep: &str| {
+        run()
+            .env("ORT_DYLIB_PATH", &gpu_lib)
+            .args(["--model", m, "--image", i, "--score", "--json", "--ep", ep])
+            .output()
+            .unwrap()
+    };
     let o = with_gpu_lib("auto");
     let err = String::from_utf8_lossy(&o.stderr);
     println!("--ep auto with onnxruntime-gpu:\n{err}");
     assert!(o.status.success(), "{err}");
     assert!(err.contains("execution provider: cpu"), "{err}");
-    assert!(err.contains("skipped execution provider tensorrt: Failed to load library") && err.contains("libonnxruntime_providers_tensorrt.so with error:"), "{err}");
-    assert!(err.contains("skipped execution provider cuda: Failed to load library") && err.contains("libonnxruntime_providers_cuda.so"), "{err}");
+    assert!(
+        err.contains("skipped execution provider tensorrt: Failed to load library")
+            && err.contains("libonnxruntime_providers_tensorrt.so with error:"),
+        "{err}"
+    );
+    assert!(
+        err.contains("skipped execution provider cuda: Failed to load library")
+            && err.contains("libonnxruntime_providers_cuda.so"),
+        "{err}"
+    );
     let gpu_build: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let cpu_build = ok(run().args(["--model", m, "--image", i, "--score", "--json"]).output().unwrap(), "cpu build");
     assert!((gpu_build["score"].as_f64().unwrap() - cpu_build["score"].as_f64().unwrap()).abs() < 1e-6);
-    for (ep, lib) in [("cuda", "libonnxruntime_providers_cuda.so"), ("tensorrt", "libonnxruntime_providers_tensorrt.so")] {
+    for (ep, lib) in
+        [("cuda", "libonnxruntime_providers_cuda.so"), ("tensorrt", "libonnxruntime_providers_tensorrt.so")]
+    {
         let o = with_gpu_lib(ep);
         let err = String::from_utf8_lossy(&o.stderr);
         println!("--ep {ep}: {}", err.trim());
-        assert!(!o.status.success() && err.contains(&format!("execution provider {ep}: Failed to load library")) && err.contains(lib), "{err}");
+        assert!(
+            !o.status.success()
+                && err.contains(&format!("execution provider {ep}: Failed to load library"))
+                && err.contains(lib),
+            "{err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
 }

@@ -18,7 +18,14 @@ fn a_leaving_row_takes_the_shared_padding_with_it() {
     let lone_short = rt.generate(&img, short_q, &opts(12), |_| {}).unwrap().token_ids;
     let lone_long = rt.generate(&img, long_q, &opts(3), |_| {}).unwrap().token_ids;
     let mut run = Running::default();
-    run.admit(&mut rt, vec![("long", Request { image: &img, question: long_q, history: &[], opts: opts(3), cancel: None }), ("short", Request { image: &img, question: short_q, history: &[], opts: opts(12), cancel: None })]).unwrap();
+    run.admit(
+        &mut rt,
+        vec![
+            ("long", Request { image: &img, question: long_q, history: &[], opts: opts(3), cancel: None }),
+            ("short", Request { image: &img, question: short_q, history: &[], opts: opts(12), cancel: None }),
+        ],
+    )
+    .unwrap();
     let len_of = |q: &str| -> usize {
         use qadapt_core::template::{prompt, tokenize_prompt, user_turn};
         tokenize_prompt(&rt.tokenizer, &prompt(&user_turn(q), None)).unwrap().spliced_len(rt.manifest.image.tokens)
@@ -61,8 +68,12 @@ fn exports_without_cache_graphs_still_batch() {
     let img = qadapt_core::image::load_image(&fixtures().join("bunny_f32_bpe/image.png")).unwrap();
     let opts = |n| GenerateOptions { max_new_tokens: n, ..Default::default() };
     let qs = [("Describe the quality of this image in detail.", 3), ("Sharp?", 9)];
-    let lone: Vec<Vec<u32>> = qs.iter().map(|&(q, n)| rt.generate(&img, q, &opts(n), |_| {}).unwrap().token_ids).collect();
-    let reqs: Vec<Request> = qs.iter().map(|&(q, n)| Request { image: &img, question: q, history: &[], opts: opts(n), cancel: None }).collect();
+    let lone: Vec<Vec<u32>> =
+        qs.iter().map(|&(q, n)| rt.generate(&img, q, &opts(n), |_| {}).unwrap().token_ids).collect();
+    let reqs: Vec<Request> = qs
+        .iter()
+        .map(|&(q, n)| Request { image: &img, question: q, history: &[], opts: opts(n), cancel: None })
+        .collect();
     let got: Vec<Vec<u32>> = rt.generate_mixed(&reqs, |_, _| {}).unwrap().into_iter().map(|a| a.token_ids).collect();
     assert_eq!(got, lone);
     // A running batch of such an export admits nothing more.

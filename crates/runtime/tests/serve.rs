@@ -53,8 +53,13 @@ fn serves_hf_answers_streams_batches_and_limits() {
     let lone: Vec<(Value, Value, Value)> = pics
         .iter()
         .map(|p| {
-            let chat_ids = |q: &str| post(&format!("{url}/v1/chat/completions"), &chat(q, p, 8, false)).1["token_ids"].clone();
-            (chat_ids(QS[0]), chat_ids(QS[1]), post(&format!("{url}/v1/score"), &json!({"image": p})).1["score"].clone())
+            let chat_ids =
+                |q: &str| post(&format!("{url}/v1/chat/completions"), &chat(q, p, 8, false)).1["token_ids"].clone();
+            (
+                chat_ids(QS[0]),
+                chat_ids(QS[1]),
+                post(&format!("{url}/v1/score"), &json!({"image": p})).1["score"].clone(),
+            )
         })
         .collect();
     let (batches0, jobs0) = (metric(&url, "qadapt_batches_total"), metric(&url, "qadapt_batched_jobs_total"));
@@ -82,14 +87,19 @@ fn serves_hf_answers_streams_batches_and_limits() {
     for c in clients {
         c.join().unwrap();
     }
-    let (batches, jobs) = (metric(&url, "qadapt_batches_total") - batches0, metric(&url, "qadapt_batched_jobs_total") - jobs0);
+    let (batches, jobs) =
+        (metric(&url, "qadapt_batches_total") - batches0, metric(&url, "qadapt_batched_jobs_total") - jobs0);
     println!("32 concurrent clients: {jobs} jobs in {batches} batches");
     assert_eq!(jobs, 32.0);
     assert!(batches < jobs, "no two requests shared a batch");
 
     // Limits and bad requests: a clear 4xx each.
-    let big = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(vec![0u8; 70 << 10]));
-    let corrupt = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\n broken"));
+    let big =
+        format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(vec![0u8; 70 << 10]));
+    let corrupt = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\n broken")
+    );
     let chat_url = format!("{url}/v1/chat/completions");
     let cases: Vec<(Value, u16, &str)> = vec![
         (chat("q", &big, 8, false), 413, "limit"),
@@ -99,7 +109,11 @@ fn serves_hf_answers_streams_batches_and_limits() {
         (chat("q", "data:image/png;base64,@@@", 8, false), 400, "base64"),
         (json!({"messages": [{"role": "user", "content": "no image here"}]}), 400, "image_url"),
         (json!({"prompt": "hi"}), 400, "messages"),
-        (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "q"}]}], "temperature": -1.0}), 400, "temperature"),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "q"}]}], "temperature": -1.0}),
+            400,
+            "temperature",
+        ),
     ];
     for (body, want, needle) in cases {
         let (code, r) = post(&chat_url, &body);
@@ -134,7 +148,11 @@ fn serves_hf_answers_streams_batches_and_limits() {
                     let line = line.unwrap();
                     match line.strip_prefix("data: ") {
                         Some("[DONE]") => done = true,
-                        Some(d) => text += serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"].as_str().unwrap_or(""),
+                        Some(d) => {
+                            text += serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"]
+                                .as_str()
+                                .unwrap_or("")
+                        }
                         None => {}
                     }
                 }
@@ -173,12 +191,16 @@ fn a_full_queue_answers_503() {
             std::thread::spawn(move || post(&url, &chat("Describe the image.", &img, 48, false)))
         })
         .collect();
-    let codes: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).map(|(code, r)| {
-        if code == 503 {
-            assert!(r["error"]["message"].as_str().unwrap().contains("queue is full"), "{r}");
-        }
-        code
-    }).collect();
+    let codes: Vec<u16> = clients
+        .into_iter()
+        .map(|c| c.join().unwrap())
+        .map(|(code, r)| {
+            if code == 503 {
+                assert!(r["error"]["message"].as_str().unwrap().contains("queue is full"), "{r}");
+            }
+            code
+        })
+        .collect();
     let busy = codes.iter().filter(|&&c| c == 503).count();
     println!("16 requests, queue 1: {busy} × 503, {} × 200", codes.iter().filter(|&&c| c == 200).count());
     assert!(busy >= 1, "no 503 with a queue of one");
@@ -222,7 +244,6 @@ fn the_binary_serves_and_stops_on_sigterm() {
     assert!(rest.contains("stopped"), "{rest}");
 }
 
-
 /// A streaming client that goes away stops its row: of the 400 tokens the answer would run to (this
 /// fixture never emits `<|endoftext|>`), only the few before the broken write are generated (none
 /// when it left before its job ran).
@@ -242,7 +263,7 @@ fn a_client_that_disconnects_stops_its_generation() {
         let mut lines = BufReader::new(r.into_reader()).lines();
         assert!(lines.next().unwrap().unwrap().starts_with("data: "));
     } // the connection closes here
-    // The row stops at its next step, or (on a busy machine) the job is dropped before it runs.
+      // The row stops at its next step, or (on a busy machine) the job is dropped before it runs.
     let t0 = std::time::Instant::now();
     while metric(&url, "qadapt_cancelled_requests_total") + metric(&url, "qadapt_dropped_queued_total") == 0.0 {
         assert!(t0.elapsed().as_secs() < 20, "the abandoned job was neither stopped nor dropped");
@@ -266,7 +287,9 @@ fn a_question_too_long_for_the_model_fails_alone() {
     let clients: Vec<_> = (0..12)
         .map(|i| {
             let (u, img, long) = (Arc::clone(&chat_url), Arc::clone(&img), Arc::clone(&long));
-            std::thread::spawn(move || post(&u, &chat(if i == 5 { long.as_str() } else { "Is it sharp?" }, &img, 8, false)))
+            std::thread::spawn(move || {
+                post(&u, &chat(if i == 5 { long.as_str() } else { "Is it sharp?" }, &img, 8, false))
+            })
         })
         .collect();
     let res: Vec<(u16, Value)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
@@ -298,7 +321,11 @@ fn requests_join_a_running_batch_and_answer_as_alone() {
     let short_q = ["Is it sharp?", "Is the exposure right, or is the sky blown out?"];
     let lone_long = post(&chat_url, &chat(long_q, &long_img, 300, false)).1["token_ids"].clone();
     assert_eq!(lone_long.as_array().unwrap().len(), 300);
-    let lone: Vec<Value> = pics.iter().enumerate().map(|(i, p)| post(&chat_url, &chat(short_q[i % 2], p, 16, false)).1["token_ids"].clone()).collect();
+    let lone: Vec<Value> = pics
+        .iter()
+        .enumerate()
+        .map(|(i, p)| post(&chat_url, &chat(short_q[i % 2], p, 16, false)).1["token_ids"].clone())
+        .collect();
     let (joined0, admitted0) = (metric(&url, "qadapt_joined_running_total"), metric(&url, "qadapt_batched_jobs_total"));
     let (u, img) = (Arc::clone(&chat_url), Arc::clone(&long_img));
     let long = std::thread::spawn(move || post(&u, &chat(long_q, &img, 300, false)));

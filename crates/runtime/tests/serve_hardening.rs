@@ -25,7 +25,12 @@ fn bad_inputs() -> std::path::PathBuf {
 /// A raw HTTP/1.1 POST of `body` on a fresh socket (the caller decides when to close it).
 fn raw_post(url: &str, path: &str, body: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect(url.trim_start_matches("http://")).unwrap();
-    write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
     s.write_all(body).unwrap();
     s
 }
@@ -129,7 +134,12 @@ fn bombs_corrupt_images_and_wrong_types_are_4xx_and_the_server_goes_on() {
 fn slow_headers_slow_bodies_big_headers_and_too_many_connections() {
     let (_tmp, dir) = exported(CASE);
     let img = data_url(&fixtures().join(CASE).join("image.png"));
-    let cfg = Config { header_timeout: Duration::from_millis(800), body_timeout: Duration::from_millis(800), max_connections: 6, ..Config::default() };
+    let cfg = Config {
+        header_timeout: Duration::from_millis(800),
+        body_timeout: Duration::from_millis(800),
+        max_connections: 6,
+        ..Config::default()
+    };
     let (server, url) = start(&dir, cfg);
     let addr = url.trim_start_matches("http://").to_string();
 
@@ -187,7 +197,9 @@ fn clients_that_leave_stop_their_rows_and_their_queued_jobs() {
     wait_for("two queued jobs", 10, || metric(&url, "qadapt_queue_depth") >= 2.0);
     drop(queued);
     drop(s);
-    wait_for("the rows to end", 30, || metric(&url, "qadapt_cancelled_requests_total") >= 1.0 && metric(&url, "qadapt_dropped_queued_total") >= 2.0);
+    wait_for("the rows to end", 30, || {
+        metric(&url, "qadapt_cancelled_requests_total") >= 1.0 && metric(&url, "qadapt_dropped_queued_total") >= 2.0
+    });
     let used = metric(&url, "qadapt_generated_tokens_total") - before;
     println!("non-streaming client gone mid-answer: {used} of 400 tokens generated; 2 queued jobs dropped unrun");
     assert!(used < 400.0, "the row ran to the end for nobody");
@@ -204,7 +216,17 @@ fn deadlines_answer_504_and_ready_tracks_the_queue() {
     let img = Arc::new(data_url(&fixtures().join(CASE).join("image.png")));
     // 20 ms a step: 400 tokens would take 8 s; the deadline is 1.5 s.
     let slow = Faults { step_delay: Duration::from_millis(20), ..Faults::default() };
-    let (server, url) = start(&dir, Config { max_new_tokens: 400, max_batch: 1, max_queue: 1, request_timeout: Some(Duration::from_millis(1500)), faults: slow, ..Config::default() });
+    let (server, url) = start(
+        &dir,
+        Config {
+            max_new_tokens: 400,
+            max_batch: 1,
+            max_queue: 1,
+            request_timeout: Some(Duration::from_millis(1500)),
+            faults: slow,
+            ..Config::default()
+        },
+    );
     assert_eq!(ureq::get(&format!("{url}/ready")).call().unwrap().status(), 200);
     let chat_url = Arc::new(format!("{url}/v1/chat/completions"));
     let (u, i) = (Arc::clone(&chat_url), Arc::clone(&img));
@@ -231,8 +253,12 @@ fn deadlines_answer_504_and_ready_tracks_the_queue() {
     let (code, r) = queued.join().unwrap();
     assert_eq!(code, 504, "{r}");
     assert_eq!(metric(&url, "qadapt_timeouts_total"), 2.0);
-    let (ran, tokens) = (metric(&url, "qadapt_batched_jobs_total") - jobs0, metric(&url, "qadapt_generated_tokens_total"));
-    println!("queued request behind it: 504, {} ({tokens} tokens generated in all)", if ran > 1.0 { "admitted and stopped" } else { "dropped unrun" });
+    let (ran, tokens) =
+        (metric(&url, "qadapt_batched_jobs_total") - jobs0, metric(&url, "qadapt_generated_tokens_total"));
+    println!(
+        "queued request behind it: 504, {} ({tokens} tokens generated in all)",
+        if ran > 1.0 { "admitted and stopped" } else { "dropped unrun" }
+    );
     assert!(tokens < 400.0, "{tokens} tokens: a deadline did not stop a row");
     assert_eq!(ureq::get(&format!("{url}/ready")).call().unwrap().status(), 200);
     server.shutdown();
@@ -244,7 +270,10 @@ fn deadlines_answer_504_and_ready_tracks_the_queue() {
 fn a_panic_in_the_inference_thread_fails_its_batch_only() {
     let (_tmp, dir) = exported(CASE);
     let img = data_url(&fixtures().join(CASE).join("image.png"));
-    let (server, url) = start(&dir, Config { faults: Faults { panic_on_question: Some("PANIC".into()), ..Faults::default() }, ..Config::default() });
+    let (server, url) = start(
+        &dir,
+        Config { faults: Faults { panic_on_question: Some("PANIC".into()), ..Faults::default() }, ..Config::default() },
+    );
     let chat_url = format!("{url}/v1/chat/completions");
     let (code, r) = post(&chat_url, &chat("PANIC", &img, 4, false));
     assert_eq!(code, 500, "{r}");
@@ -289,7 +318,18 @@ fn openai_surface_models_usage_multi_turn_and_logprobs() {
     let mut rt = Runtime::open(&dir, runtime::Ep::Cpu, 0, false, None).unwrap();
     let picture = qadapt_core::image::load_image(&path).unwrap();
     let history = [(qadapt_core::template::user_turn("Is it sharp?"), first)];
-    let want = rt.generate_mixed(&[Request { image: &picture, question: "Why?", history: &history, opts: GenerateOptions { max_new_tokens: 6, ..Default::default() }, cancel: None }], |_, _| {}).unwrap();
+    let want = rt
+        .generate_mixed(
+            &[Request {
+                image: &picture,
+                question: "Why?",
+                history: &history,
+                opts: GenerateOptions { max_new_tokens: 6, ..Default::default() },
+                cancel: None,
+            }],
+            |_, _| {},
+        )
+        .unwrap();
     assert_eq!(r2["token_ids"], json!(want[0].token_ids), "multi-turn ids differ from the runtime's");
 
     // Logprobs: greedy picks the likeliest token, so it heads its own top list.
@@ -316,11 +356,17 @@ fn openai_surface_models_usage_multi_turn_and_logprobs() {
 /// 400s for `n`, `tools` and a string `max_tokens`, all as the client parses them.
 #[test]
 fn the_official_openai_client_gets_what_it_expects() {
-    let python = std::env::var("QADAPT_OPENAI_PYTHON").expect("set QADAPT_OPENAI_PYTHON=$(bash scripts/get-openai.sh) (see .ci/run)");
+    let python = std::env::var("QADAPT_OPENAI_PYTHON")
+        .expect("set QADAPT_OPENAI_PYTHON=$(bash scripts/get-openai.sh) (see .ci/run)");
     let (_tmp, dir) = exported(CASE);
     let (server, url) = start(&dir, Config::default());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/openai_check.py");
-    let out = std::process::Command::new(python).arg(script).arg(&url).arg(fixtures().join(CASE).join("image.png")).output().unwrap();
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(&url)
+        .arg(fixtures().join(CASE).join("image.png"))
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the openai client found faults");

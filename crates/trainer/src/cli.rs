@@ -12,9 +12,15 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
     let (cfg, resume) = match &a.resume {
         Some(run) => {
             let p = run.join("train_config.json");
-            let text = std::fs::read_to_string(&p).with_context(|| format!("--resume {}: reading train_config.json", run.display()))?;
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("--resume {}: reading train_config.json", run.display()))?;
             let cfg: TrainConfig = serde_json::from_str(&text).with_context(|| format!("{}: invalid", p.display()))?;
-            anyhow::ensure!(cfg.stage == stage, "--resume {}: that run is {:?}, not {stage:?}", run.display(), cfg.stage);
+            anyhow::ensure!(
+                cfg.stage == stage,
+                "--resume {}: that run is {:?}, not {stage:?}",
+                run.display(),
+                cfg.stage
+            );
             (cfg, true)
         }
         None => {
@@ -26,7 +32,13 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
             if !a.no_vision_lora {
                 scopes.push(format!("{}.encoder.layers.", models::bunny::VISION_PREFIX));
             }
-            let lora = LoraSpec { r: a.lora_r, alpha: a.lora_alpha, dropout: a.lora_dropout, targets: a.lora_targets.clone(), scopes };
+            let lora = LoraSpec {
+                r: a.lora_r,
+                alpha: a.lora_alpha,
+                dropout: a.lora_dropout,
+                targets: a.lora_targets.clone(),
+                scopes,
+            };
             let cfg = TrainConfig {
                 stage,
                 model,
@@ -67,7 +79,14 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
 
 /// `merge`.
 pub fn merge(a: &MergeArgs) -> anyhow::Result<()> {
-    let (n, shards) = crate::merge::run(&a.model, &a.stage1, a.stage2.as_deref(), &a.out, a.dtype.map(|d| d.candle()), a.shard_mib << 20)?;
+    let (n, shards) = crate::merge::run(
+        &a.model,
+        &a.stage1,
+        a.stage2.as_deref(),
+        &a.out,
+        a.dtype.map(|d| d.candle()),
+        a.shard_mib << 20,
+    )?;
     eprintln!("merged {n} tensors into {} ({shards} shard(s))", a.out.display());
     Ok(())
 }

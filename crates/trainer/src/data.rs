@@ -72,13 +72,16 @@ pub fn load(files: &[PathBuf], images: &Path) -> anyhow::Result<Vec<Sample>> {
     let mut out = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let rows: Vec<Row> = serde_json::from_str(&text).with_context(|| format!("{}: not a LLaVA / Q-Instruct JSON list", file.display()))?;
+        let rows: Vec<Row> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a LLaVA / Q-Instruct JSON list", file.display()))?;
         for (i, row) in rows.into_iter().enumerate() {
             let at = || format!("{} row {i}", file.display());
             let image = match row.image {
                 Some(ImageField::One(p)) => p,
                 Some(ImageField::Many(v)) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
-                Some(ImageField::Many(v)) => bail!("{}: {} images in one sample; one image per sample is supported", at(), v.len()),
+                Some(ImageField::Many(v)) => {
+                    bail!("{}: {} images in one sample; one image per sample is supported", at(), v.len())
+                }
                 None => bail!("{}: no \"image\"", at()),
             };
             let mut turns = Vec::new();
@@ -98,7 +101,10 @@ pub fn load(files: &[PathBuf], images: &Path) -> anyhow::Result<Vec<Sample>> {
                 *first = template::user_turn(first);
             }
             let task = row.task.unwrap_or_else(|| classify(&turns));
-            let id = row.id.map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_else(|| format!("{i}"));
+            let id = row
+                .id
+                .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                .unwrap_or_else(|| format!("{i}"));
             out.push(Sample { id, image: images.join(image), turns, task });
         }
     }
@@ -126,7 +132,11 @@ pub fn encode(s: &Sample, tok: &TextTokenizer, n_image: usize, max_length: usize
     let mut labels = Vec::new();
     let mut image_pos = None;
     for (i, (text, target)) in template::conversation(&s.turns).into_iter().enumerate() {
-        let part = if i == 0 { template::tokenize_prompt(tok, &text)? } else { PromptIds { ids: tok.encode(&text)?, image_pos: None } };
+        let part = if i == 0 {
+            template::tokenize_prompt(tok, &text)?
+        } else {
+            PromptIds { ids: tok.encode(&text)?, image_pos: None }
+        };
         if let Some(p) = part.image_pos {
             image_pos = Some(ids.len() + p);
         }
@@ -160,10 +170,14 @@ mod tests {
     /// A served chat (`template::tokenize_chat`) has exactly the ids its history had in training.
     #[test]
     fn a_chat_prompt_has_the_training_ids_of_its_history() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qadapt_f32_sharded/model");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qadapt_f32_sharded/model");
         let tok = TextTokenizer::from_dir(&dir).unwrap();
         let turns = vec![
-            (template::user_turn("Describe the quality of this photo."), "It is blurry, and the sky is blown out.".to_string()),
+            (
+                template::user_turn("Describe the quality of this photo."),
+                "It is blurry, and the sky is blown out.".to_string(),
+            ),
             ("Is the sky over-exposed?".to_string(), "Yes.".to_string()),
             ("Rate it: excellent, good, fair, poor or bad?".to_string(), "Poor".to_string()),
         ];

@@ -34,7 +34,12 @@ pub struct EvalReport {
 }
 
 fn norm(s: &str) -> String {
-    s.to_lowercase().chars().filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-').collect::<String>().trim().to_string()
+    s.to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-')
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 fn kind_of(q: &str, a: &str) -> (&'static str, f64) {
@@ -51,8 +56,16 @@ fn kind_of(q: &str, a: &str) -> (&'static str, f64) {
 }
 
 /// Evaluates a model (with an optional adapter) on held-out data and labels.
-pub fn run(model: &Path, adapter: Option<&Path>, data_file: &Path, images: &Path, labels: Option<&Path>, limit: Option<usize>) -> anyhow::Result<EvalReport> {
-    let engine = Engine::load(model, adapter, &Device::Cpu, DType::F32).with_context(|| format!("loading {}", model.display()))?;
+pub fn run(
+    model: &Path,
+    adapter: Option<&Path>,
+    data_file: &Path,
+    images: &Path,
+    labels: Option<&Path>,
+    limit: Option<usize>,
+) -> anyhow::Result<EvalReport> {
+    let engine = Engine::load(model, adapter, &Device::Cpu, DType::F32)
+        .with_context(|| format!("loading {}", model.display()))?;
     let samples = data::load(&[data_file.to_path_buf()], images)?;
     let mut by_kind: BTreeMap<String, KindAccuracy> = BTreeMap::new();
     let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
@@ -82,7 +95,8 @@ pub fn run(model: &Path, adapter: Option<&Path>, data_file: &Path, images: &Path
             if f[2] != "test" {
                 continue;
             }
-            let m: f64 = f[1].parse().with_context(|| format!("{} line {}: bad mos {:?}", lp.display(), i + 1, f[1]))?;
+            let m: f64 =
+                f[1].parse().with_context(|| format!("{} line {}: bad mos {:?}", lp.display(), i + 1, f[1]))?;
             let img = load_image(&images.join(f[0]))?;
             let (score, _) = engine.score(&img)?;
             pred.push(score as f64);
@@ -94,5 +108,11 @@ pub fn run(model: &Path, adapter: Option<&Path>, data_file: &Path, images: &Path
             plcc = Some(pearson(&pred, &mos));
         }
     }
-    Ok(EvalReport { answering: by_kind, overall_accuracy: c as f64 / t.max(1) as f64, srocc, plcc, scored_images: scored })
+    Ok(EvalReport {
+        answering: by_kind,
+        overall_accuracy: c as f64 / t.max(1) as f64,
+        srocc,
+        plcc,
+        scored_images: scored,
+    })
 }

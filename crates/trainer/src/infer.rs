@@ -23,7 +23,13 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
     let question = args.ask.as_deref().context("--ask is required unless --score is given")?;
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed, repetition_penalty: args.repetition_penalty },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+            repetition_penalty: args.repetition_penalty,
+        },
     };
     let stream = !args.json;
     let res = engine.generate(&img, question, &opts, |piece| {

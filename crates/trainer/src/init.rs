@@ -23,8 +23,8 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::shards::write_sharded;
 use crate::files::{copy_tokenizers, write_dir_atomic};
+use crate::shards::write_sharded;
 
 /// Options of `init`.
 pub struct InitOptions {
@@ -41,8 +41,9 @@ pub struct InitOptions {
 fn texts_of(data: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     let mut texts = Vec::new();
     for f in data {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
-            .with_context(|| format!("{}: invalid JSON", f.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
+                .with_context(|| format!("{}: invalid JSON", f.display()))?;
         for row in v.as_array().with_context(|| format!("{}: not a JSON list", f.display()))? {
             for turn in row["conversations"].as_array().into_iter().flatten() {
                 if let Some(s) = turn["value"].as_str() {
@@ -53,7 +54,9 @@ fn texts_of(data: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     }
     // The template's fixed text, often enough to earn whole-word merges.
     for _ in 0..50 {
-        texts.push(format!("{SYSTEM} USER: {SCORE_QUESTION} ASSISTANT: {SCORE_ANSWER_PREFIX} excellent good fair poor bad"));
+        texts.push(format!(
+            "{SYSTEM} USER: {SCORE_QUESTION} ASSISTANT: {SCORE_ANSWER_PREFIX} excellent good fair poor bad"
+        ));
     }
     Ok(texts)
 }
@@ -80,7 +83,13 @@ fn train_wordpiece(texts: &[String], dir: &Path) -> anyhow::Result<usize> {
     tok.with_normalizer(Some(BertNormalizer::new(true, true, None, true))).map_err(|e| anyhow::anyhow!("{e}"))?;
     tok.with_pre_tokenizer(Some(BertPreTokenizer));
     let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].map(|t| AddedToken::from(t, true)).to_vec();
-    let mut trainer: TrainerWrapper = WordPieceTrainerBuilder::new().vocab_size(2000).min_frequency(1).show_progress(false).special_tokens(specials).build().into();
+    let mut trainer: TrainerWrapper = WordPieceTrainerBuilder::new()
+        .vocab_size(2000)
+        .min_frequency(1)
+        .show_progress(false)
+        .special_tokens(specials)
+        .build()
+        .into();
     tok.train(&mut trainer, texts.iter()).map_err(|e| anyhow::anyhow!("training the Q-Former WordPiece: {e}"))?;
     let mut vocab: Vec<(String, u32)> = tok.get_vocab(false).into_iter().collect();
     vocab.sort_by_key(|(_, i)| *i);
@@ -134,7 +143,11 @@ pub fn run(opts: &InitOptions) -> anyhow::Result<(usize, usize, usize)> {
         if config.model_type == ModelType::QAdapt {
             let q = config.qformer_config.clone().unwrap_or_default();
             let qt = qadapt_core::QFormerTokenizer::from_dir(dir, q.max_text_length)?;
-            anyhow::ensure!(qt.inner().get_vocab_size(true) <= q.vocab_size, "the Q-Former tokenizer is larger than qformer_config.vocab_size {}", q.vocab_size);
+            anyhow::ensure!(
+                qt.inner().get_vocab_size(true) <= q.vocab_size,
+                "the Q-Former tokenizer is larger than qformer_config.vocab_size {}",
+                q.vocab_size
+            );
         }
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&raw)?)?;
 

@@ -23,7 +23,9 @@ pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {
         "cpu" => Ok(candle_core::Device::Cpu),
         "cuda" => {
             if !candle_core::utils::cuda_is_available() {
-                anyhow::bail!("--device cuda: this binary was built without the `cuda` feature (cargo build --features cuda)");
+                anyhow::bail!(
+                    "--device cuda: this binary was built without the `cuda` feature (cargo build --features cuda)"
+                );
             }
             Ok(candle_core::Device::new_cuda(0)?)
         }

@@ -4,18 +4,24 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use models::adapter::AdaptedSource;
 use models::loader::{Checkpoint, WeightSource};
 
-use crate::shards::write_sharded;
 use crate::files::{copy_tokenizers, write_dir_atomic};
+use crate::shards::write_sharded;
 use crate::train::adapter_dir;
 
 /// Writes the merged directory; returns (tensors, shards).
-pub fn run(model: &Path, stage1: &Path, stage2: Option<&Path>, out: &Path, dtype: Option<DType>, shard_bytes: usize) -> anyhow::Result<(usize, usize)> {
+pub fn run(
+    model: &Path,
+    stage1: &Path,
+    stage2: Option<&Path>,
+    out: &Path,
+    dtype: Option<DType>,
+    shard_bytes: usize,
+) -> anyhow::Result<(usize, usize)> {
     let dev = Device::Cpu;
     let ck = Checkpoint::open(model, &dev, DType::F32)?;
     let src = AdaptedSource::open(&ck, &adapter_dir(stage1), &dev, DType::F32)?;
@@ -24,7 +30,8 @@ pub fn run(model: &Path, stage1: &Path, stage2: Option<&Path>, out: &Path, dtype
     if let Some(r2) = stage2 {
         let d = adapter_dir(r2);
         let p = d.join("non_lora_trainables.safetensors");
-        stage2_tensors = candle_core::safetensors::load(&p, &dev).with_context(|| format!("reading {}", p.display()))?;
+        stage2_tensors =
+            candle_core::safetensors::load(&p, &dev).with_context(|| format!("reading {}", p.display()))?;
         if d.join("config.json").exists() {
             config_path = d.join("config.json");
         }
@@ -49,7 +56,8 @@ pub fn run(model: &Path, stage1: &Path, stage2: Option<&Path>, out: &Path, dtype
     let mut shards = 0;
     write_dir_atomic(out, |dir| {
         copy_tokenizers(model, dir)?;
-        std::fs::copy(&config_path, dir.join("config.json")).with_context(|| format!("copying {}", config_path.display()))?;
+        std::fs::copy(&config_path, dir.join("config.json"))
+            .with_context(|| format!("copying {}", config_path.display()))?;
         shards = write_sharded(dir, &entries, out_dtype, shard_bytes, |k, s| match stage2_tensors.get(k) {
             Some(t) => Ok(t.clone()),
             None => Ok(src.get(k, s)?),

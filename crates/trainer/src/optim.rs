@@ -73,7 +73,8 @@ impl AdamW {
 
     /// Restores what [`AdamW::save`] wrote.
     pub fn load(&mut self, path: &Path, device: &Device) -> anyhow::Result<()> {
-        let t = candle_core::safetensors::load(path, device).with_context(|| format!("reading optimizer state {}", path.display()))?;
+        let t = candle_core::safetensors::load(path, device)
+            .with_context(|| format!("reading optimizer state {}", path.display()))?;
         self.t = t.get("t").context("optimizer state lacks its step count")?.to_vec1::<i64>()?[0] as usize;
         for (k, m) in &t {
             if let Some(key) = k.strip_prefix("m.") {
@@ -120,7 +121,8 @@ mod tests {
     fn adamw_step_matches_torch() {
         let var = Var::new(&[1f32, -2.0], &Device::Cpu).unwrap();
         let groups = [Group { name: "all", lr: 0.1, vars: vec![("p".into(), var.clone())] }];
-        let grads: HashMap<String, Tensor> = [("p".to_string(), Tensor::new(&[0.5f32, 0.1], &Device::Cpu).unwrap())].into();
+        let grads: HashMap<String, Tensor> =
+            [("p".to_string(), Tensor::new(&[0.5f32, 0.1], &Device::Cpu).unwrap())].into();
         let mut opt = AdamW::new(0.01);
         opt.step(&groups, &grads, 1.0).unwrap();
         let p = var.as_tensor().to_vec1::<f32>().unwrap();
@@ -132,7 +134,8 @@ mod tests {
         assert!((cosine_with_warmup(0, 100, 10) - 0.1).abs() < 1e-12);
         assert!((cosine_with_warmup(10, 100, 10) - 1.0).abs() < 1e-12);
         assert!(cosine_with_warmup(99, 100, 10) < 0.01);
-        let mut g: HashMap<String, Tensor> = [("a".to_string(), Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap())].into();
+        let mut g: HashMap<String, Tensor> =
+            [("a".to_string(), Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap())].into();
         let n = clip_global_norm(&mut g, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-6);
         let v = g["a"].to_vec1::<f32>().unwrap();

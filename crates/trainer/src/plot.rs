@@ -14,7 +14,8 @@ pub fn loss_curve(metrics: &[Metric], path: &Path) -> anyhow::Result<()> {
     if metrics.is_empty() {
         return Ok(());
     }
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| anyhow::anyhow!("cannot load the embedded font"))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow::anyhow!("cannot load the embedded font"))?;
     let (w, h) = (800u32, 480u32);
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
@@ -31,7 +32,10 @@ pub fn loss_curve(metrics: &[Metric], path: &Path) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         chart.configure_mesh().x_desc("step").y_desc("loss").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
         chart
-            .draw_series(LineSeries::new(metrics.iter().map(|m| (m.step as f64, m.loss as f64)), RGBColor(160, 190, 230)))
+            .draw_series(LineSeries::new(
+                metrics.iter().map(|m| (m.step as f64, m.loss as f64)),
+                RGBColor(160, 190, 230),
+            ))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let avg: Vec<(f64, f64)> = metrics
             .iter()
@@ -41,7 +45,9 @@ pub fn loss_curve(metrics: &[Metric], path: &Path) -> anyhow::Result<()> {
                 (m.step as f64, win.iter().map(|x| x.loss as f64).sum::<f64>() / win.len() as f64)
             })
             .collect();
-        chart.draw_series(LineSeries::new(avg, RGBColor(20, 60, 160).stroke_width(2))).map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(LineSeries::new(avg, RGBColor(20, 60, 160).stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer size")?;

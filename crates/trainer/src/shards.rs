@@ -46,13 +46,20 @@ pub fn write_sharded(
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
     for (i, shard) in shards.iter().enumerate() {
-        let name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
+        let name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
         let mut off = 0usize;
         for (k, s) in shard.iter().map(|e| (&e.0, &e.1)) {
             let b = size_of(s);
-            header.insert(k.clone(), serde_json::json!({"dtype": dtype_name(dtype)?, "shape": s, "data_offsets": [off, off + b]}));
+            header.insert(
+                k.clone(),
+                serde_json::json!({"dtype": dtype_name(dtype)?, "shape": s, "data_offsets": [off, off + b]}),
+            );
             off += b;
             weight_map.insert(k.clone(), name.clone().into());
         }
@@ -68,7 +75,11 @@ pub fn write_sharded(
         w.write_all(&h)?;
         for (k, s) in shard.iter().map(|e| (&e.0, &e.1)) {
             let t = produce(k, s)?.to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
-            anyhow::ensure!(t.elem_count() == s.iter().product::<usize>(), "{k}: produced {} values for shape {s:?}", t.elem_count());
+            anyhow::ensure!(
+                t.elem_count() == s.iter().product::<usize>(),
+                "{k}: produced {} values for shape {s:?}",
+                t.elem_count()
+            );
             let bytes: Vec<u8> = match dtype {
                 DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
                 DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),

@@ -10,7 +10,12 @@ use qadapt_core::QFormerTokenizer;
 use crate::data::{Encoded, IGNORE};
 
 /// Pixels of a batch, [B, 3, S, S].
-pub fn batch_pixels(items: &[&Encoded], pre: &PreprocessConfig, device: &Device, dtype: DType) -> anyhow::Result<Tensor> {
+pub fn batch_pixels(
+    items: &[&Encoded],
+    pre: &PreprocessConfig,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<Tensor> {
     let s = pre.image_size as usize;
     let mut data = Vec::with_capacity(items.len() * 3 * s * s);
     for it in items {
@@ -98,7 +103,8 @@ pub fn batch_loss(
         &[text_emb, feats.reshape((items.len() * n_img, hidden))?, Tensor::zeros((1, hidden), feats.dtype(), &device)?],
         0,
     )?; // [T + B·N + 1, D]
-    let embeds = table.index_select(&Tensor::new(index.as_slice(), &device)?, 0)?.reshape((items.len(), max_len, hidden))?; // [B, L, D]
+    let embeds =
+        table.index_select(&Tensor::new(index.as_slice(), &device)?, 0)?.reshape((items.len(), max_len, hidden))?; // [B, L, D]
     let mask = Tensor::from_vec(mask, (items.len(), max_len), &device)?;
     let pos = Tensor::arange(0i64, max_len as i64, &device)?.unsqueeze(0)?.repeat((items.len(), 1))?;
     let t_splice = t0.elapsed();

@@ -121,19 +121,34 @@ fn cap(s: &str) -> String {
 /// Rows (conversations) about one image, and the same yes/no and multiple-choice questions as
 /// Q-Bench A1 rows (`{img_path, question, candidates, correct_ans, type, concern}`).
 fn rows(image: &str, kind: usize, s: usize, rng: &mut StdRng) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
-    let row = |task: &str, q: String, a: String| json!({"id": format!("{image}:{task}:{}", q.len()), "image": image, "task": task,
-        "conversations": [{"from": "human", "value": format!("<image>\n{q}")}, {"from": "gpt", "value": a}]});
+    let row = |task: &str, q: String, a: String| {
+        json!({"id": format!("{image}:{task}:{}", q.len()), "image": image, "task": task,
+        "conversations": [{"from": "human", "value": format!("<image>\n{q}")}, {"from": "gpt", "value": a}]})
+    };
     let main = if s == 0 { "none" } else { DISTORTIONS[kind] };
     let mut out = vec![
-        row("explanation", "Describe the quality of this image and explain your judgement.".into(), explanation(kind, s)),
-        row("answering", "How would you rate the quality of this image?".into(), format!("The quality of the image is {}.", LEVEL_BY_STRENGTH[s])),
+        row(
+            "explanation",
+            "Describe the quality of this image and explain your judgement.".into(),
+            explanation(kind, s),
+        ),
+        row(
+            "answering",
+            "How would you rate the quality of this image?".into(),
+            format!("The quality of the image is {}.", LEVEL_BY_STRENGTH[s]),
+        ),
     ];
     // Yes/no: half the time about the real distortion.
     let asked = if s > 0 && rng.random::<bool>() { kind } else { rng.random_range(0..DISTORTIONS.len()) };
     let yes = s > 0 && asked == kind;
-    out.push(row("answering", format!("Does this image suffer from {}?", DISTORTIONS[asked]), if yes { "Yes." } else { "No." }.into()));
+    out.push(row(
+        "answering",
+        format!("Does this image suffer from {}?", DISTORTIONS[asked]),
+        if yes { "Yes." } else { "No." }.into(),
+    ));
     // Q-Bench types: 0 yes-or-no, 1 what, 2 how; concern 0: distortion.
-    let mut a1 = vec![json!({"img_path": image, "question": format!("Does this image suffer from {}?", DISTORTIONS[asked]),
+    let mut a1 =
+        vec![json!({"img_path": image, "question": format!("Does this image suffer from {}?", DISTORTIONS[asked]),
         "candidates": ["Yes", "No"], "correct_ans": if yes { "Yes" } else { "No" }, "type": 0, "concern": 0})];
     out.push(row("answering", "What is the main distortion in this image?".into(), format!("{}.", cap(main))));
     // Multiple choice over the true answer and three others, letters shuffled.

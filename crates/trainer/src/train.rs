@@ -17,8 +17,8 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Encoded, Task};
-use crate::optim::{clip_global_norm, cosine_with_warmup, AdamW, Group};
 use crate::files::write_dir_atomic;
+use crate::optim::{clip_global_norm, cosine_with_warmup, AdamW, Group};
 use crate::step::batch_loss;
 
 /// Which stage of progressive instruction tuning.
@@ -135,13 +135,16 @@ fn stage2_trainable(key: &str, unfreeze_qformer: bool) -> bool {
 /// `qformer.*`) to Q-Adapt keys.
 pub fn qformer_init_map(path: &Path, device: &candle_core::Device) -> anyhow::Result<HashMap<String, Tensor>> {
     let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
-    let raw = candle_core::safetensors::load(&file, device).with_context(|| format!("--qformer-init {}", file.display()))?;
+    let raw =
+        candle_core::safetensors::load(&file, device).with_context(|| format!("--qformer-init {}", file.display()))?;
     let mut out = HashMap::new();
     for (k, t) in raw {
         let key = if let Some(r) = k.strip_prefix("Qformer.bert.") {
             format!("model.vlm_att_encoder.bert.{r}")
         } else if let Some(r) = k.strip_prefix("qformer.") {
-            let r = r.replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.", ".crossattention.self.");
+            let r = r
+                .replace(".attention.attention.", ".attention.self.")
+                .replace(".crossattention.attention.", ".crossattention.self.");
             let r = r.replace("embeddings.layernorm.", "embeddings.LayerNorm.");
             let r = if let Some(x) = r.strip_prefix("layernorm.") { format!("embeddings.LayerNorm.{x}") } else { r };
             format!("model.vlm_att_encoder.bert.{r}")
@@ -157,7 +160,11 @@ pub fn qformer_init_map(path: &Path, device: &candle_core::Device) -> anyhow::Re
         }
         out.insert(key, t.to_dtype(DType::F32)?);
     }
-    anyhow::ensure!(!out.is_empty(), "--qformer-init {}: no Q-Former tensors (Qformer.bert.*, qformer.*, query_tokens, ln_vision.*)", file.display());
+    anyhow::ensure!(
+        !out.is_empty(),
+        "--qformer-init {}: no Q-Former tensors (Qformer.bert.*, qformer.*, query_tokens, ln_vision.*)",
+        file.display()
+    );
     Ok(out)
 }
 
@@ -201,7 +208,9 @@ fn load_trainables(dir: &Path, device: &candle_core::Device) -> anyhow::Result<H
     for f in ["adapter_model.safetensors", "non_lora_trainables.safetensors"] {
         let p = dir.join(f);
         if p.exists() {
-            init.extend(candle_core::safetensors::load(&p, device).with_context(|| format!("reading {}", p.display()))?);
+            init.extend(
+                candle_core::safetensors::load(&p, device).with_context(|| format!("reading {}", p.display()))?,
+            );
         }
     }
     Ok(init)
@@ -220,7 +229,9 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     }
     let tok = TextTokenizer::from_dir(&cfg.model)?;
     let qtok = match &config.qformer_config {
-        Some(q) if config.model_type == ModelType::QAdapt => Some(QFormerTokenizer::from_dir(&cfg.model, q.max_text_length)?),
+        Some(q) if config.model_type == ModelType::QAdapt => {
+            Some(QFormerTokenizer::from_dir(&cfg.model, q.max_text_length)?)
+        }
         _ => None,
     };
     let v = &config.vision_config;
@@ -231,7 +242,8 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     let samples: Vec<_> = samples.into_iter().filter(|s| cfg.task == Task::All || s.task == cfg.task).collect();
     anyhow::ensure!(!samples.is_empty(), "no samples of task {:?} in {:?}", cfg.task, cfg.data);
     let n_img = v.num_patches();
-    let encoded: Vec<Encoded> = samples.iter().map(|s| data::encode(s, &tok, n_img, cfg.max_length)).collect::<anyhow::Result<_>>()?;
+    let encoded: Vec<Encoded> =
+        samples.iter().map(|s| data::encode(s, &tok, n_img, cfg.max_length)).collect::<anyhow::Result<_>>()?;
     let truncated = encoded.iter().filter(|e| e.truncated).count();
     if truncated > 0 {
         tracing::warn!(truncated, max_length = cfg.max_length, "samples truncated to --max-length");
@@ -316,7 +328,11 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     std::fs::write(cfg.out.join("train_config.json"), serde_json::to_string_pretty(cfg)?)?;
     let metrics_path = cfg.out.join("metrics.jsonl");
-    let mut metrics: Vec<Metric> = if ckpt.is_some() { read_metrics(&metrics_path)?.into_iter().filter(|m| m.step <= start).collect() } else { Vec::new() };
+    let mut metrics: Vec<Metric> = if ckpt.is_some() {
+        read_metrics(&metrics_path)?.into_iter().filter(|m| m.step <= start).collect()
+    } else {
+        Vec::new()
+    };
     write_metrics(&metrics_path, &metrics)?;
 
     let order_of_epoch = |epoch: usize| -> Vec<usize> {
@@ -355,7 +371,11 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
             loss_sum += loss.to_scalar::<f32>()?;
             let tb = Instant::now();
             let g = (loss / cfg.grad_accum as f64)?.backward()?;
-            tracing::debug!(forward_ms = (tb - tf).as_secs_f64() * 1e3, backward_ms = tb.elapsed().as_secs_f64() * 1e3, "micro-batch");
+            tracing::debug!(
+                forward_ms = (tb - tf).as_secs_f64() * 1e3,
+                backward_ms = tb.elapsed().as_secs_f64() * 1e3,
+                "micro-batch"
+            );
             for (k, var) in &vars {
                 if let Some(gr) = g.get(var.as_tensor()) {
                     let gr = gr.to_dtype(DType::F32)?;
@@ -376,7 +396,14 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
         let loss = loss_sum / cfg.grad_accum as f32;
         anyhow::ensure!(loss.is_finite(), "loss became {loss} at step {}", step + 1);
         let sps = per_step as f64 / ts.elapsed().as_secs_f64();
-        let m = Metric { step: step + 1, epoch: ((step + 1) * per_step) as f64 / encoded.len() as f64, loss, lr: cfg.lr * mult, grad_norm, samples_per_s: sps };
+        let m = Metric {
+            step: step + 1,
+            epoch: ((step + 1) * per_step) as f64 / encoded.len() as f64,
+            loss,
+            lr: cfg.lr * mult,
+            grad_norm,
+            samples_per_s: sps,
+        };
         append_metric(&metrics_path, &m)?;
         metrics.push(m);
         bar.set_message(format!("loss {loss:.4} lr {:.2e} {sps:.1} samples/s", cfg.lr * mult));
@@ -398,7 +425,8 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
         save_trainables(tmp, &vars, lora.as_ref())?;
         if stage == Stage::Stage2 {
             // The model stage 2 produced is Q-Adapt whatever the base was: `merge` writes this config.
-            let mut raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cfg.model.join("config.json"))?)?;
+            let mut raw: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(cfg.model.join("config.json"))?)?;
             raw["model_type"] = ModelType::QAdapt.as_str().into();
             if raw.get("qformer_config").is_none() {
                 raw["qformer_config"] = serde_json::to_value(&config.qformer_config)?;

@@ -48,7 +48,23 @@ fn same_seed_same_sample() {
     let dir = fixtures().join("bunny_f32_bpe");
     let (model, image) = (dir.join("model"), dir.join("image.png"));
     let run = |seed: &str| {
-        let out = infer(&["--model", s(&model), "--image", s(&image), "--ask", "Is it sharp?", "--max-new-tokens", "16", "--temperature", "1.5", "--top-p", "0.95", "--seed", seed, "--json"]);
+        let out = infer(&[
+            "--model",
+            s(&model),
+            "--image",
+            s(&image),
+            "--ask",
+            "Is it sharp?",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--json",
+        ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["token_ids"].clone()
     };
@@ -59,7 +75,14 @@ fn same_seed_same_sample() {
 
 /// Runs infer on a broken copy of a fixture and checks: non-zero exit, one line on stderr, and
 /// that line names every `needle`.
-fn expect_error(case: &str, image: Option<&Path>, ask: &str, extra: &[&str], needles: &[&str], breakit: impl FnOnce(&Path)) {
+fn expect_error(
+    case: &str,
+    image: Option<&Path>,
+    ask: &str,
+    extra: &[&str],
+    needles: &[&str],
+    breakit: impl FnOnce(&Path),
+) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     copy_tree(&fixtures().join(case).join("model"), &model).unwrap();
@@ -108,7 +131,14 @@ fn broken_model_dirs_give_one_line_errors() {
 #[test]
 fn bad_inputs_give_one_line_errors() {
     let nothing = |_: &Path| {};
-    expect_error("bunny_f32_bpe", Some(Path::new("/nonexistent/img.png")), "q", &[], &["/nonexistent/img.png"], nothing);
+    expect_error(
+        "bunny_f32_bpe",
+        Some(Path::new("/nonexistent/img.png")),
+        "q",
+        &[],
+        &["/nonexistent/img.png"],
+        nothing,
+    );
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("corrupt.jpg");
     std::fs::write(&bad, b"\xff\xd8\xff\xe0 this is not a jpeg").unwrap();
@@ -116,7 +146,14 @@ fn bad_inputs_give_one_line_errors() {
     let long = "Is the image blurry? ".repeat(200);
     expect_error("bunny_f32_bpe", None, &long, &[], &["prompt", "512"], nothing);
     expect_error("bunny_f32_bpe", None, "q", &["--device", "tpu"], &["tpu"], nothing);
-    expect_error("bunny_f32_bpe", None, "q", &["--adapter", "/nonexistent/adapter"], &["/nonexistent/adapter"], nothing);
+    expect_error(
+        "bunny_f32_bpe",
+        None,
+        "q",
+        &["--adapter", "/nonexistent/adapter"],
+        &["/nonexistent/adapter"],
+        nothing,
+    );
 }
 
 /// The committed broken safetensors (`tests/bad-inputs/st-*`) in a model's place: one line naming
@@ -125,13 +162,23 @@ fn bad_inputs_give_one_line_errors() {
 #[test]
 fn the_bad_input_corpus_gives_one_line_errors() {
     let corpus = fixtures().join("../bad-inputs");
-    for f in ["st-huge-header-len.safetensors", "st-header-not-json.safetensors", "st-offsets-past-end.safetensors", "st-short.safetensors", "st-bad-dtype.safetensors"] {
+    for f in [
+        "st-huge-header-len.safetensors",
+        "st-header-not-json.safetensors",
+        "st-offsets-past-end.safetensors",
+        "st-short.safetensors",
+        "st-bad-dtype.safetensors",
+    ] {
         let src = corpus.join(f);
         expect_error("bunny_f32_bpe", None, "q", &[], &["model.safetensors"], |m| {
             std::fs::copy(&src, m.join("model.safetensors")).unwrap();
         });
     }
-    for (f, needle) in [("png-100000x1.png", "100000×1 pixels"), ("jpeg-60000x60000.jpg", "60000×60000 pixels"), ("png-20000x20000-1bit.png", "over the limit")] {
+    for (f, needle) in [
+        ("png-100000x1.png", "100000×1 pixels"),
+        ("jpeg-60000x60000.jpg", "60000×60000 pixels"),
+        ("png-20000x20000-1bit.png", "over the limit"),
+    ] {
         expect_error("bunny_f32_bpe", Some(&corpus.join(f)), "q", &[], &[f, needle], |_| {});
     }
 }

@@ -24,29 +24,86 @@ fn summary(run: &std::path::Path) -> serde_json::Value {
 fn a_tiny_model_learns_to_answer_and_to_score() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (data, base, run1, run2, merged) = (dir.join("data"), dir.join("base"), dir.join("run1"), dir.join("run2"), dir.join("merged"));
+    let (data, base, run1, run2, merged) =
+        (dir.join("data"), dir.join("base"), dir.join("run1"), dir.join("run2"), dir.join("merged"));
     ok(bin().args(["synth", "--out", s(&data), "--n", "1000", "--size", "32"]).output().unwrap(), "synth");
-    ok(bin().args(["init", "--config", s(&config()), "--out", s(&base), "--data", s(&data.join("train.json"))]).output().unwrap(), "init");
+    ok(
+        bin()
+            .args(["init", "--config", s(&config()), "--out", s(&base), "--data", s(&data.join("train.json"))])
+            .output()
+            .unwrap(),
+        "init",
+    );
     let train = data.join("train.json");
-    let common = ["--data", s(&train), "--images", s(&data), "--batch-size", "8", "--max-length", "256", "--lr", "1e-3", "--connector-lr", "1e-3"];
+    let common = [
+        "--data",
+        s(&train),
+        "--images",
+        s(&data),
+        "--batch-size",
+        "8",
+        "--max-length",
+        "256",
+        "--lr",
+        "1e-3",
+        "--connector-lr",
+        "1e-3",
+    ];
 
     // The untrained model, as a control: whatever it gets right, chance did.
     let before = eval(&base);
 
     let t = std::time::Instant::now();
-    ok(bin()
-        .args(["stage1", "--model", s(&base), "--out", s(&run1), "--task", "all", "--epochs", "4", "--lora-r", "32", "--lora-alpha", "64", "--lora-dropout", "0"])
-        .args(common)
-        .output()
-        .unwrap(), "stage1");
-    ok(bin().args(["stage2", "--model", s(&base), "--stage1", s(&run1), "--out", s(&run2), "--epochs", "1"]).args(common).output().unwrap(), "stage2");
+    ok(
+        bin()
+            .args([
+                "stage1",
+                "--model",
+                s(&base),
+                "--out",
+                s(&run1),
+                "--task",
+                "all",
+                "--epochs",
+                "4",
+                "--lora-r",
+                "32",
+                "--lora-alpha",
+                "64",
+                "--lora-dropout",
+                "0",
+            ])
+            .args(common)
+            .output()
+            .unwrap(),
+        "stage1",
+    );
+    ok(
+        bin()
+            .args(["stage2", "--model", s(&base), "--stage1", s(&run1), "--out", s(&run2), "--epochs", "1"])
+            .args(common)
+            .output()
+            .unwrap(),
+        "stage2",
+    );
     let train_s = t.elapsed().as_secs_f64();
-    ok(bin().args(["merge", "--model", s(&base), "--stage1", s(&run1), "--stage2", s(&run2), "--out", s(&merged)]).output().unwrap(), "merge");
+    ok(
+        bin()
+            .args(["merge", "--model", s(&base), "--stage1", s(&run1), "--stage2", s(&run2), "--out", s(&merged)])
+            .output()
+            .unwrap(),
+        "merge",
+    );
     let after = eval(&merged);
 
     let (s1, s2) = (summary(&run1), summary(&run2));
-    println!("training: {train_s:.0} s; stage 1 {:.1} samples/s ({} steps), stage 2 {:.1} samples/s ({} steps)",
-        s1["samples_per_s"].as_f64().unwrap(), s1["steps"], s2["samples_per_s"].as_f64().unwrap(), s2["steps"]);
+    println!(
+        "training: {train_s:.0} s; stage 1 {:.1} samples/s ({} steps), stage 2 {:.1} samples/s ({} steps)",
+        s1["samples_per_s"].as_f64().unwrap(),
+        s1["steps"],
+        s2["samples_per_s"].as_f64().unwrap(),
+        s2["steps"]
+    );
     println!("{:<16} {:>9} {:>9} {:>8}", "held-out", "untrained", "trained", "chance");
     let kinds = after["answering"].as_object().unwrap();
     let (mut chance, mut total) = (0.0, 0.0);
@@ -54,19 +111,36 @@ fn a_tiny_model_learns_to_answer_and_to_score() {
         let n = k["total"].as_f64().unwrap();
         chance += k["chance"].as_f64().unwrap() * n;
         total += n;
-        println!("{kind:<16} {:>9.3} {:>9.3} {:>8.3}", before["answering"][kind]["accuracy"].as_f64().unwrap_or(0.0), k["accuracy"].as_f64().unwrap(), k["chance"].as_f64().unwrap());
+        println!(
+            "{kind:<16} {:>9.3} {:>9.3} {:>8.3}",
+            before["answering"][kind]["accuracy"].as_f64().unwrap_or(0.0),
+            k["accuracy"].as_f64().unwrap(),
+            k["chance"].as_f64().unwrap()
+        );
     }
     let chance = chance / total;
     let acc = after["overall_accuracy"].as_f64().unwrap();
     let srocc = after["srocc"].as_f64().unwrap();
     println!("{:<16} {:>9.3} {:>9.3} {:>8.3}", "overall", before["overall_accuracy"].as_f64().unwrap(), acc, chance);
     println!("{:<16} {:>9.3} {:>9.3} {:>8}", "SROCC", before["srocc"].as_f64().unwrap_or(f64::NAN), srocc, "0");
-    println!("{:<16} {:>9.3} {:>9.3} {:>8}", "PLCC", before["plcc"].as_f64().unwrap_or(f64::NAN), after["plcc"].as_f64().unwrap(), "0");
+    println!(
+        "{:<16} {:>9.3} {:>9.3} {:>8}",
+        "PLCC",
+        before["plcc"].as_f64().unwrap_or(f64::NAN),
+        after["plcc"].as_f64().unwrap(),
+        "0"
+    );
 
     assert_eq!(after["scored_images"].as_u64(), Some(200), "every held-out image is scored");
-    assert!(acc >= chance + 0.15 && acc >= 1.5 * chance, "held-out accuracy {acc:.3} is not well above chance {chance:.3}");
+    assert!(
+        acc >= chance + 0.15 && acc >= 1.5 * chance,
+        "held-out accuracy {acc:.3} is not well above chance {chance:.3}"
+    );
     let what = &kinds["what"];
-    assert!(what["accuracy"].as_f64().unwrap() >= 3.0 * what["chance"].as_f64().unwrap(), "naming the distortion: {what}");
+    assert!(
+        what["accuracy"].as_f64().unwrap() >= 3.0 * what["chance"].as_f64().unwrap(),
+        "naming the distortion: {what}"
+    );
     assert!(srocc > 0.5, "SROCC of the score on held-out images: {srocc:.3}");
 }
 
@@ -75,7 +149,18 @@ fn eval(model: &std::path::Path) -> serde_json::Value {
     let data = model.parent().unwrap().join("data");
     let out = ok(
         bin()
-            .args(["eval", "--model", s(model), "--data", s(&data.join("test.json")), "--images", s(&data), "--labels", s(&data.join("labels.csv")), "--json"])
+            .args([
+                "eval",
+                "--model",
+                s(model),
+                "--data",
+                s(&data.join("test.json")),
+                "--images",
+                s(&data),
+                "--labels",
+                s(&data.join("labels.csv")),
+                "--json",
+            ])
             .output()
             .unwrap(),
         "eval",

@@ -19,14 +19,41 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let data = dir.join("data");
     ok(bin().args(["synth", "--out", s(&data), "--n", "24"]).output().unwrap(), "synth");
     let base = dir.join("base");
-    ok(bin().args(["init", "--config", s(&config()), "--out", s(&base), "--data", s(&data.join("train.json"))]).output().unwrap(), "init");
+    ok(
+        bin()
+            .args(["init", "--config", s(&config()), "--out", s(&base), "--data", s(&data.join("train.json"))])
+            .output()
+            .unwrap(),
+        "init",
+    );
     (data, base)
 }
 
 fn stage1_args<'a>(base: &'a Path, data: &'a Path, out: &'a Path) -> Vec<String> {
     [
-        "stage1", "--model", s(base), "--data", s(&data.join("train.json")), "--images", s(data), "--out", s(out), "--task", "all",
-        "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "4", "--lr", "2e-3", "--connector-lr", "2e-3", "--seed", "3",
+        "stage1",
+        "--model",
+        s(base),
+        "--data",
+        s(&data.join("train.json")),
+        "--images",
+        s(data),
+        "--out",
+        s(out),
+        "--task",
+        "all",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--connector-lr",
+        "2e-3",
+        "--seed",
+        "3",
     ]
     .iter()
     .map(|x| x.to_string())
@@ -60,21 +87,52 @@ fn pipeline_trains_the_right_weights_and_merges_exactly() {
     let mut a = stage1_args(&base, &data, &run1);
     a.extend(["--max-steps", "8"].map(String::from));
     ok(bin().args(&a).output().unwrap(), "stage1");
-    for f in ["final/adapter_model.safetensors", "final/non_lora_trainables.safetensors", "metrics.jsonl", "loss.png", "summary.json", "checkpoint-8/optimizer.safetensors"] {
+    for f in [
+        "final/adapter_model.safetensors",
+        "final/non_lora_trainables.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+        "summary.json",
+        "checkpoint-8/optimizer.safetensors",
+    ] {
         assert!(run1.join(f).exists(), "stage 1 did not write {f}");
     }
     // LoRA B starts at zero: non-zero B after training proves the adapter (vision included) trained.
     let lora = load(&run1.join("final/adapter_model.safetensors"));
-    let vision_b = lora.iter().filter(|(k, _)| k.contains("vision_tower") && k.ends_with("lora_B.weight")).map(|(_, t)| max_abs(t)).fold(0f32, f32::max);
-    let llm_b = lora.iter().filter(|(k, _)| k.contains("model.layers.") && k.ends_with("lora_B.weight")).map(|(_, t)| max_abs(t)).fold(0f32, f32::max);
+    let vision_b = lora
+        .iter()
+        .filter(|(k, _)| k.contains("vision_tower") && k.ends_with("lora_B.weight"))
+        .map(|(_, t)| max_abs(t))
+        .fold(0f32, f32::max);
+    let llm_b = lora
+        .iter()
+        .filter(|(k, _)| k.contains("model.layers.") && k.ends_with("lora_B.weight"))
+        .map(|(_, t)| max_abs(t))
+        .fold(0f32, f32::max);
     assert!(vision_b > 0.0 && llm_b > 0.0, "LoRA B stayed zero: vision {vision_b}, llm {llm_b}");
     let full1 = load(&run1.join("final/non_lora_trainables.safetensors"));
-    assert!(full1.keys().all(|k| k.starts_with("model.mm_projector.")), "stage 1 trained more than the connector: {:?}", full1.keys());
+    assert!(
+        full1.keys().all(|k| k.starts_with("model.mm_projector.")),
+        "stage 1 trained more than the connector: {:?}",
+        full1.keys()
+    );
 
     let run2 = tmp.path().join("run2");
     ok(
         bin()
-            .args(["stage2", "--model", s(&base), "--stage1", s(&run1), "--data", s(&data.join("train.json")), "--images", s(&data), "--out", s(&run2)])
+            .args([
+                "stage2",
+                "--model",
+                s(&base),
+                "--stage1",
+                s(&run1),
+                "--data",
+                s(&data.join("train.json")),
+                "--images",
+                s(&data),
+                "--out",
+                s(&run2),
+            ])
             .args(["--max-steps", "4", "--batch-size", "4", "--lr", "2e-3"])
             .output()
             .unwrap(),
@@ -83,24 +141,54 @@ fn pipeline_trains_the_right_weights_and_merges_exactly() {
     let full2 = load(&run2.join("final/non_lora_trainables.safetensors"));
     assert!(!run2.join("final/adapter_model.safetensors").exists(), "stage 2 must not train LoRA");
     for k in full2.keys() {
-        let ok_key = k.starts_with("model.mm_projector.") || (k.starts_with("model.vlm_") && (!k.starts_with("model.vlm_att_encoder.") || k.contains(".crossattention.")));
+        let ok_key = k.starts_with("model.mm_projector.")
+            || (k.starts_with("model.vlm_")
+                && (!k.starts_with("model.vlm_att_encoder.") || k.contains(".crossattention.")));
         assert!(ok_key, "stage 2 trained a frozen weight: {k}");
     }
-    assert!(full2.keys().any(|k| k.contains(".crossattention.")) && full2.keys().any(|k| k.starts_with("model.vlm_cross_attn.")));
+    assert!(
+        full2.keys().any(|k| k.contains(".crossattention."))
+            && full2.keys().any(|k| k.starts_with("model.vlm_cross_attn."))
+    );
 
     // Merged directory == base with the adapters applied on load.
     let merged = tmp.path().join("merged");
-    ok(bin().args(["merge", "--model", s(&base), "--stage1", s(&run1), "--stage2", s(&run2), "--out", s(&merged)]).output().unwrap(), "merge");
+    ok(
+        bin()
+            .args(["merge", "--model", s(&base), "--stage1", s(&run1), "--stage2", s(&run2), "--out", s(&merged)])
+            .output()
+            .unwrap(),
+        "merge",
+    );
     let img = data.join("images/img_00000.png");
     let score = |model: &Path| -> serde_json::Value {
-        let out = ok(bin().args(["infer", "--model", s(model), "--image", s(&img), "--score", "--json"]).output().unwrap(), "infer");
+        let out = ok(
+            bin().args(["infer", "--model", s(model), "--image", s(&img), "--score", "--json"]).output().unwrap(),
+            "infer",
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
     // The stage-1-only view (base + final adapter) must equal merging stage 1 alone.
     let merged1 = tmp.path().join("merged1");
-    ok(bin().args(["merge", "--model", s(&base), "--stage1", s(&run1), "--out", s(&merged1)]).output().unwrap(), "merge stage 1");
+    ok(
+        bin().args(["merge", "--model", s(&base), "--stage1", s(&run1), "--out", s(&merged1)]).output().unwrap(),
+        "merge stage 1",
+    );
     let unmerged = ok(
-        bin().args(["infer", "--model", s(&base), "--adapter", s(&run1.join("final")), "--image", s(&img), "--score", "--json"]).output().unwrap(),
+        bin()
+            .args([
+                "infer",
+                "--model",
+                s(&base),
+                "--adapter",
+                s(&run1.join("final")),
+                "--image",
+                s(&img),
+                "--score",
+                "--json",
+            ])
+            .output()
+            .unwrap(),
         "infer with adapter",
     );
     let unmerged: serde_json::Value = serde_json::from_slice(&unmerged.stdout).unwrap();
@@ -135,7 +223,11 @@ fn kill_and_resume_reproduces_the_losses() {
     child.wait().unwrap();
     assert!(!killed.join("final").exists(), "the run finished before it could be killed; make it longer");
     ok(bin().args(["stage1", "--resume", s(&killed)]).output().unwrap(), "resume");
-    let stale: Vec<_> = std::fs::read_dir(&killed).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    let stale: Vec<_> = std::fs::read_dir(&killed)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
     assert!(stale.is_empty(), "temporary checkpoint directories left behind: {stale:?}");
     let (x, y) = (losses(&straight), losses(&killed));
     assert_eq!(x.len(), 30);
@@ -147,8 +239,22 @@ fn bad_training_inputs_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, base) = setup(tmp.path());
     let bad = tmp.path().join("bad.json");
-    std::fs::write(&bad, "[{\"image\": \"x.png\", \"conversations\": [{\"from\": \"gpt\", \"value\": \"hi\"}]}").unwrap();
-    let out = bin().args(["stage1", "--model", s(&base), "--data", s(&bad), "--images", s(&data), "--out", s(&tmp.path().join("r"))]).output().unwrap();
+    std::fs::write(&bad, "[{\"image\": \"x.png\", \"conversations\": [{\"from\": \"gpt\", \"value\": \"hi\"}]}")
+        .unwrap();
+    let out = bin()
+        .args([
+            "stage1",
+            "--model",
+            s(&base),
+            "--data",
+            s(&bad),
+            "--images",
+            s(&data),
+            "--out",
+            s(&tmp.path().join("r")),
+        ])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("bad.json"), "{err}");
     let out = bin().args(["stage1", "--resume", s(&tmp.path().join("nothing"))]).output().unwrap();
@@ -167,21 +273,50 @@ fn qformer_init_loads_lavis_and_hf_names() {
     // Tiny config: Q-Former hidden 32, att_feat 32, 4 queries.
     let q = Tensor::randn(0f32, 1.0, (32, 32), &Device::Cpu).unwrap();
     let tokens = Tensor::randn(0f32, 1.0, (1, 4, 32), &Device::Cpu).unwrap();
-    for (name, qkey) in [("lavis", "Qformer.bert.encoder.layer.0.crossattention.self.query.weight"), ("hf", "qformer.encoder.layer.0.crossattention.attention.query.weight")] {
+    for (name, qkey) in [
+        ("lavis", "Qformer.bert.encoder.layer.0.crossattention.self.query.weight"),
+        ("hf", "qformer.encoder.layer.0.crossattention.attention.query.weight"),
+    ] {
         let init = tmp.path().join(format!("{name}.safetensors"));
-        let t: HashMap<String, Tensor> = [(qkey.to_string(), q.clone()), ("query_tokens".to_string(), tokens.clone())].into();
+        let t: HashMap<String, Tensor> =
+            [(qkey.to_string(), q.clone()), ("query_tokens".to_string(), tokens.clone())].into();
         candle_core::safetensors::save(&t, &init).unwrap();
         let run2 = tmp.path().join(format!("run2-{name}"));
         ok(
             bin()
-                .args(["stage2", "--model", s(&base), "--stage1", s(&run1), "--data", s(&data.join("train.json")), "--images", s(&data), "--out", s(&run2)])
-                .args(["--max-steps", "1", "--batch-size", "2", "--lr", "1e-12", "--connector-lr", "1e-12", "--qformer-init", s(&init)])
+                .args([
+                    "stage2",
+                    "--model",
+                    s(&base),
+                    "--stage1",
+                    s(&run1),
+                    "--data",
+                    s(&data.join("train.json")),
+                    "--images",
+                    s(&data),
+                    "--out",
+                    s(&run2),
+                ])
+                .args([
+                    "--max-steps",
+                    "1",
+                    "--batch-size",
+                    "2",
+                    "--lr",
+                    "1e-12",
+                    "--connector-lr",
+                    "1e-12",
+                    "--qformer-init",
+                    s(&init),
+                ])
                 .output()
                 .unwrap(),
             "stage2 --qformer-init",
         );
         let got = load(&run2.join("final/non_lora_trainables.safetensors"));
-        let d1 = max_abs(&(&got["model.vlm_att_encoder.bert.encoder.layer.0.crossattention.self.query.weight"] - &q).unwrap());
+        let d1 = max_abs(
+            &(&got["model.vlm_att_encoder.bert.encoder.layer.0.crossattention.self.query.weight"] - &q).unwrap(),
+        );
         let d2 = max_abs(&(&got["model.vlm_att_query"] - &tokens).unwrap());
         assert!(d1 < 1e-6 && d2 < 1e-6, "{name}: --qformer-init not applied ({d1}, {d2})");
     }

@@ -84,7 +84,12 @@ pub(crate) struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Self { start: Instant::now(), alive: AtomicBool::new(true), beat_ms: AtomicU64::new(0), draining: AtomicBool::new(false) }
+        Self {
+            start: Instant::now(),
+            alive: AtomicBool::new(true),
+            beat_ms: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        }
     }
 }
 

@@ -163,7 +163,8 @@ pub struct Server {
 impl Server {
     /// Binds `addr` (port 0: any free port) and starts serving `rt`.
     pub fn start(rt: Runtime, addr: &str, cfg: Config) -> crate::Result<Self> {
-        let listener = std::net::TcpListener::bind(addr).map_err(|e| RunError::Input(format!("cannot listen on {addr}: {e}")))?;
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|e| RunError::Input(format!("cannot listen on {addr}: {e}")))?;
         listener.set_nonblocking(true).map_err(|e| RunError::Input(format!("{addr}: {e}")))?;
         let bound = listener.local_addr().map_err(|e| RunError::Input(format!("{addr}: {e}")))?;
         let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -174,7 +175,9 @@ impl Server {
             .map_err(|e| RunError::Input(format!("starting the HTTP runtime: {e}")))?;
         let (metrics, health) = (Arc::new(Metrics::default()), Arc::new(Health::default()));
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.max_queue);
-        let info = Arc::new(json!({"status": "ok", "model_type": rt.manifest.model_type, "dtype": rt.manifest.dtype, "ep": rt.ep}));
+        let info = Arc::new(
+            json!({"status": "ok", "model_type": rt.manifest.model_type, "dtype": rt.manifest.dtype, "ep": rt.ep}),
+        );
         let app = routes::App {
             tx,
             metrics: Arc::clone(&metrics),
@@ -242,7 +245,14 @@ impl Server {
 }
 
 /// Accepts connections until `stop`, then drains them (each finishes the request it is in).
-async fn accept_loop(listener: tokio::net::TcpListener, app: routes::App, cfg: Config, stop: Arc<AtomicBool>, metrics: Arc<Metrics>, health: Arc<Health>) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: routes::App,
+    cfg: Config,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();

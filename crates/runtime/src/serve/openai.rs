@@ -134,15 +134,25 @@ pub(crate) fn parse_chat(body: &[u8], cfg: &Config) -> Result<Chat, ApiError> {
     let (image, history, question) = conversation(&req.messages)?;
     let text_bytes = question.len() + history.iter().map(|(u, a)| u.len() + a.len()).sum::<usize>();
     if text_bytes > cfg.max_prompt_bytes {
-        return Err(ApiError::bad(format!("the messages' text is {text_bytes} bytes; the limit is {}", cfg.max_prompt_bytes)).param("messages"));
+        return Err(ApiError::bad(format!(
+            "the messages' text is {text_bytes} bytes; the limit is {}",
+            cfg.max_prompt_bytes
+        ))
+        .param("messages"));
     }
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).map_or(cfg.max_new_tokens as u64, |v| v);
     let max_name = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     if max_tokens == 0 || max_tokens > cfg.max_new_tokens as u64 {
-        return Err(ApiError::bad(format!("{max_name} {max_tokens} is not between 1 and the limit {}", cfg.max_new_tokens)).param(max_name));
+        return Err(ApiError::bad(format!(
+            "{max_name} {max_tokens} is not between 1 and the limit {}",
+            cfg.max_new_tokens
+        ))
+        .param(max_name));
     }
     let top_logprobs = match (req.logprobs, req.top_logprobs) {
-        (_, Some(k)) if k > 20 => return Err(ApiError::bad(format!("top_logprobs {k} is over 20")).param("top_logprobs")),
+        (_, Some(k)) if k > 20 => {
+            return Err(ApiError::bad(format!("top_logprobs {k} is over 20")).param("top_logprobs"))
+        }
         (false, Some(_)) => return Err(ApiError::bad("top_logprobs needs logprobs: true").param("top_logprobs")),
         (true, k) => Some(k.unwrap_or(0) as usize),
         (false, None) => None,
@@ -157,7 +167,10 @@ pub(crate) fn parse_chat(body: &[u8], cfg: &Config) -> Result<Chat, ApiError> {
     // The sampler checks the ranges; fail here with a 400 rather than in the batch.
     qadapt_core::sampling::Sampler::new(sampling).map_err(|e| {
         let msg = e.to_string();
-        let field = ["temperature", "top-p", "top-k", "repetition penalty"].into_iter().find(|f| msg.contains(f)).unwrap_or("sampling");
+        let field = ["temperature", "top-p", "top-k", "repetition penalty"]
+            .into_iter()
+            .find(|f| msg.contains(f))
+            .unwrap_or("sampling");
         ApiError::bad(msg).param(&field.replace(['-', ' '], "_"))
     })?;
     Ok(Chat {
@@ -185,9 +198,14 @@ fn conversation(messages: &[Message]) -> Result<Conversation, ApiError> {
         let want = if i % 2 == 0 { Role::User } else { Role::Assistant };
         if m.role != want {
             let why = match m.role {
-                Role::System | Role::Developer => "the system prompt is the model's own and cannot be replaced".to_string(),
+                Role::System | Role::Developer => {
+                    "the system prompt is the model's own and cannot be replaced".to_string()
+                }
                 Role::Tool => "tools are not supported".to_string(),
-                _ => format!("expected {} (user and assistant turns alternate, starting and ending with the user)", want.name()),
+                _ => format!(
+                    "expected {} (user and assistant turns alternate, starting and ending with the user)",
+                    want.name()
+                ),
             };
             return Err(ApiError::bad(format!("{field}: role {}: {why}", m.role.name())).param(&field));
         }
@@ -203,7 +221,12 @@ fn conversation(messages: &[Message]) -> Result<Conversation, ApiError> {
                                 ImageUrl::Object { url } | ImageUrl::Plain(url) => url.clone(),
                             })
                         }
-                        Part::ImageUrl { .. } => return Err(ApiError::bad(format!("{field}: one image per conversation, in the first user message")).param(&field)),
+                        Part::ImageUrl { .. } => {
+                            return Err(ApiError::bad(format!(
+                                "{field}: one image per conversation, in the first user message"
+                            ))
+                            .param(&field))
+                        }
                     }
                 }
             }
@@ -217,9 +240,16 @@ fn conversation(messages: &[Message]) -> Result<Conversation, ApiError> {
     if turns.len().is_multiple_of(2) {
         return Err(ApiError::bad("messages: the last message must be the user's").param("messages"));
     }
-    let image = image.ok_or_else(|| ApiError::bad("messages[0]: the first user message needs an image_url part (a base64 data URL)").param("messages[0]"))?;
+    let image = image.ok_or_else(|| {
+        ApiError::bad("messages[0]: the first user message needs an image_url part (a base64 data URL)")
+            .param("messages[0]")
+    })?;
     let question = turns.pop().unwrap_or_default();
-    let history = turns.chunks(2).enumerate().map(|(k, p)| (if k == 0 { qadapt_core::template::user_turn(&p[0]) } else { p[0].clone() }, p[1].clone())).collect();
+    let history = turns
+        .chunks(2)
+        .enumerate()
+        .map(|(k, p)| (if k == 0 { qadapt_core::template::user_turn(&p[0]) } else { p[0].clone() }, p[1].clone()))
+        .collect();
     Ok((image, history, question))
 }
 
@@ -253,7 +283,10 @@ mod tests {
     use super::*;
 
     fn parse(v: Value) -> Result<Chat, ApiError> {
-        parse_chat(v.to_string().as_bytes(), &Config { max_new_tokens: 64, max_prompt_bytes: 1000, ..Config::default() })
+        parse_chat(
+            v.to_string().as_bytes(),
+            &Config { max_new_tokens: 64, max_prompt_bytes: 1000, ..Config::default() },
+        )
     }
 
     fn user(text: &str) -> Value {

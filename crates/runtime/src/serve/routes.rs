@@ -54,7 +54,9 @@ pub(crate) fn router(app: App) -> Router {
             let (m, p) = (req.method().clone(), req.uri().path().to_string());
             ApiError::new(404, format!("no route {m} {p}"))
         })
-        .method_not_allowed_fallback(|req: Request| async move { ApiError::new(405, format!("method {} not allowed on {}", req.method(), req.uri().path())) })
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::new(405, format!("method {} not allowed on {}", req.method(), req.uri().path()))
+        })
         .layer(axum::middleware::from_fn_with_state(app.clone(), request_id))
         .with_state(app)
 }
@@ -71,7 +73,10 @@ async fn request_id(State(app): State<App>, mut req: Request, next: Next) -> Res
         .map(str::to_string)
         .unwrap_or_else(|| format!("{:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let route = ["/health", "/ready", "/metrics", "/v1/models", "/v1/score", "/v1/chat/completions"].into_iter().find(|r| *r == path).unwrap_or("other");
+    let route = ["/health", "/ready", "/metrics", "/v1/models", "/v1/score", "/v1/chat/completions"]
+        .into_iter()
+        .find(|r| *r == path)
+        .unwrap_or("other");
     req.extensions_mut().insert(RequestId(id.clone()));
     let t0 = Instant::now();
     let span = tracing::info_span!("request", id = %id);
@@ -129,7 +134,10 @@ async fn metrics(State(app): State<App>) -> Response {
 }
 
 async fn models(State(app): State<App>) -> Response {
-    json_response(200, &json!({"object": "list", "data": [{"id": app.cfg.model_name, "object": "model", "created": 0, "owned_by": "qadapt"}]}))
+    json_response(
+        200,
+        &json!({"object": "list", "data": [{"id": app.cfg.model_name, "object": "model", "created": 0, "owned_by": "qadapt"}]}),
+    )
 }
 
 async fn score(State(app): State<App>, req: Request) -> Result<Response, ApiError> {
@@ -155,8 +163,10 @@ async fn chat(State(app): State<App>, req: Request) -> Result<Response, ApiError
     let c = openai::parse_chat(&body, &app.cfg)?;
     let prompt_tokens = check_prompt(&app, &c.history, &c.question)?;
     let image = decode_image(&app, c.image).await?;
-    let (max, logprobs, stream, include_usage) = (c.opts.max_new_tokens, c.opts.logprobs.is_some(), c.stream, c.include_usage);
-    let (mut rx, deadline) = submit(&app, id, image, Work::Chat { history: c.history, question: c.question, opts: c.opts })?;
+    let (max, logprobs, stream, include_usage) =
+        (c.opts.max_new_tokens, c.opts.logprobs.is_some(), c.stream, c.include_usage);
+    let (mut rx, deadline) =
+        submit(&app, id, image, Work::Chat { history: c.history, question: c.question, opts: c.opts })?;
     if stream {
         return Ok(sse(rx, deadline, max, prompt_tokens, include_usage));
     }
@@ -189,7 +199,9 @@ fn request_id_of(req: &Request) -> String {
 /// The body, within the size limit and the body timeout (a client that sends slowly is cut off).
 async fn read_body(app: &App, req: Request) -> Result<Bytes, ApiError> {
     let limit = app.cfg.body_limit();
-    if let Some(n) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok()) {
+    if let Some(n) =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok())
+    {
         if n > limit as u64 {
             return Err(ApiError::new(413, format!("request body is {n} bytes; the limit is {limit}")));
         }
@@ -219,14 +231,22 @@ async fn decode_image(app: &App, s: String) -> Result<RgbImage, ApiError> {
     let (max_bytes, limits) = (app.cfg.max_image_bytes, app.cfg.image_limits);
     let work = move || {
         let b64 = match s.strip_prefix("data:") {
-            Some(rest) => rest.split_once(";base64,").map(|(_, d)| d).ok_or_else(|| ApiError::bad("image: a data URL must be base64 (data:image/…;base64,…)"))?,
+            Some(rest) => rest
+                .split_once(";base64,")
+                .map(|(_, d)| d)
+                .ok_or_else(|| ApiError::bad("image: a data URL must be base64 (data:image/…;base64,…)"))?,
             None => s.as_str(),
         };
         let b64 = b64.trim();
         if b64.len() / 4 * 3 > max_bytes + 3 {
-            return Err(ApiError::new(413, format!("image is about {} bytes; the limit is {max_bytes}", b64.len() / 4 * 3)));
+            return Err(ApiError::new(
+                413,
+                format!("image is about {} bytes; the limit is {max_bytes}", b64.len() / 4 * 3),
+            ));
         }
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| ApiError::bad(format!("image: invalid base64: {e}")))?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| ApiError::bad(format!("image: invalid base64: {e}")))?;
         if bytes.len() > max_bytes {
             return Err(ApiError::new(413, format!("image is {} bytes; the limit is {max_bytes}", bytes.len())));
         }
@@ -248,14 +268,21 @@ fn check_prompt(app: &App, history: &[(String, String)], question: &str) -> Resu
         n += count(u)? + count(a)?;
     }
     if n > app.cfg.max_prompt_tokens {
-        return Err(ApiError::bad(format!("the question is {n} tokens; the limit is {}", app.cfg.max_prompt_tokens)).param("messages"));
+        return Err(ApiError::bad(format!("the question is {n} tokens; the limit is {}", app.cfg.max_prompt_tokens))
+            .param("messages"));
     }
-    let ids = qadapt_core::template::tokenize_chat(tok, history, question).map_err(|e| ApiError::bad(e.to_string()).param("messages"))?;
+    let ids = qadapt_core::template::tokenize_chat(tok, history, question)
+        .map_err(|e| ApiError::bad(e.to_string()).param("messages"))?;
     ids.fits(app.image_tokens, app.max_positions, "max_positions").map_err(|m| ApiError::bad(m).param("messages"))
 }
 
 /// Queues a job; a full queue is 503 with `Retry-After`.
-fn submit(app: &App, id: String, image: RgbImage, work: Work) -> Result<(UnboundedReceiver<Event>, Option<Instant>), ApiError> {
+fn submit(
+    app: &App,
+    id: String,
+    image: RgbImage,
+    work: Work,
+) -> Result<(UnboundedReceiver<Event>, Option<Instant>), ApiError> {
     let (tx, rx) = unbounded_channel();
     let deadline = app.cfg.request_timeout.map(|d| Instant::now() + d);
     app.metrics.queued.fetch_add(1, Ordering::Relaxed);
@@ -276,7 +303,9 @@ fn submit(app: &App, id: String, image: RgbImage, work: Work) -> Result<(Unbound
 async fn wait(rx: &mut UnboundedReceiver<Event>, deadline: Option<Instant>) -> Result<Event, ApiError> {
     let next = rx.recv();
     let ev = match deadline {
-        Some(d) => tokio::time::timeout_at((d + Duration::from_secs(1)).into(), next).await.map_err(|_| Failure::TimedOut)?,
+        Some(d) => {
+            tokio::time::timeout_at((d + Duration::from_secs(1)).into(), next).await.map_err(|_| Failure::TimedOut)?
+        }
         None => next.await,
     };
     ev.ok_or_else(|| ApiError::new(500, "the inference thread stopped"))
@@ -295,11 +324,15 @@ fn completion_id() -> String {
 /// chunk (and a usage chunk when asked), `[DONE]`. A failure mid-stream (the 200 is sent) is an
 /// error event. The body owns the event channel: when the client goes away hyper drops it, and
 /// the inference thread stops the row at its next step.
-fn sse(rx: UnboundedReceiver<Event>, deadline: Option<Instant>, max: usize, prompt_tokens: usize, include_usage: bool) -> Response {
+fn sse(
+    rx: UnboundedReceiver<Event>,
+    deadline: Option<Instant>,
+    max: usize,
+    prompt_tokens: usize,
+    include_usage: bool,
+) -> Response {
     let id = completion_id();
-    let chunk = move |delta: Value, finish: Option<&str>| {
-        json!({"id": id, "object": "chat.completion.chunk", "created": created(), "model": "qadapt", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-    };
+    let chunk = move |delta: Value, finish: Option<&str>| json!({"id": id, "object": "chat.completion.chunk", "created": created(), "model": "qadapt", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
     let data = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
     let first = data(&chunk(json!({"role": "assistant", "content": ""}), None));
     // State: (receiver, queued bytes to send next, finished).
@@ -358,7 +391,9 @@ impl From<Failure> for ApiError {
         match f {
             Failure::Bad(m) => ApiError::bad(m),
             Failure::Internal(m) => ApiError::new(500, m),
-            Failure::TimedOut => ApiError::new(504, "the request took longer than --request-timeout; its generation was stopped"),
+            Failure::TimedOut => {
+                ApiError::new(504, "the request took longer than --request-timeout; its generation was stopped")
+            }
         }
     }
 }

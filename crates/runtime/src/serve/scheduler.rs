@@ -108,7 +108,11 @@ pub(crate) fn infer_loop(mut rt: Runtime, rx: Receiver<Job>, cfg: LoopConfig, m:
         }
         let t0 = Instant::now();
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| st.iterate(&mut rt, &cfg, m))) {
-            let msg = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
             tracing::error!(panic = %msg, rows = st.live.len() + st.pending.len(), "the inference thread panicked; its batch is answered 500 and serving goes on");
             Metrics::add(&m.panics, 1);
             let f = Failure::Internal(format!("internal error (the batch this request was in failed: {msg})"));
@@ -174,7 +178,9 @@ impl State {
                     panic!("injected fault");
                 }
                 // A question too long for the model fails alone, not the batch it would join.
-                if let Err(e) = rt.request_prompt(&Request { image: &job.image, question, history, opts: *opts, cancel: None }) {
+                if let Err(e) =
+                    rt.request_prompt(&Request { image: &job.image, question, history, opts: *opts, cancel: None })
+                {
                     job.send(Event::Failed(Failure::from(&e)));
                     continue;
                 }
@@ -187,7 +193,9 @@ impl State {
         let reqs: Vec<(u64, Request)> = ids
             .iter()
             .filter_map(|id| match &live[id].work {
-                Work::Chat { history, question, opts } => Some((*id, Request { image: &live[id].image, question, history, opts: *opts, cancel: None })),
+                Work::Chat { history, question, opts } => {
+                    Some((*id, Request { image: &live[id].image, question, history, opts: *opts, cancel: None }))
+                }
                 Work::Score => None,
             })
             .collect();

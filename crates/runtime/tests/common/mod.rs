@@ -15,7 +15,10 @@ pub fn fixtures() -> PathBuf {
 
 /// The `qadapt-run` binary.
 pub fn run() -> Command {
-    assert!(std::env::var_os("ORT_DYLIB_PATH").is_some(), "set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (see .ci/run)");
+    assert!(
+        std::env::var_os("ORT_DYLIB_PATH").is_some(),
+        "set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (see .ci/run)"
+    );
     Command::new(env!("CARGO_BIN_EXE_qadapt-run"))
 }
 
@@ -57,7 +60,8 @@ pub fn expected(case: &str) -> serde_json::Value {
 /// `n` distinct images (the fixture images, mirrored and brightened) written as PNGs into `dir`.
 pub fn images(dir: &Path, n: usize) -> Vec<PathBuf> {
     std::fs::create_dir_all(dir).unwrap();
-    let base: Vec<image::RgbImage> = CASES.iter().map(|c| image::open(fixtures().join(c).join("image.png")).unwrap().to_rgb8()).collect();
+    let base: Vec<image::RgbImage> =
+        CASES.iter().map(|c| image::open(fixtures().join(c).join("image.png")).unwrap().to_rgb8()).collect();
     (0..n)
         .map(|i| {
             let mut img = base[i % base.len()].clone();
