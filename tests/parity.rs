@@ -2,7 +2,7 @@
 //! pixels, every stage of the image features, first-step logits, greedy ids and the Q-Align score.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use models::engine::{Engine, GenerateOptions};
+use models::{Engine, GenerateOptions};
 use qadapt_core::image::load_image;
 use qadapt_core::template::{SCORE_ANSWER_PREFIX, SCORE_QUESTION};
 use qadapt_tests::{fixtures, rel_err, Expected, CASES, REL_TOL};

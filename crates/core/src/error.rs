@@ -15,6 +15,9 @@ pub enum Error {
     Image { path: PathBuf, msg: String },
     #[error("prompt: {0}")]
     Prompt(String),
+    /// An IQA labels CSV is unreadable or lacks a column.
+    #[error("labels {path}: {msg}")]
+    Labels { path: PathBuf, msg: String },
     /// A sampling setting out of its range (temperature, top-k, top-p, repetition penalty).
     #[error("sampling: {0}")]
     Sampling(String),

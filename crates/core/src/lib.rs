@@ -6,10 +6,13 @@ pub mod config;
 pub mod error;
 pub mod files;
 pub mod image;
+pub mod labels;
 pub mod manifest;
 pub mod metrics;
 pub mod sampling;
 pub mod template;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tokenizer;
 
 pub use config::{BunnyConfig, ModelType, QFormerConfig, VisionConfig};

@@ -92,6 +92,24 @@ pub struct SamplingParams {
     pub repetition_penalty: Option<f32>,
 }
 
+/// Generation settings, one type for the candle engine, the ONNX runtime and the server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerateOptions {
+    /// Most tokens generated (fewer when the model's positions run out first).
+    pub max_new_tokens: usize,
+    /// Greedy or sampled, and the repetition penalty.
+    pub sampling: SamplingParams,
+    /// `Some(n)`: each answer token's log-probability with the `n` likeliest alternatives.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for GenerateOptions {
+    /// 256 new tokens, greedy, no log-probabilities (the command lines' defaults).
+    fn default() -> Self {
+        Self { max_new_tokens: 256, sampling: SamplingParams::default(), logprobs: None }
+    }
+}
+
 /// Picks next tokens from logits; owns the RNG so that one seed gives one text.
 pub struct Sampler {
     params: SamplingParams,
@@ -291,17 +309,23 @@ fn token_logprob(tokenizer: &TextTokenizer, logits: &[f32], id: u32, top: usize)
 
 /// The decoding loop shared by the candle engine and the ONNX runtime: picks a token from `logits`,
 /// stops at `eos` or after `budget` tokens, hands the answer to `on_text` as it grows, and asks
-/// `step` for the logits after each new token (not after the last).
+/// `step` for the logits after each new token (not after the last). With `logprobs`, each token's
+/// log-probability and its `n` likeliest alternatives are recorded.
+#[allow(clippy::too_many_arguments)]
 pub fn decode_loop<E: From<Error>>(
     sampler: &mut Sampler,
     tokenizer: &TextTokenizer,
     eos: u32,
     budget: usize,
+    logprobs: Option<usize>,
     mut logits: Vec<f32>,
     mut step: impl FnMut(u32) -> std::result::Result<Vec<f32>, E>,
     mut on_text: impl FnMut(&str),
 ) -> std::result::Result<AnswerJson, E> {
     let mut seq = Decoding::new(budget);
+    if let Some(n) = logprobs {
+        seq = seq.with_logprobs(n);
+    }
     while let Some(next) = seq.advance(sampler, tokenizer, eos, &logits, &mut on_text)? {
         logits = step(next)?;
     }

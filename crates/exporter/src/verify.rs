@@ -21,7 +21,7 @@ pub fn environment(lib: Option<&Path>) -> Result<&'static ort::environment::Envi
                 .into(),
         ));
     }
-    runtime::environment(lib).map_err(|e| ExportError::Ort(e.to_string()))
+    runtime_ort::environment(lib).map_err(|e| ExportError::Ort(e.to_string()))
 }
 
 /// One graph input: floats (sent in the export type) or int64.
@@ -34,7 +34,7 @@ fn ort_err(what: &str) -> impl Fn(ort::Error) -> ExportError + '_ {
     move |e| ExportError::Ort(format!("{what}: {e}"))
 }
 
-fn run_err(e: runtime::RunError) -> ExportError {
+fn run_err(e: runtime_ort::RunError) -> ExportError {
     ExportError::Ort(e.to_string())
 }
 
@@ -43,9 +43,9 @@ fn to_ort(x: &Input, ft: FloatType) -> Result<ort::session::SessionInputValue<'s
         Input::F(t) => {
             let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
             let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            runtime::floats(shape, v, ft == FloatType::F16).map_err(run_err)
+            runtime_ort::floats(shape, v, ft == FloatType::F16).map_err(run_err)
         }
-        Input::I(shape, v) => runtime::ints(shape.iter().map(|&d| d as i64).collect(), v.clone()).map_err(run_err),
+        Input::I(shape, v) => runtime_ort::ints(shape.iter().map(|&d| d as i64).collect(), v.clone()).map_err(run_err),
     }
 }
 
@@ -67,7 +67,7 @@ fn run_ort(
     let mut res = Vec::new();
     for name in outputs {
         let v = out.get(*name).ok_or_else(|| ExportError::Ort(format!("{what}: no output {name}")))?;
-        let data = runtime::out_f32(v).map_err(run_err)?;
+        let data = runtime_ort::out_f32(v).map_err(run_err)?;
         res.push(data);
     }
     Ok(res)

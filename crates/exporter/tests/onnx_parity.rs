@@ -12,7 +12,7 @@ use candle_core::{Device, IndexOp, Tensor};
 use qadapt_core::sampling::quality_score;
 use qadapt_core::template::SCORE_QUESTION;
 use qadapt_core::QFormerTokenizer;
-use runtime::{Ep, Runtime};
+use runtime_ort::{Ep, Runtime};
 
 const CASES: [&str; 4] = ["bunny_f32_bpe", "qadapt_f32_sharded", "qadapt_f16", "bunny_bf16_sharded"];
 
@@ -138,7 +138,7 @@ fn f16_and_external_data_exports_stay_within_tolerance() {
     let qtok = QFormerTokenizer::from_dir(&dir, 256).unwrap();
     let q: Vec<i64> =
         qtok.encode(&qadapt_core::template::qformer_text(SCORE_QUESTION)).unwrap().into_iter().map(i64::from).collect();
-    let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&[q.clone()])).unwrap();
+    let feats = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(std::slice::from_ref(&q))).unwrap();
     let e_feat = rel(&feats, &exp["score.image_features"]);
     let ids = exp["score.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
     let (logits, _) = m.prefill_ids(&ids, &feats).unwrap();
@@ -170,11 +170,11 @@ fn f16_and_external_data_exports_stay_within_tolerance() {
     // Continuous batching on f16 caches: a request admitted after the first has decoded 3 tokens
     // (caches joined, the shorter left-padded) and both answers equal lone runs.
     let img = qadapt_core::image::load_image(&fx.join("image.png")).unwrap();
-    let opts = runtime::GenerateOptions { max_new_tokens: 12, ..Default::default() };
+    let opts = runtime_ort::GenerateOptions { max_new_tokens: 12, ..Default::default() };
     let qs = [ask, "Is it sharp?"];
     let lone: Vec<Vec<u32>> = qs.iter().map(|q| m.generate(&img, q, &opts, |_| {}).unwrap().token_ids).collect();
-    let req = |q| runtime::Request { image: &img, question: q, history: &[], opts, cancel: None };
-    let mut run = runtime::Running::default();
+    let req = |q| runtime_ort::Request { image: &img, question: q, history: &[], opts, cancel: None };
+    let mut run = runtime_ort::Running::default();
     run.admit(&mut m, vec![(0usize, req(qs[0]))]).unwrap();
     let mut answers: Vec<Option<Vec<u32>>> = vec![None, None];
     for step in 0.. {
@@ -367,7 +367,7 @@ fn stage2_adds_prompt_module_tensors_the_base_lacks() {
     let mut logits = Vec::new();
     for dir in [&full, &staged] {
         let mut m = open(dir);
-        let f = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(&[q.clone()])).unwrap();
+        let f = m.features_from_pixels(pixels(&exp["pixel_values"]), Some(std::slice::from_ref(&q))).unwrap();
         logits.push(m.prefill_ids(&ids, &f).unwrap().0);
     }
     let diff = logits[0].iter().zip(&logits[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use image::RgbImage;
 use qadapt_core::image::{pixel_values, PreprocessConfig};
 use qadapt_core::sampling::{
-    decode_loop, level_token_ids, quality_score, AnswerJson, LevelProbs, Sampler, SamplingParams, LEVELS,
+    decode_loop, level_token_ids, quality_score, AnswerJson, GenerateOptions, LevelProbs, Sampler, LEVELS,
 };
 use qadapt_core::template::{self, PromptIds};
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
@@ -16,19 +16,6 @@ use crate::bunny::{Bunny, ImageFeatures, QFormerText};
 use crate::ops::Candle;
 use crate::phi::KvPair;
 use crate::{Error, Result};
-
-/// Generation settings.
-#[derive(Debug, Clone, Copy)]
-pub struct GenerateOptions {
-    pub max_new_tokens: usize,
-    pub sampling: SamplingParams,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        Self { max_new_tokens: 256, sampling: SamplingParams::default() }
-    }
-}
 
 /// A loaded model with its tokenizers and preprocessing, ready to answer.
 pub struct Engine {
@@ -171,7 +158,16 @@ impl Engine {
             len += 1;
             Ok(l.i((0, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         };
-        decode_loop(&mut sampler, &self.tokenizer, self.model.config.eos_token_id, budget, logits, step, &mut on_text)
+        decode_loop(
+            &mut sampler,
+            &self.tokenizer,
+            self.model.config.eos_token_id,
+            budget,
+            opts.logprobs,
+            logits,
+            step,
+            &mut on_text,
+        )
     }
 
     /// The Q-Align 1–5 score with its level probabilities (DESIGN §5).

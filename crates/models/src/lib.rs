@@ -19,6 +19,7 @@ pub mod siglip;
 pub mod train_source;
 
 pub use bunny::{Bunny, ImageFeatures, QFormerText};
-pub use engine::{Engine, GenerateOptions};
+pub use engine::Engine;
 pub use error::{Error, Result};
 pub use ops::{Candle, Ops, Param};
+pub use qadapt_core::sampling::GenerateOptions;

@@ -27,7 +27,7 @@ pub trait WeightSource {
     fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor>;
     /// A LoRA adapter for the linear layer whose weight is `weight_key` ([out, in]), if this source
     /// attaches one (training does; loading for inference merges adapters instead).
-    fn lora(&self, _weight_key: &str, _in_dim: usize, _out_dim: usize) -> Result<Option<crate::nn::Lora>> {
+    fn lora(&self, _weight_key: &str, _in_dim: usize, _out_dim: usize) -> Result<Option<crate::ops::Lora>> {
         Ok(None)
     }
 }
@@ -234,7 +234,7 @@ impl<'a> Vb<'a> {
     }
 
     /// The LoRA adapter the source attaches to this scope's linear layer (`{scope}.weight`), if any.
-    pub fn lora(&self, in_dim: usize, out_dim: usize) -> Result<Option<crate::nn::Lora>> {
+    pub fn lora(&self, in_dim: usize, out_dim: usize) -> Result<Option<crate::ops::Lora>> {
         self.src.lora(&self.key("weight"), in_dim, out_dim)
     }
 

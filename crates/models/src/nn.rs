@@ -1,18 +1,8 @@
 //! The two building blocks every module uses, generic over [`Ops`].
 
 use crate::loader::Vb;
-use crate::ops::{Ops, Param};
+use crate::ops::{Lora, Ops, Param};
 use crate::Result;
-
-/// A LoRA adapter on a linear layer: `y += scale · B·A·dropout(x)`, A [r, in], B [out, r]. Never
-/// formed into a dense delta in the forward; merging is a separate step (see `crate::adapter`).
-#[derive(Debug, Clone)]
-pub struct Lora {
-    pub a: Param,
-    pub b: Param,
-    pub scale: f64,
-    pub dropout: f32,
-}
 
 /// torch `nn.Linear`: weight [out, in], optional bias [out], optional LoRA adapter.
 #[derive(Debug, Clone)]

@@ -32,6 +32,17 @@ impl Param {
     }
 }
 
+/// A LoRA adapter on a linear layer: `y += scale · B·A·dropout(x)`, A [r, in], B [out, r]. Never
+/// formed into a dense delta in the forward; merging is a separate step (see `crate::adapter`). Beside [`Param`] because a weight source
+/// hands it out with the weights it adapts..
+#[derive(Debug, Clone)]
+pub struct Lora {
+    pub a: Param,
+    pub b: Param,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
 /// The operations a forward pass may use. `T` is a tensor (candle) or a graph value (ONNX).
 pub trait Ops {
     /// A value flowing through the forward pass.

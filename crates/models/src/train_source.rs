@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::loader::WeightSource;
-use crate::nn::Lora;
+use crate::ops::Lora;
 use crate::Result;
 
 /// PEFT's key prefix for adapter tensors.

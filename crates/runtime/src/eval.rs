@@ -13,12 +13,36 @@ use serde::{Deserialize, Serialize};
 use crate::{GenerateOptions, Request, Result, RunError, Runtime};
 
 /// How a Q-Bench answer is chosen (DESIGN §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChooseBy {
     /// Greedy generation; the answer's option letter (or the option's text) is the choice.
     Generate,
     /// The option whose letter answer (`"A."`, …) has the lowest loss: generation constrained to the options.
     Likelihood,
+}
+
+impl ChooseBy {
+    /// Both ways, in the order `--by` lists them.
+    pub const ALL: [ChooseBy; 2] = [ChooseBy::Generate, ChooseBy::Likelihood];
+
+    /// The name `--by` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChooseBy::Generate => "generate",
+            ChooseBy::Likelihood => "likelihood",
+        }
+    }
+}
+
+impl std::str::FromStr for ChooseBy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        ChooseBy::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| format!("unknown --by {s:?} (expected generate or likelihood)"))
+    }
 }
 
 /// A Q-Bench A1 row. `type` and `concern` are ints in the released files, names in some copies.
@@ -89,6 +113,20 @@ pub struct QBenchAnswer {
     pub choice: Option<String>,
     /// Whether that is the right one.
     pub correct: bool,
+}
+
+impl QBenchReport {
+    /// The report as a Markdown table: overall, then per question type and per concern.
+    pub fn markdown(&self) -> String {
+        let mut out = String::from("| Q-Bench A1 | correct | total | accuracy |\n|---|---:|---:|---:|\n");
+        let o = &self.overall;
+        out += &format!("| **overall** | {} | {} | **{:.4}** |\n", o.correct, o.total, o.accuracy);
+        let rows = self.by_type.iter().map(|(k, t)| (format!("type: {k}"), t));
+        for (k, t) in rows.chain(self.by_concern.iter().map(|(k, t)| (format!("concern: {k}"), t))) {
+            out += &format!("| {k} | {} | {} | {:.4} |\n", t.correct, t.total, t.accuracy);
+        }
+        out
+    }
 }
 
 const LETTERS: [&str; 8] = ["A", "B", "C", "D", "E", "F", "G", "H"];
@@ -214,45 +252,7 @@ pub fn read_qbench(path: &Path) -> Result<Vec<QBenchRow>> {
     })
 }
 
-/// One IQA label: an image and its mean opinion score.
-#[derive(Debug, Clone, Serialize)]
-pub struct Label {
-    /// Image path relative to `--images`.
-    pub image: String,
-    /// Mean opinion score.
-    pub mos: f64,
-}
-
-/// Reads a labels CSV with a header naming `image` and `mos` columns (others ignored); with
-/// `split`, keeps the rows whose `split` column equals it.
-pub fn read_labels(path: &Path, split: Option<&str>) -> Result<Vec<Label>> {
-    let bad = |m: String| RunError::Input(format!("{}: {m}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let mut lines = text.lines();
-    let header: Vec<String> =
-        lines.next().ok_or_else(|| bad("empty".into()))?.split(',').map(|h| h.trim().to_lowercase()).collect();
-    let col = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
-    let ic = col(&["image", "image_name", "img_path", "filename"])
-        .ok_or_else(|| bad("no image column in the header".into()))?;
-    let mc = col(&["mos", "score", "dmos"]).ok_or_else(|| bad("no mos column in the header".into()))?;
-    let sc = col(&["split"]);
-    if split.is_some() && sc.is_none() {
-        return Err(bad("--split given but the file has no split column".into()));
-    }
-    let mut out = Vec::new();
-    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        let get = |c: usize| f.get(c).copied().ok_or_else(|| bad(format!("line {}: too few columns", i + 2)));
-        if let (Some(want), Some(c)) = (split, sc) {
-            if get(c)? != want {
-                continue;
-            }
-        }
-        let mos: f64 = get(mc)?.parse().map_err(|_| bad(format!("line {}: bad mos {:?}", i + 2, f.get(mc))))?;
-        out.push(Label { image: get(ic)?.to_string(), mos });
-    }
-    Ok(out)
-}
+pub use qadapt_core::labels::{read_labels, Label};
 
 /// What `eval --iqa` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -307,43 +307,19 @@ pub fn iqa(
     Ok(IqaReport { scored: points.len(), srocc: spearman(&pred, &mos), plcc: pearson(&pred, &mos), failed, points })
 }
 
-const FONT: &[u8] = include_bytes!("../../trainer/assets/DejaVuSans.ttf");
-
 /// Draws predicted score against MOS into a PNG at `path`.
 pub fn scatter_png(rep: &IqaReport, path: &Path) -> Result<()> {
-    use plotters::prelude::*;
-    let err = |e: String| RunError::Input(format!("plotting {}: {e}", path.display()));
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| err("cannot load the embedded font".into()))?;
-    let (w, h) = (640u32, 560u32);
-    let mut buf = vec![255u8; (w * h * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        let range = |v: &mut dyn Iterator<Item = f64>| {
-            let (lo, hi) = v.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
-            let pad = ((hi - lo) * 0.05).max(1e-3);
-            (lo - pad)..(hi + pad)
-        };
-        let xr = range(&mut rep.points.iter().map(|p| p.0));
-        let yr = range(&mut rep.points.iter().map(|p| p.1));
-        let caption = format!("n = {}   SROCC {:.3}   PLCC {:.3}", rep.scored, rep.srocc, rep.plcc);
-        let mut chart = ChartBuilder::on(&root)
-            .caption(caption, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(xr, yr)
-            .map_err(|e| err(e.to_string()))?;
-        chart.configure_mesh().x_desc("MOS").y_desc("predicted score").draw().map_err(|e| err(e.to_string()))?;
-        chart
-            .draw_series(
-                rep.points.iter().map(|&(x, y)| Circle::new((x, y), 3, RGBColor(20, 60, 160).mix(0.6).filled())),
-            )
-            .map_err(|e| err(e.to_string()))?;
-        root.present().map_err(|e| err(e.to_string()))?;
+    use qadapt_plot::{Chart, Mark, Series, DARK};
+    Chart {
+        title: format!("n = {}   SROCC {:.3}   PLCC {:.3}", rep.scored, rep.srocc, rep.plcc),
+        x_label: "MOS".into(),
+        y_label: "predicted score (1-5)".into(),
+        integer_x: false,
+        series: vec![Series { label: String::new(), points: rep.points.clone(), mark: Mark::Dots, color: DARK }],
+        size: (640, 560),
     }
-    let img = RgbImage::from_raw(w, h, buf).ok_or_else(|| err("buffer size".into()))?;
-    img.save(path).map_err(|e| err(e.to_string()))
+    .write_png(path)
+    .map_err(|e| RunError::Input(e.to_string()))
 }
 
 #[cfg(test)]
@@ -364,21 +340,5 @@ mod tests {
             qbench_prompt("Is it sharp?", &c[..2]),
             "Is it sharp?\nA. Yes\nB. No\nAnswer with the option's letter from the given choices directly."
         );
-    }
-
-    #[test]
-    fn labels_need_image_and_mos_columns() {
-        let dir = std::env::temp_dir().join(format!("qadapt-labels-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let p = dir.join("l.csv");
-        std::fs::write(&p, "image,mos,split\na.png,3.5,test\nb.png,1.0,train\n").expect("write");
-        let all = read_labels(&p, None).expect("read");
-        assert_eq!(all.len(), 2);
-        assert_eq!(read_labels(&p, Some("test")).expect("split").len(), 1);
-        std::fs::write(&p, "file,quality\na.png,3\n").expect("write");
-        assert!(read_labels(&p, None).unwrap_err().to_string().contains("no image column"));
-        std::fs::write(&p, "image,mos\na.png,high\n").expect("write");
-        assert!(read_labels(&p, None).unwrap_err().to_string().contains("bad mos"));
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

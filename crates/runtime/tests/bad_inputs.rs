@@ -87,7 +87,8 @@ fn damaged_manifests_are_refused_naming_the_field() {
     let good: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("qadapt.json")).unwrap()).unwrap();
     let img = fixtures().join("bunny_f32_bpe/image.png");
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("size 0", Box::new(|m| m["image"]["size"] = 0.into()), "image.size: 0"),
         ("newer format", Box::new(|m| m["format"] = 9.into()), "format: 9 is newer"),
         ("no format", Box::new(|m| drop(m.as_object_mut().unwrap().remove("format"))), "format: missing"),

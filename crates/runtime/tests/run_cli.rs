@@ -166,8 +166,9 @@ fn repetition_penalty_matches_the_candle_engine() {
             repetition_penalty: Some(penalty.parse().unwrap()),
             ..Default::default()
         };
-        let want =
-            engine.generate(&picture, q, &models::GenerateOptions { max_new_tokens: 24, sampling }, |_| {}).unwrap();
+        let want = engine
+            .generate(&picture, q, &models::GenerateOptions { max_new_tokens: 24, sampling, logprobs: None }, |_| {})
+            .unwrap();
         let got_ids: Vec<u32> = serde_json::from_value(got["token_ids"].clone()).unwrap();
         println!("penalty {penalty}: {} ids, equal to candle", got_ids.len());
         assert_eq!(got_ids, want.token_ids, "penalty {penalty}");

@@ -272,9 +272,14 @@ pub struct EvalArgs {
     /// Folder the image paths are relative to.
     #[arg(long)]
     pub images: PathBuf,
-    /// CSV `image,mos,split,…`: the `test` rows are scored and correlated with `mos`.
+    /// Labels CSV whose header names an image column (`image`, `image_name`, `img_path` or
+    /// `filename`) and a score column (`mos`, `score` or `dmos`): its images are scored and
+    /// correlated with the score.
     #[arg(long)]
     pub labels: Option<PathBuf>,
+    /// Score only the label rows whose `split` column equals this (`all`: every row).
+    #[arg(long, default_value = "test")]
+    pub split: String,
     /// Ask at most this many questions.
     #[arg(long)]
     pub limit: Option<usize>,

@@ -117,7 +117,8 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
 
 /// `eval`.
 pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
-    let r = crate::eval::run(&a.model, a.adapter.as_deref(), &a.data, &a.images, a.labels.as_deref(), a.limit)?;
+    let split = Some(a.split.as_str()).filter(|s| *s != "all");
+    let r = crate::eval::run(&a.model, a.adapter.as_deref(), &a.data, &a.images, a.labels.as_deref(), split, a.limit)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
-use models::engine::{Engine, GenerateOptions};
+use models::{Engine, GenerateOptions};
 use qadapt_core::image::load_image;
 use serde::Serialize;
 
@@ -62,6 +62,7 @@ pub fn run(
     data_file: &Path,
     images: &Path,
     labels: Option<&Path>,
+    split: Option<&str>,
     limit: Option<usize>,
 ) -> anyhow::Result<EvalReport> {
     let engine = Engine::load(model, adapter, &Device::Cpu, DType::F32)
@@ -87,20 +88,12 @@ pub fn run(
     let (c, t) = by_kind.values().fold((0, 0), |(c, t), e| (c + e.correct, t + e.total));
     let (mut srocc, mut plcc, mut scored) = (None, None, 0);
     if let Some(lp) = labels {
-        let text = std::fs::read_to_string(lp).with_context(|| format!("reading {}", lp.display()))?;
         let (mut pred, mut mos) = (Vec::new(), Vec::new());
-        for (i, line) in text.lines().enumerate().skip(1) {
-            let f: Vec<&str> = line.split(',').collect();
-            anyhow::ensure!(f.len() >= 3, "{} line {}: expected image,mos,split", lp.display(), i + 1);
-            if f[2] != "test" {
-                continue;
-            }
-            let m: f64 =
-                f[1].parse().with_context(|| format!("{} line {}: bad mos {:?}", lp.display(), i + 1, f[1]))?;
-            let img = load_image(&images.join(f[0]))?;
+        for l in qadapt_core::labels::read_labels(lp, split)? {
+            let img = load_image(&images.join(&l.image))?;
             let (score, _) = engine.score(&img)?;
             pred.push(score as f64);
-            mos.push(m);
+            mos.push(l.mos);
         }
         scored = pred.len();
         if scored > 2 {

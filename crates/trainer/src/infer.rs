@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context;
-use models::engine::{Engine, GenerateOptions};
+use models::{Engine, GenerateOptions};
 use qadapt_core::image::load_image;
 use qadapt_core::sampling::{score_output, SamplingParams};
 
@@ -30,6 +30,7 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
             seed: args.seed,
             repetition_penalty: args.repetition_penalty,
         },
+        logprobs: None,
     };
     let stream = !args.json;
     let res = engine.generate(&img, question, &opts, |piece| {

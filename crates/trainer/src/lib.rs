@@ -10,6 +10,7 @@ pub mod files;
 pub mod infer;
 pub mod init;
 pub mod merge;
+pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod shards;

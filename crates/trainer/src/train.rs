@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Encoded, Task};
 use crate::files::write_dir_atomic;
+use crate::metrics::{self, Metric};
 use crate::optim::{clip_global_norm, cosine_with_warmup, AdamW, Group};
 use crate::step::batch_loss;
 
@@ -95,17 +96,6 @@ pub struct Summary {
     pub truncated_samples: usize,
     pub randomly_initialised: usize,
     pub adapter_dir: PathBuf,
-}
-
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Metric {
-    pub step: usize,
-    pub epoch: f64,
-    pub loss: f32,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub samples_per_s: f64,
 }
 
 pub use models::adapter::adapter_dir;
@@ -329,11 +319,11 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     std::fs::write(cfg.out.join("train_config.json"), serde_json::to_string_pretty(cfg)?)?;
     let metrics_path = cfg.out.join("metrics.jsonl");
     let mut metrics: Vec<Metric> = if ckpt.is_some() {
-        read_metrics(&metrics_path)?.into_iter().filter(|m| m.step <= start).collect()
+        metrics::read(&metrics_path)?.into_iter().filter(|m| m.step <= start).collect()
     } else {
         Vec::new()
     };
-    write_metrics(&metrics_path, &metrics)?;
+    metrics::write(&metrics_path, &metrics)?;
 
     let order_of_epoch = |epoch: usize| -> Vec<usize> {
         let mut idx: Vec<usize> = (0..encoded.len()).collect();
@@ -404,7 +394,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
             grad_norm,
             samples_per_s: sps,
         };
-        append_metric(&metrics_path, &m)?;
+        metrics::append(&metrics_path, &m)?;
         metrics.push(m);
         bar.set_message(format!("loss {loss:.4} lr {:.2e} {sps:.1} samples/s", cfg.lr * mult));
         bar.inc(1);
@@ -435,7 +425,8 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
         }
         Ok(())
     })?;
-    crate::plot::loss_curve(&metrics, &cfg.out.join("loss.png"))?;
+    let points: Vec<(f64, f64)> = metrics.iter().map(|m| (m.step as f64, m.loss as f64)).collect();
+    crate::plot::loss_curve(&points, &format!("{stage:?}").to_lowercase(), &cfg.out.join("loss.png"))?;
 
     let seconds = t0.elapsed().as_secs_f64();
     let mut step_ms: Vec<f64> = metrics.iter().skip(2).map(|m| 1000.0 * per_step as f64 / m.samples_per_s).collect();
@@ -462,29 +453,4 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     };
     std::fs::write(cfg.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)
-}
-
-fn read_metrics(path: &Path) -> anyhow::Result<Vec<Metric>> {
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let text = std::fs::read_to_string(path)?;
-    // A kill can leave a half-written last line: keep what parses.
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
-}
-
-fn write_metrics(path: &Path, m: &[Metric]) -> anyhow::Result<()> {
-    let mut s = String::new();
-    for x in m {
-        s.push_str(&serde_json::to_string(x)?);
-        s.push('\n');
-    }
-    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
-}
-
-fn append_metric(path: &Path, m: &Metric) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
-    writeln!(f, "{}", serde_json::to_string(m)?)?;
-    Ok(())
 }

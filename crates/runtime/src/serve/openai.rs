@@ -333,7 +333,7 @@ mod tests {
         /// Any JSON in a request's place, or a valid request with fields replaced by any JSON:
         /// parsed or refused with a 4xx naming something, never a panic.
         #[test]
-        fn any_json_parses_or_is_a_400(v in crate::testing::json_value(), m in crate::testing::mutated(
+        fn any_json_parses_or_is_a_400(v in qadapt_core::testing::json_value(), m in qadapt_core::testing::mutated(
             json!({"messages": [user("q"), {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}], "max_tokens": 8, "temperature": 0.5, "logprobs": true, "top_logprobs": 2}),
             &["/messages", "/messages/0", "/messages/0/content", "/messages/0/content/0", "/messages/0/content/0/image_url", "/messages/1/role", "/messages/2/content", "/max_tokens", "/temperature", "/top_logprobs", "/logprobs"],
         )) {

@@ -8,7 +8,8 @@
 
 use std::sync::Arc;
 
-use qadapt_core::sampling::{AnswerJson, Decoding, Sampler};
+use image::RgbImage;
+use qadapt_core::sampling::{AnswerJson, Decoding, GenerateOptions, Sampler};
 
 use crate::{Cache, Request, Result, RunError, Runtime};
 
@@ -147,5 +148,60 @@ impl<T> Running<T> {
         self.logits = logits;
         self.cache = Some(cache);
         Ok(done)
+    }
+}
+
+/// Generation on [`Runtime`], each call one [`Running`] batch that admits every row at once.
+impl Runtime {
+    /// Answers one question about each image of a batch (see [`Runtime::generate_mixed`]).
+    pub fn generate_batch(
+        &mut self,
+        imgs: &[&RgbImage],
+        question: &str,
+        opts: &GenerateOptions,
+        on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<AnswerJson>> {
+        let reqs: Vec<Request> =
+            imgs.iter().map(|&image| Request { image, question, history: &[], opts: *opts, cancel: None }).collect();
+        self.generate_mixed(&reqs, on_text)
+    }
+
+    /// Answers a batch of requests (each its own image, question and settings) decoding all rows
+    /// together (a [`Running`] batch admitting them all at once): shorter prompts are left-padded
+    /// and masked; a finished row leaves the batch. Every row samples with its own [`Sampler`], so a
+    /// row's text is the one a lone run gives. `on_text` receives (row, new text) as answers grow.
+    pub fn generate_mixed(
+        &mut self,
+        reqs: &[Request],
+        mut on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<AnswerJson>> {
+        if reqs.is_empty() {
+            return Err(RunError::Input("no requests".into()));
+        }
+        let mut run = Running::default();
+        run.admit(self, reqs.iter().copied().enumerate().collect())?;
+        let mut out: Vec<Option<AnswerJson>> = vec![None; reqs.len()];
+        while !run.is_empty() {
+            for (r, a) in run.step(
+                self,
+                |&r, s| on_text(r, s),
+                |&r| reqs[r].cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)),
+            )? {
+                out[r] = Some(a);
+            }
+        }
+        out.into_iter().map(|a| a.ok_or_else(|| RunError::Input("a row never finished".into()))).collect()
+    }
+
+    /// Answers a question about an image; `on_text` receives the answer as it grows.
+    pub fn generate(
+        &mut self,
+        img: &RgbImage,
+        question: &str,
+        opts: &GenerateOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<AnswerJson> {
+        let mut out = self.generate_batch(&[img], question, opts, |_, s| on_text(s))?;
+        Ok(out.remove(0))
     }
 }

@@ -9,27 +9,15 @@ use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::DynValue;
 use qadapt_core::image::{pixel_values, PreprocessConfig};
-use qadapt_core::sampling::{log_prob, quality_score, AnswerJson, LevelProbs, SamplingParams, LEVELS};
+use qadapt_core::sampling::{log_prob, quality_score, AnswerJson, GenerateOptions, LevelProbs, LEVELS};
 use qadapt_core::template::{self, PromptIds};
 use qadapt_core::tokenizer::END_OF_TEXT;
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
 
-use crate::running::Running;
 use crate::{
     candidates, dispatch, environment, float_value, int_value, ints, ort_err, out_f32, Ep, Manifest, Placement, Result,
     RunError,
 };
-
-/// Generation settings.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GenerateOptions {
-    /// Most tokens generated.
-    pub max_new_tokens: usize,
-    /// Greedy or sampled, and the repetition penalty.
-    pub sampling: SamplingParams,
-    /// `Some(n)`: each answer token's log-probability with the `n` likeliest alternatives.
-    pub logprobs: Option<usize>,
-}
 
 /// The KV cache of a batch after `len` positions: each layer's key and value as the decoder
 /// returned them, left where the execution provider computed them (device memory on CUDA), so a
@@ -469,58 +457,6 @@ impl Runtime {
         let start = int_value(vec![], vec![shared as i64])?;
         let kv = self.cache_op(false, feeds, vec![("rows", rows), ("start", start)])?;
         Ok(Cache { kv, len: c.len - shared, pad: keep.iter().map(|&r| c.pad[r] - shared).collect() })
-    }
-
-    /// Answers one question about each image of a batch (see [`Runtime::generate_mixed`]).
-    pub fn generate_batch(
-        &mut self,
-        imgs: &[&RgbImage],
-        question: &str,
-        opts: &GenerateOptions,
-        on_text: impl FnMut(usize, &str),
-    ) -> Result<Vec<AnswerJson>> {
-        let reqs: Vec<Request> =
-            imgs.iter().map(|&image| Request { image, question, history: &[], opts: *opts, cancel: None }).collect();
-        self.generate_mixed(&reqs, on_text)
-    }
-
-    /// Answers a batch of requests (each its own image, question and settings) decoding all rows
-    /// together (a [`Running`] batch admitting them all at once): shorter prompts are left-padded
-    /// and masked; a finished row leaves the batch. Every row samples with its own [`Sampler`], so a
-    /// row's text is the one a lone run gives. `on_text` receives (row, new text) as answers grow.
-    pub fn generate_mixed(
-        &mut self,
-        reqs: &[Request],
-        mut on_text: impl FnMut(usize, &str),
-    ) -> Result<Vec<AnswerJson>> {
-        if reqs.is_empty() {
-            return Err(RunError::Input("no requests".into()));
-        }
-        let mut run = Running::default();
-        run.admit(self, reqs.iter().copied().enumerate().collect())?;
-        let mut out: Vec<Option<AnswerJson>> = vec![None; reqs.len()];
-        while !run.is_empty() {
-            for (r, a) in run.step(
-                self,
-                |&r, s| on_text(r, s),
-                |&r| reqs[r].cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)),
-            )? {
-                out[r] = Some(a);
-            }
-        }
-        out.into_iter().map(|a| a.ok_or_else(|| RunError::Input("a row never finished".into()))).collect()
-    }
-
-    /// Answers a question about an image; `on_text` receives the answer as it grows.
-    pub fn generate(
-        &mut self,
-        img: &RgbImage,
-        question: &str,
-        opts: &GenerateOptions,
-        mut on_text: impl FnMut(&str),
-    ) -> Result<AnswerJson> {
-        let mut out = self.generate_batch(&[img], question, opts, |_, s| on_text(s))?;
-        Ok(out.remove(0))
     }
 
     /// The Q-Align 1–5 score with its level probabilities, for each image of a batch.
