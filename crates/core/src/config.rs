@@ -29,9 +29,10 @@ impl ModelType {
     }
 }
 
-/// The SigLIP tower. Defaults: google/siglip-so400m-patch14-384, implied by `mm_vision_tower`.
+/// The SigLIP tower. The real Bunny config has none: its sizes are implied by `mm_vision_tower`
+/// ([`VisionConfig::so400m`]). When given, the sizes are required; `layer_norm_eps`, `hidden_act`,
+/// `image_mean` and `image_std` default to HF's `SiglipVisionConfig` / `SiglipImageProcessor`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
 pub struct VisionConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -40,14 +41,56 @@ pub struct VisionConfig {
     pub num_attention_heads: usize,
     pub image_size: usize,
     pub patch_size: usize,
+    #[serde(default = "hf::siglip_layer_norm_eps")]
     pub layer_norm_eps: f64,
+    #[serde(default = "hf::siglip_hidden_act")]
     pub hidden_act: String,
+    #[serde(default = "hf::siglip_image_mean_std")]
     pub image_mean: [f32; 3],
+    #[serde(default = "hf::siglip_image_mean_std")]
     pub image_std: [f32; 3],
 }
 
-impl Default for VisionConfig {
-    fn default() -> Self {
+/// The tower whose sizes a config without `vision_config` implies.
+pub const SO400M_TOWER: &str = "google/siglip-so400m-patch14-384";
+
+/// HF's defaults for the optional keys (PhiConfig, SiglipVisionConfig), never the 3B model's.
+mod hf {
+    pub fn partial_rotary_factor() -> f64 {
+        0.5
+    }
+    pub fn rope_theta() -> f64 {
+        10000.0
+    }
+    pub fn layer_norm_eps() -> f64 {
+        1e-5
+    }
+    pub fn hidden_act() -> String {
+        "gelu_new".into()
+    }
+    pub fn max_position_embeddings() -> usize {
+        2048
+    }
+    pub fn bos_token_id() -> u32 {
+        1
+    }
+    pub fn eos_token_id() -> u32 {
+        2
+    }
+    pub fn siglip_layer_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn siglip_hidden_act() -> String {
+        "gelu_pytorch_tanh".into()
+    }
+    pub fn siglip_image_mean_std() -> [f32; 3] {
+        [0.5; 3]
+    }
+}
+
+impl VisionConfig {
+    /// google/siglip-so400m-patch14-384, the tower every released Bunny / Q-Adapt uses.
+    pub fn so400m() -> Self {
         Self {
             hidden_size: 1152,
             intermediate_size: 4304,
@@ -131,8 +174,13 @@ impl Default for QFormerConfig {
 }
 
 /// Bunny's `config.json`: phi-2 fields at the top level, multimodal fields beside them.
+///
+/// Required (an error names the missing key): `model_type`, the phi sizes (`vocab_size`,
+/// `hidden_size`, `num_hidden_layers`, `num_attention_heads`, `intermediate_size`), `mm_hidden_size`,
+/// `mm_projector_type`, `mm_vision_tower` and `image_aspect_ratio` — every released Bunny config has
+/// them, and a guess would only fail later as a weight-shape mismatch or a silently different
+/// preprocessing. The others take HF `PhiConfig`'s defaults, as transformers would.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
 pub struct BunnyConfig {
     pub model_type: ModelType,
     pub vocab_size: usize,
@@ -140,23 +188,32 @@ pub struct BunnyConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
+    #[serde(default = "hf::partial_rotary_factor")]
     pub partial_rotary_factor: f64,
+    #[serde(default = "hf::rope_theta")]
     pub rope_theta: f64,
+    #[serde(default = "hf::layer_norm_eps")]
     pub layer_norm_eps: f64,
+    #[serde(default = "hf::hidden_act")]
     pub hidden_act: String,
+    #[serde(default = "hf::max_position_embeddings")]
     pub max_position_embeddings: usize,
+    #[serde(default = "hf::bos_token_id")]
     pub bos_token_id: u32,
+    #[serde(default = "hf::eos_token_id")]
     pub eos_token_id: u32,
+    #[serde(default)]
     pub pad_token_id: Option<u32>,
     pub mm_hidden_size: usize,
     pub mm_projector_type: String,
     pub mm_vision_tower: String,
     pub image_aspect_ratio: String,
     /// transformers ≥ 5 moves `partial_rotary_factor` / `rope_theta` here; honoured when present.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
+    /// Absent in the real configs: filled from `mm_vision_tower` before parsing.
     pub vision_config: VisionConfig,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qformer_config: Option<QFormerConfig>,
 }
 
@@ -165,34 +222,6 @@ pub struct BunnyConfig {
 pub struct RopeParameters {
     pub partial_rotary_factor: Option<f64>,
     pub rope_theta: Option<f64>,
-}
-
-impl Default for BunnyConfig {
-    fn default() -> Self {
-        Self {
-            model_type: ModelType::Bunny,
-            vocab_size: 50295,
-            hidden_size: 2560,
-            num_hidden_layers: 32,
-            num_attention_heads: 32,
-            intermediate_size: 10240,
-            partial_rotary_factor: 0.4,
-            rope_theta: 10000.0,
-            layer_norm_eps: 1e-5,
-            hidden_act: "gelu_new".into(),
-            max_position_embeddings: 2048,
-            bos_token_id: 50256,
-            eos_token_id: 50256,
-            pad_token_id: None,
-            mm_hidden_size: 1152,
-            mm_projector_type: "mlp2x_gelu".into(),
-            mm_vision_tower: "google/siglip-so400m-patch14-384".into(),
-            image_aspect_ratio: "pad".into(),
-            rope_parameters: None,
-            vision_config: VisionConfig::default(),
-            qformer_config: None,
-        }
-    }
 }
 
 impl BunnyConfig {
@@ -205,10 +234,28 @@ impl BunnyConfig {
         })
     }
 
-    /// Parses and validates config JSON text.
+    /// Parses and validates config JSON text. A missing required key or a wrong-typed one is an
+    /// error naming it.
     pub fn from_json(text: &str) -> Result<Self> {
-        let mut cfg: BunnyConfig = serde_json::from_str(text)
-            .map_err(|e| Error::Config { path: Default::default(), msg: format!("invalid JSON: {e}") })?;
+        let bad = |msg: String| Error::Config { path: Default::default(), msg };
+        let mut raw: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let obj = raw.as_object_mut().ok_or_else(|| bad("not a JSON object".into()))?;
+        if !obj.contains_key("vision_config") {
+            // The real configs name the tower instead of sizing it.
+            match obj.get("mm_vision_tower").and_then(|t| t.as_str()) {
+                Some(t) if t.trim_end_matches('/').ends_with(SO400M_TOWER) => {
+                    let v = serde_json::to_value(VisionConfig::so400m()).map_err(|e| bad(e.to_string()))?;
+                    obj.insert("vision_config".into(), v);
+                }
+                Some(t) => {
+                    return Err(bad(format!(
+                        "no vision_config, and the sizes of mm_vision_tower {t:?} are not known (only {SO400M_TOWER}): add a vision_config"
+                    )))
+                }
+                None => return Err(bad("missing field `mm_vision_tower`".into())),
+            }
+        }
+        let mut cfg: BunnyConfig = crate::from_json(raw.to_string().as_bytes()).map_err(|(_, msg)| bad(msg))?;
         if let Some(rp) = &cfg.rope_parameters {
             if let Some(f) = rp.partial_rotary_factor {
                 cfg.partial_rotary_factor = f;
@@ -304,9 +351,64 @@ impl BunnyConfig {
 mod tests {
     use super::*;
 
+    /// The keys every released Bunny config has, at the 3B model's values.
+    pub(crate) const REAL_3B: &str = r#"{"model_type":"bunny-qformer-phi_v3_bib","vocab_size":50295,"hidden_size":2560,"num_hidden_layers":32,"num_attention_heads":32,"intermediate_size":10240,"partial_rotary_factor":0.4,"mm_hidden_size":1152,"mm_projector_type":"mlp2x_gelu","mm_vision_tower":"google/siglip-so400m-patch14-384","image_aspect_ratio":"pad"}"#;
+
+    fn with(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> Result<BunnyConfig> {
+        let mut v: serde_json::Value = serde_json::from_str(REAL_3B).unwrap();
+        edit(v.as_object_mut().unwrap());
+        BunnyConfig::from_json(&v.to_string())
+    }
+
+    #[test]
+    fn required_keys_are_named_when_missing_or_wrong() {
+        for key in [
+            "model_type",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "mm_hidden_size",
+            "mm_projector_type",
+            "mm_vision_tower",
+            "image_aspect_ratio",
+        ] {
+            let e = with(|m| drop(m.remove(key))).unwrap_err().to_string();
+            assert!(e.contains(&format!("missing field `{key}`")), "{key}: {e}");
+        }
+        let e = with(|m| drop(m.insert("hidden_size".into(), "big".into()))).unwrap_err().to_string();
+        assert!(e.contains("hidden_size: invalid type"), "{e}");
+        let e = with(|m| drop(m.insert("vision_config".into(), serde_json::json!({"hidden_size": 8})))).unwrap_err();
+        assert!(e.to_string().contains("vision_config: missing field `intermediate_size`"), "{e}");
+        let e = with(|m| drop(m.insert("mm_vision_tower".into(), "openai/clip-vit-large-patch14".into()))).unwrap_err();
+        assert!(e.to_string().contains("add a vision_config"), "{e}");
+    }
+
+    /// Optional keys take HF PhiConfig's defaults, not the 3B model's: a config without
+    /// `partial_rotary_factor` rotates half the head, as transformers does.
+    #[test]
+    fn optional_keys_take_hf_defaults() {
+        let c = with(|m| drop(m.remove("partial_rotary_factor"))).unwrap();
+        assert_eq!((c.partial_rotary_factor, c.rotary_dims()), (0.5, 40));
+        assert_eq!((c.bos_token_id, c.eos_token_id, c.pad_token_id), (1, 2, None));
+        assert_eq!((c.rope_theta, c.layer_norm_eps, c.max_position_embeddings), (10000.0, 1e-5, 2048));
+        assert_eq!(c.hidden_act, "gelu_new");
+        let c = with(|m| {
+            m.insert(
+                "vision_config".into(),
+                serde_json::json!({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8}),
+            );
+        })
+        .unwrap();
+        let v = &c.vision_config;
+        assert_eq!((v.layer_norm_eps, v.hidden_act.as_str(), v.image_mean), (1e-6, "gelu_pytorch_tanh", [0.5; 3]));
+    }
+
     #[test]
     fn real_defaults_give_so400m_and_phi2_shapes() {
-        let c = BunnyConfig::from_json(r#"{"model_type":"bunny-qformer-phi_v3_bib"}"#).unwrap();
+        let c = BunnyConfig::from_json(REAL_3B).unwrap();
         assert_eq!(c.head_dim(), 80);
         assert_eq!(c.rotary_dims(), 32);
         assert_eq!(c.vision_config.num_patches(), 729);
@@ -316,9 +418,9 @@ mod tests {
 
     #[test]
     fn nested_rope_parameters_win() {
-        let c = BunnyConfig::from_json(
-            r#"{"model_type":"bunny-phi","rope_parameters":{"partial_rotary_factor":0.5,"rope_theta":500.0}}"#,
-        )
+        let c = with(|m| {
+            m.insert("rope_parameters".into(), serde_json::json!({"partial_rotary_factor": 0.5, "rope_theta": 500.0}));
+        })
         .unwrap();
         assert_eq!(c.rotary_dims(), 40);
         assert_eq!(c.rope_theta, 500.0);
@@ -326,14 +428,20 @@ mod tests {
 
     #[test]
     fn qformer_text_length_is_clamped_to_its_position_table() {
-        let c = BunnyConfig::from_json(r#"{"model_type":"bunny-qformer-phi_v3_bib","qformer_config":{"max_position_embeddings":64,"max_text_length":256}}"#).unwrap();
+        let c = with(|m| {
+            m.insert(
+                "qformer_config".into(),
+                serde_json::json!({"max_position_embeddings": 64, "max_text_length": 256}),
+            );
+        })
+        .unwrap();
         assert_eq!(c.qformer_config.unwrap().max_text_length, 64);
     }
 
     #[test]
     fn bad_json_and_unknown_model_type_are_errors() {
         assert!(BunnyConfig::from_json("{").is_err());
-        let e = BunnyConfig::from_json(r#"{"model_type":"llava"}"#).unwrap_err().to_string();
+        let e = with(|m| drop(m.insert("model_type".into(), "llava".into()))).unwrap_err().to_string();
         assert!(e.contains("llava"), "{e}");
     }
 }

@@ -136,7 +136,7 @@ mod tests {
     /// Parameter count of the real shapes, from the config alone, against a closed-form count.
     #[test]
     fn real_qadapt_shapes_from_config() {
-        let cfg = BunnyConfig::from_json(r#"{"model_type":"bunny-qformer-phi_v3_bib"}"#).unwrap();
+        let cfg = BunnyConfig::from_json(include_str!("../../../configs/qadapt-3b.json")).unwrap();
         let src = ShapeOnly::new(dims_from_config(&cfg));
         let m = Bunny::new(&src, cfg.clone()).unwrap();
         let n: usize = src.requested().iter().map(|(_, s)| s.iter().product::<usize>()).sum();

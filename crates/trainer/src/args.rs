@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::data::Task;
+pub use crate::Dtype;
 
 /// qadapt-train: train and run Bunny / Q-Adapt with candle.
 #[derive(Debug, Parser)]
@@ -30,25 +31,6 @@ pub enum Command {
     Synth(SynthArgs),
     /// Answer accuracy on held-out conversations and SROCC / PLCC of the score against labels.
     Eval(EvalArgs),
-}
-
-/// Compute dtype of activations and weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Dtype {
-    pub fn candle(self) -> candle_core::DType {
-        match self {
-            Dtype::F32 => candle_core::DType::F32,
-            Dtype::F16 => candle_core::DType::F16,
-            Dtype::Bf16 => candle_core::DType::BF16,
-        }
-    }
 }
 
 #[derive(Debug, Args)]
@@ -93,7 +75,7 @@ pub struct InferArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Compute dtype (f32 on CPU; bf16 or f16 on CUDA).
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    #[arg(long, default_value = "f32", value_parser = dtype_parser())]
     pub dtype: Dtype,
 }
 
@@ -118,7 +100,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Data subset: explanation (stage 1's default), answering, or all (stage 2's default).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = task_parser())]
     pub task: Option<Task>,
     /// LoRA rank.
     #[arg(long, default_value_t = 128)]
@@ -181,7 +163,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Compute dtype (trainable weights keep f32 master copies).
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    #[arg(long, default_value = "f32", value_parser = dtype_parser())]
     pub dtype: Dtype,
     /// Draw all base weights at random on the device instead of reading them (the model directory
     /// then needs only config.json and tokenizer files): for benchmarks at real shapes.
@@ -204,7 +186,7 @@ pub struct MergeArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Stored dtype of the output (default: the base's).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = dtype_parser())]
     pub dtype: Option<Dtype>,
     /// Largest shard in MiB.
     #[arg(long, default_value_t = 2048)]
@@ -232,7 +214,7 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 1000)]
     pub bpe_vocab: usize,
     /// Stored dtype of the weights.
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    #[arg(long, default_value = "f32", value_parser = dtype_parser())]
     pub dtype: Dtype,
     /// Largest shard in MiB.
     #[arg(long, default_value_t = 2048)]
@@ -286,4 +268,16 @@ pub struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--task`: the data subsets of [`Task`].
+fn task_parser() -> impl clap::builder::TypedValueParser<Value = Task> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Task::ALL.map(Task::name)).try_map(|s| s.parse::<Task>())
+}
+
+/// `--dtype`: f32, f16 or bf16.
+fn dtype_parser() -> impl clap::builder::TypedValueParser<Value = Dtype> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Dtype::ALL.map(Dtype::name)).try_map(|s| s.parse::<Dtype>())
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 pub const IGNORE: i64 = -100;
 
 /// Which half of the data a sample belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     /// Free-text quality explanations (stage 1's data).
@@ -21,6 +21,31 @@ pub enum Task {
     Answering,
     /// Both.
     All,
+}
+
+impl Task {
+    /// Every subset, in the order `--task` lists them.
+    pub const ALL: [Task; 3] = [Task::Explanation, Task::Answering, Task::All];
+
+    /// The name `--task` takes (and `train_config.json` stores).
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Explanation => "explanation",
+            Task::Answering => "answering",
+            Task::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown task {s:?} (expected explanation, answering or all)"))
+    }
 }
 
 #[derive(Debug, Deserialize)]

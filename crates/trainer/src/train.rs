@@ -58,7 +58,7 @@ pub struct TrainConfig {
     pub unfreeze_qformer: bool,
     pub qformer_init: Option<PathBuf>,
     pub device: String,
-    pub dtype: crate::args::Dtype,
+    pub dtype: crate::Dtype,
     /// Ignore the model's weights (there may be none): draw every base weight at random on the
     /// device. For benchmarks at real shapes without writing a checkpoint first.
     #[serde(default)]
@@ -208,212 +208,342 @@ fn load_trainables(dir: &Path, device: &candle_core::Device) -> anyhow::Result<H
 
 /// Runs a stage to the end (or resumes one); returns the summary it also prints and saves.
 pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
+    anyhow::ensure!(cfg.batch_size > 0 && cfg.grad_accum > 0, "--batch-size and --grad-accum must be ≥ 1");
     let device = crate::device(&cfg.device)?;
     let dtype = cfg.dtype.candle();
-    anyhow::ensure!(cfg.batch_size > 0 && cfg.grad_accum > 0, "--batch-size and --grad-accum must be ≥ 1");
-    let mut config = BunnyConfig::from_file(&cfg.model.join("config.json"))?;
-    if cfg.stage == Stage::Stage2 && config.model_type == ModelType::Bunny {
-        // Stage 2 turns Bunny into Q-Adapt; without a qformer_config the official sizes apply.
-        config.model_type = ModelType::QAdapt;
-        config.qformer_config.get_or_insert_with(Default::default);
-    }
-    let tok = TextTokenizer::from_dir(&cfg.model)?;
-    let qtok = match &config.qformer_config {
-        Some(q) if config.model_type == ModelType::QAdapt => {
-            Some(QFormerTokenizer::from_dir(&cfg.model, q.max_text_length)?)
-        }
-        _ => None,
-    };
-    let v = &config.vision_config;
-    let pre = PreprocessConfig { image_size: v.image_size as u32, mean: v.image_mean, std: v.image_std };
-
-    // Data.
-    let samples = data::load(&cfg.data, &cfg.images)?;
-    let samples: Vec<_> = samples.into_iter().filter(|s| cfg.task == Task::All || s.task == cfg.task).collect();
-    anyhow::ensure!(!samples.is_empty(), "no samples of task {:?} in {:?}", cfg.task, cfg.data);
-    let n_img = v.num_patches();
-    let encoded: Vec<Encoded> =
-        samples.iter().map(|s| data::encode(s, &tok, n_img, cfg.max_length)).collect::<anyhow::Result<_>>()?;
-    let truncated = encoded.iter().filter(|e| e.truncated).count();
-    if truncated > 0 {
-        tracing::warn!(truncated, max_length = cfg.max_length, "samples truncated to --max-length");
-    }
-
-    // Model: which weights train, which are frozen, where LoRA goes.
-    let random;
-    let ck;
-    let plain: &dyn WeightSource = if cfg.random_weights {
-        random = RandomSource { device: device.clone(), dtype, known: models::bunny::dims_from_config(&config) };
-        &random
-    } else {
-        ck = Checkpoint::open(&cfg.model, &device, dtype)?;
-        &ck
-    };
-    let adapted;
-    let base: &dyn WeightSource = match (&cfg.stage, &cfg.stage1) {
-        (Stage::Stage2, Some(run1)) => {
-            adapted = AdaptedSource::open(plain, &adapter_dir(run1), &device, dtype)?;
-            &adapted
-        }
-        (Stage::Stage2, None) => bail!("stage 2 needs --stage1 RUN1 (the stage-1 LoRA is merged and frozen)"),
-        (Stage::Stage1, _) => plain,
-    };
+    let setup = Setup::load(cfg)?;
+    let data = Data::encode(cfg, &setup)?;
     let ckpt = if resume { latest_checkpoint(&cfg.out) } else { None };
     if resume && ckpt.is_none() {
         bail!("--resume {}: no checkpoint-N directory to resume from", cfg.out.display());
     }
-    let mut init = HashMap::new();
-    if let Some(q) = &cfg.qformer_init {
-        init.extend(qformer_init_map(q, &device)?);
-    }
-    if let Some((_, dir)) = &ckpt {
-        init.extend(load_trainables(dir, &device)?);
-    }
-    let stage = cfg.stage;
-    let unfreeze = cfg.unfreeze_qformer;
-    let trainable = move |k: &str| match stage {
-        Stage::Stage1 => k.starts_with("model.mm_projector."),
-        Stage::Stage2 => stage2_trainable(k, unfreeze),
-    };
-    let lora = if stage == Stage::Stage1 { cfg.lora.clone() } else { None };
-    let src = TrainSource::new(base, trainable, lora.clone(), &device, dtype, cfg.seed)
-        .with_init(init)
-        .with_random_missing(move |k| stage == Stage::Stage2 && k.starts_with("model.vlm_"));
-    let model = Bunny::new(&src, config.clone())?;
-    let vars = src.vars();
-    let randomised = src.randomised();
-    if !randomised.is_empty() && ckpt.is_none() {
-        tracing::info!(count = randomised.len(), first = %randomised[0], "randomly initialised (not in the checkpoint)");
-    }
-    let trainable_params: usize = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
-    let mut groups: Vec<Group> = Vec::new();
-    for (k, var) in vars.iter().cloned() {
-        let name = group_of(&k);
-        let lr = if name == "connector" { cfg.connector_lr } else { cfg.lr };
-        match groups.iter_mut().find(|g| g.name == name) {
-            Some(g) => g.vars.push((k, var)),
-            None => groups.push(Group { name, lr, vars: vec![(k, var)] }),
-        }
-    }
-
-    // Schedule.
-    let per_step = cfg.batch_size * cfg.grad_accum;
-    let steps_per_epoch = encoded.len().div_ceil(per_step);
-    let total = cfg.max_steps.unwrap_or(usize::MAX).min(cfg.epochs * steps_per_epoch).max(1);
-    let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
+    let trainee = Trainee::build(cfg, &setup.config, ckpt.as_ref().map(|c| c.1.as_path()), &device, dtype)?;
+    let sched = Schedule::new(cfg, data.encoded.len());
     let mut opt = AdamW::new(cfg.weight_decay);
-    let mut start = 0;
-    if let Some((n, dir)) = &ckpt {
-        // A kill can leave a checkpoint half-written under its temporary name: clear those.
-        for e in std::fs::read_dir(&cfg.out)?.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) {
-                std::fs::remove_dir_all(e.path()).with_context(|| format!("removing stale {}", e.path().display()))?;
+    let start = match &ckpt {
+        Some((n, dir)) => {
+            clear_half_written(&cfg.out)?;
+            opt.load(&dir.join("optimizer.safetensors"), &device)?;
+            tracing::info!(step = n, "resumed from {}", dir.display());
+            *n
+        }
+        None => 0,
+    };
+    let mut metrics = open_run_dir(cfg, start, ckpt.is_some())?;
+
+    let t0 = Instant::now();
+    let ctx = Loop { cfg, setup: &setup, data: &data, trainee: &trainee, sched, device: &device, dtype };
+    let samples_done = ctx.steps(start, &mut opt, &mut metrics)?;
+    let final_dir = save_final(cfg, &setup.config, &trainee)?;
+    let points: Vec<(f64, f64)> = metrics.iter().map(|m| (m.step as f64, m.loss as f64)).collect();
+    crate::plot::loss_curve(&points, &format!("{:?}", cfg.stage).to_lowercase(), &cfg.out.join("loss.png"))?;
+
+    let summary =
+        summarize(cfg, &setup, &data, &trainee, &sched, &metrics, samples_done, t0.elapsed().as_secs_f64(), final_dir);
+    std::fs::write(cfg.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    Ok(summary)
+}
+
+/// What a run reads before its data: the config (stage 2 makes Bunny Q-Adapt), tokenizers and
+/// image preprocessing.
+struct Setup {
+    config: BunnyConfig,
+    tok: TextTokenizer,
+    qtok: Option<QFormerTokenizer>,
+    pre: PreprocessConfig,
+    /// Visual tokens per image.
+    n_img: usize,
+}
+
+impl Setup {
+    fn load(cfg: &TrainConfig) -> anyhow::Result<Self> {
+        let mut config = BunnyConfig::from_file(&cfg.model.join("config.json"))?;
+        if cfg.stage == Stage::Stage2 && config.model_type == ModelType::Bunny {
+            // Stage 2 turns Bunny into Q-Adapt; without a qformer_config the official sizes apply.
+            config.model_type = ModelType::QAdapt;
+            config.qformer_config.get_or_insert_with(Default::default);
+        }
+        let tok = TextTokenizer::from_dir(&cfg.model)?;
+        let qtok = match &config.qformer_config {
+            Some(q) if config.model_type == ModelType::QAdapt => {
+                Some(QFormerTokenizer::from_dir(&cfg.model, q.max_text_length)?)
+            }
+            _ => None,
+        };
+        let v = &config.vision_config;
+        let pre = PreprocessConfig { image_size: v.image_size as u32, mean: v.image_mean, std: v.image_std };
+        let n_img = v.num_patches();
+        Ok(Self { config, tok, qtok, pre, n_img })
+    }
+}
+
+/// The run's samples of its task, tokenized once.
+struct Data {
+    encoded: Vec<Encoded>,
+    truncated: usize,
+}
+
+impl Data {
+    fn encode(cfg: &TrainConfig, setup: &Setup) -> anyhow::Result<Self> {
+        let samples = data::load(&cfg.data, &cfg.images)?;
+        let samples: Vec<_> = samples.into_iter().filter(|s| cfg.task == Task::All || s.task == cfg.task).collect();
+        anyhow::ensure!(!samples.is_empty(), "no samples of task {:?} in {:?}", cfg.task, cfg.data);
+        let encoded: Vec<Encoded> = samples
+            .iter()
+            .map(|s| data::encode(s, &setup.tok, setup.n_img, cfg.max_length))
+            .collect::<anyhow::Result<_>>()?;
+        let truncated = encoded.iter().filter(|e| e.truncated).count();
+        if truncated > 0 {
+            tracing::warn!(truncated, max_length = cfg.max_length, "samples truncated to --max-length");
+        }
+        Ok(Self { encoded, truncated })
+    }
+}
+
+/// The model as this stage trains it: which weights train (in which optimizer group), which are
+/// frozen, where LoRA goes.
+struct Trainee {
+    model: Bunny,
+    vars: Vec<(String, Var)>,
+    groups: Vec<Group>,
+    lora: Option<LoraSpec>,
+    randomised: usize,
+    trainable_params: usize,
+}
+
+impl Trainee {
+    /// `resume_from`: a checkpoint whose trainables replace the initial ones.
+    fn build(
+        cfg: &TrainConfig,
+        config: &BunnyConfig,
+        resume_from: Option<&Path>,
+        device: &candle_core::Device,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
+        let random;
+        let ck;
+        let plain: &dyn WeightSource = if cfg.random_weights {
+            random = RandomSource { device: device.clone(), dtype, known: models::bunny::dims_from_config(config) };
+            &random
+        } else {
+            ck = Checkpoint::open(&cfg.model, device, dtype)?;
+            &ck
+        };
+        let adapted;
+        let base: &dyn WeightSource = match (&cfg.stage, &cfg.stage1) {
+            (Stage::Stage2, Some(run1)) => {
+                adapted = AdaptedSource::open(plain, &adapter_dir(run1), device, dtype)?;
+                &adapted
+            }
+            (Stage::Stage2, None) => bail!("stage 2 needs --stage1 RUN1 (the stage-1 LoRA is merged and frozen)"),
+            (Stage::Stage1, _) => plain,
+        };
+        let mut init = HashMap::new();
+        if let Some(q) = &cfg.qformer_init {
+            init.extend(qformer_init_map(q, device)?);
+        }
+        if let Some(dir) = resume_from {
+            init.extend(load_trainables(dir, device)?);
+        }
+        let stage = cfg.stage;
+        let unfreeze = cfg.unfreeze_qformer;
+        let trainable = move |k: &str| match stage {
+            Stage::Stage1 => k.starts_with("model.mm_projector."),
+            Stage::Stage2 => stage2_trainable(k, unfreeze),
+        };
+        let lora = if stage == Stage::Stage1 { cfg.lora.clone() } else { None };
+        let src = TrainSource::new(base, trainable, lora.clone(), device, dtype, cfg.seed)
+            .with_init(init)
+            .with_random_missing(move |k| stage == Stage::Stage2 && k.starts_with("model.vlm_"));
+        let model = Bunny::new(&src, config.clone())?;
+        let vars = src.vars();
+        let randomised = src.randomised();
+        if !randomised.is_empty() && resume_from.is_none() {
+            tracing::info!(count = randomised.len(), first = %randomised[0], "randomly initialised (not in the checkpoint)");
+        }
+        let trainable_params: usize = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
+        let mut groups: Vec<Group> = Vec::new();
+        for (k, var) in vars.iter().cloned() {
+            let name = group_of(&k);
+            let lr = if name == "connector" { cfg.connector_lr } else { cfg.lr };
+            match groups.iter_mut().find(|g| g.name == name) {
+                Some(g) => g.vars.push((k, var)),
+                None => groups.push(Group { name, lr, vars: vec![(k, var)] }),
             }
         }
-        opt.load(&dir.join("optimizer.safetensors"), &device)?;
-        start = *n;
-        tracing::info!(step = n, "resumed from {}", dir.display());
+        Ok(Self { model, vars, groups, lora, randomised: randomised.len(), trainable_params })
     }
+}
+
+/// Optimizer steps and their learning-rate schedule.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    /// Samples per optimizer step (batch × accumulation).
+    per_step: usize,
+    total: usize,
+    warmup: usize,
+}
+
+impl Schedule {
+    fn new(cfg: &TrainConfig, samples: usize) -> Self {
+        let per_step = cfg.batch_size * cfg.grad_accum;
+        let steps_per_epoch = samples.div_ceil(per_step);
+        let total = cfg.max_steps.unwrap_or(usize::MAX).min(cfg.epochs * steps_per_epoch).max(1);
+        let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
+        Self { per_step, total, warmup }
+    }
+}
+
+/// A kill can leave a checkpoint half-written under its temporary name: clears those.
+fn clear_half_written(out: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(out)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) {
+            std::fs::remove_dir_all(e.path()).with_context(|| format!("removing stale {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the run directory with its `train_config.json`, and `metrics.jsonl` cut back to `start`
+/// when resuming (emptied otherwise); returns the metrics kept.
+fn open_run_dir(cfg: &TrainConfig, start: usize, resuming: bool) -> anyhow::Result<Vec<Metric>> {
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     std::fs::write(cfg.out.join("train_config.json"), serde_json::to_string_pretty(cfg)?)?;
-    let metrics_path = cfg.out.join("metrics.jsonl");
-    let mut metrics: Vec<Metric> = if ckpt.is_some() {
-        metrics::read(&metrics_path)?.into_iter().filter(|m| m.step <= start).collect()
-    } else {
-        Vec::new()
-    };
-    metrics::write(&metrics_path, &metrics)?;
+    let path = cfg.out.join("metrics.jsonl");
+    let kept: Vec<Metric> =
+        if resuming { metrics::read(&path)?.into_iter().filter(|m| m.step <= start).collect() } else { Vec::new() };
+    metrics::write(&path, &kept)?;
+    Ok(kept)
+}
 
-    let order_of_epoch = |epoch: usize| -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..encoded.len()).collect();
-        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64)));
+/// Everything the step loop reads.
+struct Loop<'a> {
+    cfg: &'a TrainConfig,
+    setup: &'a Setup,
+    data: &'a Data,
+    trainee: &'a Trainee,
+    sched: Schedule,
+    device: &'a candle_core::Device,
+    dtype: DType,
+}
+
+impl Loop<'_> {
+    /// Sample indices of `epoch` in training order: a shuffle seeded by (seed, epoch), so a resumed
+    /// run sees the order an uninterrupted one would.
+    fn order_of_epoch(&self, epoch: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.data.encoded.len()).collect();
+        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(self.cfg.seed.wrapping_add(epoch as u64)));
         idx
-    };
-    let bar = indicatif::ProgressBar::new(total as u64).with_position(start as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("{stage:?}").to_lowercase());
-    let t0 = Instant::now();
-    let mut samples_done = 0usize;
-    let mut epoch_cache: Option<(usize, Vec<usize>)> = None;
-    for step in start..total {
-        let ts = Instant::now();
-        let mut o = Candle::training(device.clone(), dtype, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let mut loss_sum = 0f32;
-        for micro in 0..cfg.grad_accum {
-            let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
-            let items: Vec<&Encoded> = (first..first + cfg.batch_size)
-                .map(|g| {
-                    let (epoch, i) = (g / encoded.len(), g % encoded.len());
-                    if epoch_cache.as_ref().map(|c| c.0) != Some(epoch) {
-                        epoch_cache = Some((epoch, order_of_epoch(epoch)));
-                    }
-                    &encoded[epoch_cache.as_ref().map(|c| c.1[i]).unwrap_or(i)]
-                })
-                .collect();
-            let tf = Instant::now();
-            let (loss, _) = batch_loss(&model, &mut o, &pre, qtok.as_ref(), &items)?;
-            loss_sum += loss.to_scalar::<f32>()?;
-            let tb = Instant::now();
-            let g = (loss / cfg.grad_accum as f64)?.backward()?;
-            tracing::debug!(
-                forward_ms = (tb - tf).as_secs_f64() * 1e3,
-                backward_ms = tb.elapsed().as_secs_f64() * 1e3,
-                "micro-batch"
-            );
-            for (k, var) in &vars {
-                if let Some(gr) = g.get(var.as_tensor()) {
-                    let gr = gr.to_dtype(DType::F32)?;
-                    let acc = match grads.remove(k) {
-                        Some(a) => (a + gr)?,
-                        None => gr,
-                    };
-                    grads.insert(k.clone(), acc);
-                }
-            }
-            samples_done += items.len();
-        }
-        let to = Instant::now();
-        let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm)?;
-        let mult = cosine_with_warmup(step, total, warmup);
-        opt.step(&groups, &grads, mult)?;
-        tracing::debug!(optimizer_ms = to.elapsed().as_secs_f64() * 1e3, "step");
-        let loss = loss_sum / cfg.grad_accum as f32;
-        anyhow::ensure!(loss.is_finite(), "loss became {loss} at step {}", step + 1);
-        let sps = per_step as f64 / ts.elapsed().as_secs_f64();
-        let m = Metric {
-            step: step + 1,
-            epoch: ((step + 1) * per_step) as f64 / encoded.len() as f64,
-            loss,
-            lr: cfg.lr * mult,
-            grad_norm,
-            samples_per_s: sps,
-        };
-        metrics::append(&metrics_path, &m)?;
-        metrics.push(m);
-        bar.set_message(format!("loss {loss:.4} lr {:.2e} {sps:.1} samples/s", cfg.lr * mult));
-        bar.inc(1);
-        let done = step + 1;
-        if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total {
-            let state = TrainerState { step: done, total_steps: total, seed: cfg.seed, samples: done * per_step };
-            write_dir_atomic(&cfg.out.join(format!("checkpoint-{done}")), |tmp| {
-                save_trainables(tmp, &vars, lora.as_ref())?;
-                opt.save(&tmp.join("optimizer.safetensors"))?;
-                std::fs::write(tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state)?)?;
-                Ok(())
-            })?;
-        }
     }
-    bar.finish_and_clear();
+
+    /// Runs the optimizer steps `start..total`, appending each step's metrics and writing a
+    /// checkpoint every `save_every` steps and at the end; returns the samples seen.
+    fn steps(&self, start: usize, opt: &mut AdamW, metrics: &mut Vec<Metric>) -> anyhow::Result<usize> {
+        let (cfg, sched, encoded) = (self.cfg, self.sched, &self.data.encoded);
+        let metrics_path = cfg.out.join("metrics.jsonl");
+        let bar = indicatif::ProgressBar::new(sched.total as u64).with_position(start as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{:?}", cfg.stage).to_lowercase());
+        let mut samples_done = 0usize;
+        let mut epoch_cache: Option<(usize, Vec<usize>)> = None;
+        for step in start..sched.total {
+            let ts = Instant::now();
+            let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64);
+            let mut o = Candle::training(self.device.clone(), self.dtype, seed);
+            let mut grads: HashMap<String, Tensor> = HashMap::new();
+            let mut loss_sum = 0f32;
+            for micro in 0..cfg.grad_accum {
+                let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
+                let items: Vec<&Encoded> = (first..first + cfg.batch_size)
+                    .map(|g| {
+                        let (epoch, i) = (g / encoded.len(), g % encoded.len());
+                        if epoch_cache.as_ref().map(|c| c.0) != Some(epoch) {
+                            epoch_cache = Some((epoch, self.order_of_epoch(epoch)));
+                        }
+                        &encoded[epoch_cache.as_ref().map(|c| c.1[i]).unwrap_or(i)]
+                    })
+                    .collect();
+                let tf = Instant::now();
+                let (loss, _) =
+                    batch_loss(&self.trainee.model, &mut o, &self.setup.pre, self.setup.qtok.as_ref(), &items)?;
+                loss_sum += loss.to_scalar::<f32>()?;
+                let tb = Instant::now();
+                let g = (loss / cfg.grad_accum as f64)?.backward()?;
+                tracing::debug!(
+                    forward_ms = (tb - tf).as_secs_f64() * 1e3,
+                    backward_ms = tb.elapsed().as_secs_f64() * 1e3,
+                    "micro-batch"
+                );
+                for (k, var) in &self.trainee.vars {
+                    if let Some(gr) = g.get(var.as_tensor()) {
+                        let gr = gr.to_dtype(DType::F32)?;
+                        let acc = match grads.remove(k) {
+                            Some(a) => (a + gr)?,
+                            None => gr,
+                        };
+                        grads.insert(k.clone(), acc);
+                    }
+                }
+                samples_done += items.len();
+            }
+            let to = Instant::now();
+            let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm)?;
+            let mult = cosine_with_warmup(step, sched.total, sched.warmup);
+            opt.step(&self.trainee.groups, &grads, mult)?;
+            tracing::debug!(optimizer_ms = to.elapsed().as_secs_f64() * 1e3, "step");
+            let loss = loss_sum / cfg.grad_accum as f32;
+            anyhow::ensure!(loss.is_finite(), "loss became {loss} at step {}", step + 1);
+            let sps = sched.per_step as f64 / ts.elapsed().as_secs_f64();
+            let m = Metric {
+                step: step + 1,
+                epoch: ((step + 1) * sched.per_step) as f64 / encoded.len() as f64,
+                loss,
+                lr: cfg.lr * mult,
+                grad_norm,
+                samples_per_s: sps,
+            };
+            metrics::append(&metrics_path, &m)?;
+            metrics.push(m);
+            bar.set_message(format!("loss {loss:.4} lr {:.2e} {sps:.1} samples/s", cfg.lr * mult));
+            bar.inc(1);
+            let done = step + 1;
+            if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == sched.total {
+                self.checkpoint(done, opt)?;
+            }
+        }
+        bar.finish_and_clear();
+        Ok(samples_done)
+    }
+
+    /// `checkpoint-{done}`: trainables, optimizer state and progress, written atomically.
+    fn checkpoint(&self, done: usize, opt: &AdamW) -> anyhow::Result<()> {
+        let (cfg, t) = (self.cfg, self.trainee);
+        let state = TrainerState {
+            step: done,
+            total_steps: self.sched.total,
+            seed: cfg.seed,
+            samples: done * self.sched.per_step,
+        };
+        write_dir_atomic(&cfg.out.join(format!("checkpoint-{done}")), |tmp| {
+            save_trainables(tmp, &t.vars, t.lora.as_ref())?;
+            opt.save(&tmp.join("optimizer.safetensors"))?;
+            std::fs::write(tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state)?)?;
+            Ok(())
+        })
+    }
+}
+
+/// `final/`: the trainables (and for stage 2 the Q-Adapt config `merge` writes); returns its path.
+fn save_final(cfg: &TrainConfig, config: &BunnyConfig, t: &Trainee) -> anyhow::Result<PathBuf> {
     let final_dir = cfg.out.join("final");
     write_dir_atomic(&final_dir, |tmp| {
-        save_trainables(tmp, &vars, lora.as_ref())?;
-        if stage == Stage::Stage2 {
+        save_trainables(tmp, &t.vars, t.lora.as_ref())?;
+        if cfg.stage == Stage::Stage2 {
             // The model stage 2 produced is Q-Adapt whatever the base was: `merge` writes this config.
             let mut raw: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(cfg.model.join("config.json"))?)?;
@@ -425,32 +555,41 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
         }
         Ok(())
     })?;
-    let points: Vec<(f64, f64)> = metrics.iter().map(|m| (m.step as f64, m.loss as f64)).collect();
-    crate::plot::loss_curve(&points, &format!("{stage:?}").to_lowercase(), &cfg.out.join("loss.png"))?;
+    Ok(final_dir)
+}
 
-    let seconds = t0.elapsed().as_secs_f64();
-    let mut step_ms: Vec<f64> = metrics.iter().skip(2).map(|m| 1000.0 * per_step as f64 / m.samples_per_s).collect();
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    cfg: &TrainConfig,
+    setup: &Setup,
+    data: &Data,
+    t: &Trainee,
+    sched: &Schedule,
+    metrics: &[Metric],
+    samples: usize,
+    seconds: f64,
+    adapter_dir: PathBuf,
+) -> Summary {
+    let mut step_ms: Vec<f64> =
+        metrics.iter().skip(2).map(|m| 1000.0 * sched.per_step as f64 / m.samples_per_s).collect();
     step_ms.sort_by(f64::total_cmp);
-    let step_ms_median = step_ms.get(step_ms.len() / 2).copied().unwrap_or(f64::NAN);
-    let mean_text_tokens = encoded.iter().map(|e| e.prompt.ids.len()).sum::<usize>() as f64 / encoded.len() as f64;
+    let encoded = &data.encoded;
     let last: Vec<f32> = metrics.iter().rev().take(10).map(|m| m.loss).collect();
-    let summary = Summary {
-        stage,
-        steps: total,
-        samples: samples_done,
-        trainable_params,
+    Summary {
+        stage: cfg.stage,
+        steps: sched.total,
+        samples,
+        trainable_params: t.trainable_params,
         first_loss: metrics.first().map_or(f32::NAN, |m| m.loss),
         final_loss: metrics.last().map_or(f32::NAN, |m| m.loss),
         mean_last10_loss: last.iter().sum::<f32>() / last.len().max(1) as f32,
-        samples_per_s: samples_done as f64 / seconds.max(1e-9),
+        samples_per_s: samples as f64 / seconds.max(1e-9),
         seconds,
-        step_ms_median,
-        mean_text_tokens,
-        image_tokens: n_img,
-        truncated_samples: truncated,
-        randomly_initialised: randomised.len(),
-        adapter_dir: final_dir,
-    };
-    std::fs::write(cfg.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    Ok(summary)
+        step_ms_median: step_ms.get(step_ms.len() / 2).copied().unwrap_or(f64::NAN),
+        mean_text_tokens: encoded.iter().map(|e| e.prompt.ids.len()).sum::<usize>() as f64 / encoded.len() as f64,
+        image_tokens: setup.n_img,
+        truncated_samples: data.truncated,
+        randomly_initialised: t.randomised,
+        adapter_dir,
+    }
 }
