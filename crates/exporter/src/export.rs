@@ -1,4 +1,6 @@
-//! The three graphs and `qadapt.json`, each traced from the model's own forward passes.
+//! The five graphs (vision, embed, decoder with KV cache, and the `cache_join` / `cache_select`
+//! cache graphs of continuous batching) and `qadapt.json`, each traced from the model's own forward
+//! passes.
 
 use std::path::Path;
 

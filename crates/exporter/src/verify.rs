@@ -90,8 +90,9 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
 /// The worst relative error of one graph, per output.
 pub type Report = Vec<(String, f32)>;
 
-/// Runs the three graphs in `dir` against `model` (loaded in `dtype` on the CPU, which runs the
-/// candle side in that type too).
+/// Runs the three model graphs in `dir` (vision, embed, decoder) against `model` (loaded in `dtype`
+/// on the CPU, which runs the candle side in that type too). The two cache graphs compute no model
+/// function; the runtime's batching tests check them (a joined batch answers as lone rows do).
 pub fn verify(
     env: &ort::environment::Environment,
     model: &Bunny,

@@ -1,5 +1,6 @@
-//! [`Runtime`]: the three graphs of an export on one execution provider, and what is computed with
-//! them — image features, prefill, batched decoding, the Q-Align score and option likelihoods.
+//! [`Runtime`]: the five graphs of an export (vision, embed, decoder; `cache_join` / `cache_select`
+//! for continuous batching) on one execution provider, and what is computed with them — image
+//! features, prefill, batched decoding, the Q-Align score and option likelihoods.
 
 use std::path::Path;
 use std::sync::Arc;

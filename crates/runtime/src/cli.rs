@@ -112,6 +112,7 @@ impl ImageArgs {
 /// Generation settings.
 #[derive(Debug, Args)]
 struct GenArgs {
+    /// Most tokens generated (fewer when the model's positions run out first).
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// Sampling temperature; greedy when absent or 0 (otherwise at least 0.001).
@@ -238,6 +239,7 @@ struct EvalArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Address to listen on (0.0.0.0: every interface).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port to listen on (0: any free port; the address is printed).

@@ -275,14 +275,18 @@ fn a_client_that_disconnects_stops_its_generation() {
     server.shutdown();
 }
 
-/// A question that passes the HTTP limit but does not fit the model (with its image) fails alone:
-/// the requests batched with it are still answered.
+/// A question that passes the HTTP limit but does not fit the model (with its image) is refused
+/// alone, by the handler before it reaches the queue: the 11 requests sent with it are answered as a
+/// lone request is, and exactly those 11 reach the decode batches.
 #[test]
 fn a_question_too_long_for_the_model_fails_alone() {
     let (_tmp, dir) = exported(CASE);
     let img = Arc::new(data_url(&fixtures().join(CASE).join("image.png")));
     let (server, url) = start(&dir, Config { max_prompt_tokens: 1000, ..Config::default() });
     let chat_url = Arc::new(format!("{url}/v1/chat/completions"));
+    let lone = post(&chat_url, &chat("Is it sharp?", &img, 8, false)).1["token_ids"].clone();
+    assert!(!lone.as_array().unwrap().is_empty());
+    let jobs0 = metric(&url, "qadapt_batched_jobs_total");
     let long = Arc::new("very ".repeat(200)); // 600 tokens: under the HTTP limit, over the model's 512 positions
     let clients: Vec<_> = (0..12)
         .map(|i| {
@@ -297,12 +301,14 @@ fn a_question_too_long_for_the_model_fails_alone() {
         if i == 5 {
             assert_eq!(*code, 400, "{r}");
             assert!(r["error"]["message"].as_str().unwrap().contains("max_positions"), "{r}");
+            assert_eq!(r["error"]["param"], "messages", "{r}");
         } else {
             assert_eq!(*code, 200, "client {i}: {r}");
+            assert_eq!(r["token_ids"], lone, "client {i} answered differently from a lone request");
         }
     }
-    let (batches, jobs) = (metric(&url, "qadapt_batches_total"), metric(&url, "qadapt_batched_jobs_total"));
-    println!("12 clients, one question too long: 11 answered in {batches} batches ({jobs} jobs)");
+    let jobs = metric(&url, "qadapt_batched_jobs_total") - jobs0;
+    assert_eq!(jobs, 11.0, "the 11 valid requests, and only they, should reach the decode batches");
     server.shutdown();
 }
 

@@ -97,9 +97,13 @@ pub fn cosine_with_warmup(step: usize, total: usize, warmup: usize) -> f64 {
 
 /// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_global_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> candle_core::Result<f64> {
+    // Summed in key order: a HashMap's order changes from process to process, and so would the
+    // last bits of the norm, the clipped gradients and every loss after them.
+    let mut keys: Vec<&String> = grads.keys().collect();
+    keys.sort();
     let mut sq = 0f64;
-    for g in grads.values() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    for k in keys {
+        sq += grads[k].to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {

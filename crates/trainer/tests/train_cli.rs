@@ -97,6 +97,15 @@ fn pipeline_trains_the_right_weights_and_merges_exactly() {
     ] {
         assert!(run1.join(f).exists(), "stage 1 did not write {f}");
     }
+    // The loss plot draws both curves (raw in light blue, its moving average in dark blue) and
+    // their legend.
+    let png = image::open(run1.join("loss.png")).expect("loss.png is a PNG").to_rgb8();
+    assert_eq!(png.dimensions(), (800, 480));
+    // Over 8 steps the average covers most of the raw line; each legend swatch is 21 × 3 pixels.
+    for (c, what, min) in [([160u8, 190, 230], "raw loss", 70), ([20, 60, 160], "moving average", 500)] {
+        let n = png.pixels().filter(|p| p.0 == c).count();
+        assert!(n > min, "loss.png: {what} curve has {n} pixels of its colour (want > {min})");
+    }
     // LoRA B starts at zero: non-zero B after training proves the adapter (vision included) trained.
     let lora = load(&run1.join("final/adapter_model.safetensors"));
     let vision_b = lora
@@ -195,8 +204,30 @@ fn pipeline_trains_the_right_weights_and_merges_exactly() {
     let m1 = score(&merged1);
     let (a, b) = (m1["score"].as_f64().unwrap(), unmerged["score"].as_f64().unwrap());
     assert!((a - b).abs() < 1e-5, "merged {a} vs unmerged {b}");
-    let m2 = score(&merged);
-    assert!(m2["score"].as_f64().unwrap().is_finite());
+    // Two stages merged == stage 1 merged, with stage 2's trainables (prompt module, connector)
+    // swapped in on load; and stage 2 changed the score.
+    let staged = ok(
+        bin()
+            .args([
+                "infer",
+                "--model",
+                s(&merged1),
+                "--adapter",
+                s(&run2.join("final")),
+                "--image",
+                s(&img),
+                "--score",
+                "--json",
+            ])
+            .output()
+            .unwrap(),
+        "infer stage-1 merge with the stage-2 trainables",
+    );
+    let staged: serde_json::Value = serde_json::from_slice(&staged.stdout).unwrap();
+    let m2 = score(&merged)["score"].as_f64().unwrap();
+    let s2 = staged["score"].as_f64().unwrap();
+    assert!((m2 - s2).abs() < 1e-5, "merged two stages {m2} vs stage-1 merge + stage-2 trainables {s2}");
+    assert!((m2 - a).abs() > 1e-6, "stage 2 left the score at stage 1's {a}");
 }
 
 #[test]
