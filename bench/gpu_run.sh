@@ -6,7 +6,7 @@
 #
 # Nothing is compiled where it runs. Bundle (built here, carried): BIN holds qadapt-train, qadapt-export
 # and bench_run (plain or .xz); ORT_DYLIB_PATH points at libonnxruntime.so.1.31.1 of onnxruntime-gpu
-# with its providers beside it (on the lent machine: the relay of ../shared/RECIPES.md).
+# with its providers beside it (on the lent machine: the relay of bench/relay.sh).
 #   BIN=bench/bin ORT_DYLIB_PATH=/root/stash/libonnxruntime.so.1.31.1 bash bench/gpu_run.sh
 # The same script on CPU checks its plumbing at small shapes:
 #   BIN=target/release CONFIG=configs/bench-small-bunny.json EP=cpu DEVICE=cpu DTYPE=f32 BATCHES="1 2" \

@@ -16,7 +16,6 @@ use qadapt_core::tokenizer::END_OF_TEXT;
 use qadapt_core::{BunnyConfig, ModelType};
 use rand::SeedableRng;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
@@ -78,24 +77,38 @@ fn train_bpe(texts: &[String], vocab: usize, dir: &Path) -> anyhow::Result<u32> 
     tok.token_to_id(END_OF_TEXT).context("trained tokenizer lacks <|endoftext|>")
 }
 
+/// The Q-Former's WordPiece vocabulary (`qformer/vocab.txt`) from the training texts, built here
+/// rather than by `tokenizers`' WordPiece trainer, whose ids (and, at ties, merges) follow a HashMap's
+/// per-process order: two `init`s of the same data would give different tokenizers and so different
+/// training runs. BERT's normalizer (lower case, accents stripped) and pre-tokenizer split the texts;
+/// the vocabulary is the five specials, every character seen (alone and as a `##` continuation, in
+/// code-point order), then whole words by frequency (ties in byte order) up to 2000 entries.
 fn train_wordpiece(texts: &[String], dir: &Path) -> anyhow::Result<usize> {
-    let mut tok = Tokenizer::new(WordPiece::default());
-    tok.with_normalizer(Some(BertNormalizer::new(true, true, None, true))).map_err(|e| anyhow::anyhow!("{e}"))?;
-    tok.with_pre_tokenizer(Some(BertPreTokenizer));
-    let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].map(|t| AddedToken::from(t, true)).to_vec();
-    let mut trainer: TrainerWrapper = WordPieceTrainerBuilder::new()
-        .vocab_size(2000)
-        .min_frequency(1)
-        .show_progress(false)
-        .special_tokens(specials)
-        .build()
-        .into();
-    tok.train(&mut trainer, texts.iter()).map_err(|e| anyhow::anyhow!("training the Q-Former WordPiece: {e}"))?;
-    let mut vocab: Vec<(String, u32)> = tok.get_vocab(false).into_iter().collect();
-    vocab.sort_by_key(|(_, i)| *i);
+    use std::collections::{BTreeMap, BTreeSet};
+    use tokenizers::{NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    const VOCAB: usize = 2000;
+    let normalizer = BertNormalizer::new(true, true, None, true);
+    let mut words: BTreeMap<String, usize> = BTreeMap::new();
+    for t in texts {
+        let mut n = NormalizedString::from(t.as_str());
+        normalizer.normalize(&mut n).map_err(|e| anyhow::anyhow!("normalizing {t:?}: {e}"))?;
+        let mut pre = PreTokenizedString::from(n);
+        BertPreTokenizer.pre_tokenize(&mut pre).map_err(|e| anyhow::anyhow!("splitting {t:?}: {e}"))?;
+        for (w, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            *words.entry(w.to_string()).or_default() += 1;
+        }
+    }
+    let chars: BTreeSet<char> = words.keys().flat_map(|w| w.chars()).collect();
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].map(String::from).to_vec();
+    vocab.extend(chars.iter().map(|c| c.to_string()));
+    vocab.extend(chars.iter().map(|c| format!("##{c}")));
+    let mut by_count: Vec<(&String, &usize)> = words.iter().filter(|(w, _)| w.chars().count() > 1).collect();
+    by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let room = VOCAB.saturating_sub(vocab.len());
+    vocab.extend(by_count.into_iter().take(room).map(|(w, _)| w.clone()));
     let q = dir.join("qformer");
     std::fs::create_dir_all(&q)?;
-    let lines: String = vocab.iter().map(|(t, _)| format!("{t}\n")).collect();
+    let lines: String = vocab.iter().map(|t| format!("{t}\n")).collect();
     std::fs::write(q.join("vocab.txt"), lines)?;
     Ok(vocab.len())
 }

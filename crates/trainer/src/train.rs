@@ -32,6 +32,16 @@ pub enum Stage {
     Stage2,
 }
 
+impl Stage {
+    /// "stage 1" or "stage 2", for titles.
+    pub fn title(self) -> &'static str {
+        match self {
+            Stage::Stage1 => "stage 1",
+            Stage::Stage2 => "stage 2",
+        }
+    }
+}
+
 /// Everything a run depends on; saved as `train_config.json` so `--resume` needs nothing else.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -236,7 +246,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     let samples_done = ctx.steps(start, &mut opt, &mut metrics)?;
     let final_dir = save_final(cfg, &setup.config, &trainee)?;
     let points: Vec<(f64, f64)> = metrics.iter().map(|m| (m.step as f64, m.loss as f64)).collect();
-    crate::plot::loss_curve(&points, &format!("{:?}", cfg.stage).to_lowercase(), &cfg.out.join("loss.png"))?;
+    crate::plot::loss_curve(&points, cfg.stage.title(), &cfg.out.join("loss.png"))?;
 
     let summary =
         summarize(cfg, &setup, &data, &trainee, &sched, &metrics, samples_done, t0.elapsed().as_secs_f64(), final_dir);
