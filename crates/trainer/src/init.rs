@@ -113,6 +113,14 @@ fn train_wordpiece(texts: &[String], dir: &Path) -> anyhow::Result<usize> {
     Ok(vocab.len())
 }
 
+/// Each tensor draws from its own stream, seeded by (seed, key): a tensor's values do not move when
+/// another tensor is added or resized (the Q-Former's vocabulary follows the data, for one).
+fn tensor_rng(seed: u64, key: &str) -> rand::rngs::StdRng {
+    // FNV-1a: fixed across platforms and Rust versions, unlike std's hasher.
+    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    rand::rngs::StdRng::seed_from_u64(seed ^ h)
+}
+
 /// Writes the directory; returns (tensors, parameters, shards).
 pub fn run(opts: &InitOptions) -> anyhow::Result<(usize, usize, usize)> {
     let mut config = BunnyConfig::from_file(&opts.config)?;
@@ -168,11 +176,10 @@ pub fn run(opts: &InitOptions) -> anyhow::Result<(usize, usize, usize)> {
         let src = ShapeOnly::new(dims_from_config(&config));
         Bunny::new(&src, config.clone())?;
         entries = src.requested();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
         let bar = indicatif::ProgressBar::new(entries.len() as u64);
         shards = write_sharded(dir, &entries, opts.dtype, opts.shard_bytes, |k, s| {
             bar.inc(1);
-            Ok(init_tensor(k, s, &mut rng, &Device::Cpu)?)
+            Ok(init_tensor(k, s, &mut tensor_rng(opts.seed, k), &Device::Cpu)?)
         })?;
         bar.finish_and_clear();
         Ok(())
