@@ -3,6 +3,7 @@
 //! plus `infer`, `init`, `merge` and the synthetic EIQA dataset (`synth`).
 
 pub mod args;
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod eval;

@@ -16,6 +16,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{clear_half_written, latest_checkpoint, load_trainables, qformer_init_map, save_trainables};
 use crate::data::{self, Encoded, Task};
 use crate::files::write_dir_atomic;
 use crate::metrics::{self, Metric};
@@ -129,91 +130,6 @@ fn stage2_trainable(key: &str, unfreeze_qformer: bool) -> bool {
         return unfreeze_qformer || rest.contains(".crossattention.");
     }
     key.starts_with("model.vlm_")
-}
-
-/// Maps InstructBLIP Q-Former weights (LAVIS `Qformer.bert.*`, `query_tokens`, `ln_vision`, or HF
-/// `qformer.*`) to Q-Adapt keys.
-pub fn qformer_init_map(path: &Path, device: &candle_core::Device) -> anyhow::Result<HashMap<String, Tensor>> {
-    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
-    let raw =
-        candle_core::safetensors::load(&file, device).with_context(|| format!("--qformer-init {}", file.display()))?;
-    let mut out = HashMap::new();
-    for (k, t) in raw {
-        let key = if let Some(r) = k.strip_prefix("Qformer.bert.") {
-            format!("model.vlm_att_encoder.bert.{r}")
-        } else if let Some(r) = k.strip_prefix("qformer.") {
-            let r = r
-                .replace(".attention.attention.", ".attention.self.")
-                .replace(".crossattention.attention.", ".crossattention.self.");
-            let r = r.replace("embeddings.layernorm.", "embeddings.LayerNorm.");
-            let r = if let Some(x) = r.strip_prefix("layernorm.") { format!("embeddings.LayerNorm.{x}") } else { r };
-            format!("model.vlm_att_encoder.bert.{r}")
-        } else if k == "query_tokens" {
-            "model.vlm_att_query".into()
-        } else if let Some(r) = k.strip_prefix("ln_vision.") {
-            format!("model.vlm_att_ln.{r}")
-        } else {
-            continue;
-        };
-        if key.ends_with("position_ids") {
-            continue;
-        }
-        out.insert(key, t.to_dtype(DType::F32)?);
-    }
-    anyhow::ensure!(
-        !out.is_empty(),
-        "--qformer-init {}: no Q-Former tensors (Qformer.bert.*, qformer.*, query_tokens, ln_vision.*)",
-        file.display()
-    );
-    Ok(out)
-}
-
-fn latest_checkpoint(run: &Path) -> Option<(usize, PathBuf)> {
-    std::fs::read_dir(run)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            name.strip_prefix("checkpoint-").and_then(|n| n.parse::<usize>().ok()).map(|n| (n, e.path()))
-        })
-        .max_by_key(|(n, _)| *n)
-}
-
-fn save_trainables(dir: &Path, vars: &[(String, Var)], lora: Option<&LoraSpec>) -> anyhow::Result<()> {
-    let (mut lo, mut full): (HashMap<String, Tensor>, HashMap<String, Tensor>) = (HashMap::new(), HashMap::new());
-    for (k, v) in vars {
-        let t = v.as_tensor().detach().to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
-        if k.contains(".lora_") {
-            lo.insert(k.clone(), t);
-        } else {
-            full.insert(k.clone(), t);
-        }
-    }
-    if let (Some(spec), false) = (lora, lo.is_empty()) {
-        let cfg = serde_json::json!({
-            "peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-            "target_modules": spec.targets, "bias": "none", "use_rslora": false,
-        });
-        std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?)?;
-        candle_core::safetensors::save(&lo, dir.join("adapter_model.safetensors"))?;
-    }
-    if !full.is_empty() {
-        candle_core::safetensors::save(&full, dir.join("non_lora_trainables.safetensors"))?;
-    }
-    Ok(())
-}
-
-fn load_trainables(dir: &Path, device: &candle_core::Device) -> anyhow::Result<HashMap<String, Tensor>> {
-    let mut init = HashMap::new();
-    for f in ["adapter_model.safetensors", "non_lora_trainables.safetensors"] {
-        let p = dir.join(f);
-        if p.exists() {
-            init.extend(
-                candle_core::safetensors::load(&p, device).with_context(|| format!("reading {}", p.display()))?,
-            );
-        }
-    }
-    Ok(init)
 }
 
 /// Runs a stage to the end (or resumes one); returns the summary it also prints and saves.
@@ -402,17 +318,6 @@ impl Schedule {
         let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
         Self { per_step, total, warmup }
     }
-}
-
-/// A kill can leave a checkpoint half-written under its temporary name: clears those.
-fn clear_half_written(out: &Path) -> anyhow::Result<()> {
-    for e in std::fs::read_dir(out)?.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) {
-            std::fs::remove_dir_all(e.path()).with_context(|| format!("removing stale {}", e.path().display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// Creates the run directory with its `train_config.json`, and `metrics.jsonl` cut back to `start`
