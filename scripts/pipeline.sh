@@ -56,10 +56,11 @@ echo "   its label: $label"
 echo "== qadapt-run (ONNX Runtime, CPU) on the same image ($label)"
 "$R" --model "$WORK/export" --image "$WORK/data/$img" --ask "$ask" --max-new-tokens 48
 "$R" --model "$WORK/export" --image "$WORK/data/$img" --score
-echo "== qadapt-run eval: Q-Bench-style held-out questions"
+echo "== qadapt-run eval: Q-Bench-style held-out questions, by generation and by likelihood, beside chance"
 "$R" eval --model "$WORK/export" --qbench "$WORK/data/qbench.json" --images "$WORK/data"
 echo "== qadapt-run eval: SROCC / PLCC of the score on the held-out images (scatter: $WORK/scatter.png)"
 "$R" eval --model "$WORK/export" --iqa "$WORK/data/labels.csv" --split test --images "$WORK/data" --plot "$WORK/scatter.png"
-echo "== qadapt-train eval: held-out conversations (by question kind) and the score's correlation"
-"$T" eval --model "$WORK/merged" --data "$WORK/data/test.json" --images "$WORK/data" --labels "$WORK/data/labels.csv" ${EVAL_JSON:+--json}
+echo "== qadapt-train eval (candle): held-out conversations by question kind, the same Q-Bench rows, the score's correlation"
+"$T" eval --model "$WORK/merged" --data "$WORK/data/test.json" --qbench "$WORK/data/qbench.json" --images "$WORK/data" \
+  --labels "$WORK/data/labels.csv" ${EVAL_JSON:+--json}
 echo "== done: outputs under $WORK (loss plots: $WORK/run1/loss.png, $WORK/run2/loss.png; export: $WORK/export)"

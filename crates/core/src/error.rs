@@ -18,6 +18,9 @@ pub enum Error {
     /// An IQA labels CSV is unreadable or lacks a column.
     #[error("labels {path}: {msg}")]
     Labels { path: PathBuf, msg: String },
+    /// An evaluation input (a Q-Bench file) is unreadable or malformed.
+    #[error("{path}: {msg}")]
+    Input { path: PathBuf, msg: String },
     /// A sampling setting out of its range (temperature, top-k, top-p, repetition penalty).
     #[error("sampling: {0}")]
     Sampling(String),

@@ -1,6 +1,6 @@
 //! Candle-free pieces of qadapt shared by the trainer, the exporter and the ONNX runtime:
 //! the model config, tokenizers, the Bunny prompt template, image preprocessing, and the
-//! sampling / Q-Align scoring maths. Nothing here knows about tensors of a framework.
+//! sampling / Q-Align scoring maths, and the Q-Bench protocol both evaluators follow. Nothing here knows about tensors of a framework.
 
 pub mod config;
 pub mod error;
@@ -9,6 +9,7 @@ pub mod image;
 pub mod labels;
 pub mod manifest;
 pub mod metrics;
+pub mod qbench;
 pub mod sampling;
 pub mod template;
 #[cfg(any(test, feature = "testing"))]

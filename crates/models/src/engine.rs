@@ -6,8 +6,9 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use image::RgbImage;
 use qadapt_core::image::{pixel_values, PreprocessConfig};
+use qadapt_core::qbench::{self, ChooseBy, QBenchRow};
 use qadapt_core::sampling::{
-    decode_loop, level_token_ids, quality_score, AnswerJson, GenerateOptions, LevelProbs, Sampler, LEVELS,
+    decode_loop, level_token_ids, log_prob, quality_score, AnswerJson, GenerateOptions, LevelProbs, Sampler, LEVELS,
 };
 use qadapt_core::template::{self, PromptIds};
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
@@ -168,6 +169,67 @@ impl Engine {
             step,
             &mut on_text,
         )
+    }
+
+    /// The loss (mean negative log-likelihood per token) of each option as the whole answer
+    /// (` option<|endoftext|>`): what `qadapt-run`'s `choices` computes, so both choose alike.
+    pub fn option_losses(&self, img: &RgbImage, question: &str, options: &[&str]) -> Result<Vec<f64>> {
+        let pixels = self.pixel_values(img)?;
+        let feats = self.image_features(&pixels, question)?;
+        let prompt = self.prompt_ids(question, None)?;
+        let embeds = self.splice(&prompt, &feats.projected)?;
+        let len = embeds.dim(1)?;
+        let (first, past) = self.prefill(&embeds)?;
+        let mut out = Vec::with_capacity(options.len());
+        for opt in options {
+            let ids = self.tokenizer.encode(&format!(" {opt}{}", qadapt_core::tokenizer::END_OF_TEXT))?;
+            self.check_length(len + ids.len())?;
+            let mut lp = log_prob(&first, ids[0]);
+            if ids.len() > 1 {
+                let k = ids.len() - 1;
+                let t = Tensor::new(&ids[..k], self.device())?.unsqueeze(0)?;
+                let e = self.model.llm.embed(&mut self.ops.clone(), &t)?;
+                let mask = Tensor::ones((1, len + k), DType::I64, self.device())?;
+                let pos = Tensor::arange(len as i64, (len + k) as i64, self.device())?.unsqueeze(0)?;
+                let (l, _) = self.model.llm.forward(&mut self.ops.clone(), &e, &mask, &pos, Some(&past), None)?;
+                let rows = l.i(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                lp += ids[1..].iter().zip(&rows).map(|(&id, row)| log_prob(row, id)).sum::<f64>();
+            }
+            out.push(-lp / ids.len() as f64);
+        }
+        Ok(out)
+    }
+
+    /// Q-Bench A1 by generation and by likelihood, with the protocol of `qadapt_core::qbench` that
+    /// `qadapt-run eval` follows too; images under `images`. A row whose image cannot be read is
+    /// listed in `failed`, not counted. `tick` after each row.
+    pub fn qbench(&self, rows: &[QBenchRow], images: &Path, tick: &mut dyn FnMut()) -> Result<Vec<qbench::Report>> {
+        let (mut gen, mut lik) = (qbench::Report::new(ChooseBy::Generate), qbench::Report::new(ChooseBy::Likelihood));
+        let opts = GenerateOptions { max_new_tokens: 16, ..Default::default() };
+        for row in rows {
+            let path = images.join(&row.img_path);
+            let img = match qadapt_core::image::load_image(&path) {
+                Ok(img) => img,
+                Err(e) => {
+                    gen.failed.push(format!("{}: {e}", path.display()));
+                    lik.failed.push(format!("{}: {e}", path.display()));
+                    tick();
+                    continue;
+                }
+            };
+            let prompt = row.prompt();
+            let out = self.generate(&img, &prompt, &opts, |_| {})?;
+            let pick = qbench::parse_choice(&out.answer, &row.candidates);
+            gen.add(row, out.answer, pick);
+            let letters = row.letter_answers();
+            let refs: Vec<&str> = letters.iter().map(String::as_str).collect();
+            let losses = self.option_losses(&img, &prompt, &refs)?;
+            // The lowest loss; the first wins ties, as in `qadapt-run`.
+            let best = (0..losses.len()).fold(0, |b, i| if losses[i] < losses[b] { i } else { b });
+            lik.add(row, letters[best].clone(), Some(best));
+            tick();
+        }
+        Ok(vec![gen, lik])
     }
 
     /// The Q-Align 1–5 score with its level probabilities (DESIGN §5).

@@ -124,8 +124,13 @@ pub struct TrainSource<'a> {
     lora: Option<LoraSpec>,
     init: HashMap<String, Tensor>,
     random_missing: Box<dyn Fn(&str) -> bool + 'a>,
+    /// Shapes of keys the base may lack, answered from the config (see [`TrainSource::with_shapes`]).
+    shapes: HashMap<String, Vec<usize>>,
     vars: RefCell<Vec<(String, Var)>>,
     randomised: RefCell<Vec<String>>,
+    /// Frozen tensors the base lacks (drawn at random, or restored from a checkpoint that saved
+    /// such a draw): the model needs them saved beside the trainables, since the base does not hold them.
+    frozen_new: RefCell<Vec<(String, Tensor)>>,
     rng: RefCell<StdRng>,
     device: Device,
     dtype: DType,
@@ -147,8 +152,10 @@ impl<'a> TrainSource<'a> {
             lora,
             init: HashMap::new(),
             random_missing: Box::new(|_| false),
+            shapes: HashMap::new(),
             vars: RefCell::new(Vec::new()),
             randomised: RefCell::new(Vec::new()),
+            frozen_new: RefCell::new(Vec::new()),
             rng: RefCell::new(StdRng::seed_from_u64(seed)),
             device: device.clone(),
             dtype,
@@ -167,6 +174,13 @@ impl<'a> TrainSource<'a> {
         self
     }
 
+    /// Shapes for keys that are randomly initialised when missing but that a module reads its
+    /// dims from (the prompt module's query count and widths): `bunny::dims_from_config`.
+    pub fn with_shapes(mut self, shapes: HashMap<String, Vec<usize>>) -> Self {
+        self.shapes = shapes;
+        self
+    }
+
     /// The trainable variables created so far, with the keys they are saved under.
     pub fn vars(&self) -> Vec<(String, Var)> {
         self.vars.borrow().clone()
@@ -175,6 +189,11 @@ impl<'a> TrainSource<'a> {
     /// Keys that were randomly initialised because the checkpoint lacked them.
     pub fn randomised(&self) -> Vec<String> {
         self.randomised.borrow().clone()
+    }
+
+    /// The frozen tensors the base lacks (in f32), to be saved with the trainables.
+    pub fn frozen_new(&self) -> Vec<(String, Tensor)> {
+        self.frozen_new.borrow().clone()
     }
 
     fn make_var(&self, key: &str, value: Tensor) -> Result<Tensor> {
@@ -187,7 +206,13 @@ impl<'a> TrainSource<'a> {
 
 impl WeightSource for TrainSource<'_> {
     fn shape(&self, key: &str) -> Option<Vec<usize>> {
-        self.init.get(key).map(|t| t.dims().to_vec()).or_else(|| self.base.shape(key))
+        self.init.get(key).map(|t| t.dims().to_vec()).or_else(|| self.base.shape(key)).or_else(|| {
+            if (self.random_missing)(key) {
+                self.shapes.get(key).cloned()
+            } else {
+                None
+            }
+        })
     }
 
     fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
@@ -209,6 +234,10 @@ impl WeightSource for TrainSource<'_> {
         if (self.trainable)(key) {
             self.make_var(key, value)
         } else {
+            // Drawn here, or restored from a checkpoint that saved such a draw: the base lacks it.
+            if self.base.shape(key).is_none() {
+                self.frozen_new.borrow_mut().push((key.to_string(), value.to_dtype(DType::F32)?));
+            }
             Ok(value.to_dtype(self.dtype)?)
         }
     }

@@ -1,6 +1,6 @@
 #![warn(missing_docs)]
 //! The toolchain's charts: training-loss curves (`qadapt-train`) and predicted score against MOS
-//! (`qadapt-run eval --plot`), drawn by plotters into an RGB buffer and written as PNG. The font is
+//! (`qadapt-run eval --plot`), and the bars of `qadapt-train ablate`, drawn by plotters into an RGB buffer and written as PNG. The font is
 //! embedded (DejaVu Sans, `assets/`), so a chart renders the same on a machine without fonts.
 
 use std::path::{Path, PathBuf};
@@ -153,16 +153,130 @@ impl Chart {
             }
             root.present().map_err(|e| draw(&e))?;
         }
-        let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| draw(&"buffer size"))?;
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let write = |source| PlotError::Write { path: path.to_path_buf(), source };
-        img.save_with_format(&tmp, image::ImageFormat::Png).map_err(write)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            write(image::ImageError::IoError(e))
-        })
+        save_png(buf, (w, h), path)
     }
+}
+
+/// One bar of a [`BarChart`]: a mean with its interval and the values it is the mean of.
+#[derive(Debug, Clone)]
+pub struct Bar {
+    /// The name left of the bar.
+    pub label: String,
+    /// The bar's length.
+    pub mean: f64,
+    /// Half-width of the interval drawn around the mean (0: none).
+    pub half_width: f64,
+    /// The single values, drawn as dots.
+    pub values: Vec<f64>,
+}
+
+/// Horizontal bars, one per label, top to bottom in order, with interval whiskers and the single
+/// values as dots: a comparison of a few named settings.
+#[derive(Debug, Clone)]
+pub struct BarChart {
+    /// The caption above the plot.
+    pub title: String,
+    /// The value axis' name.
+    pub x_label: String,
+    /// The bars.
+    pub bars: Vec<Bar>,
+    /// A value marked by a red vertical line across the bars (chance, a baseline).
+    pub reference: Option<f64>,
+    /// Width and height in pixels.
+    pub size: (u32, u32),
+}
+
+impl BarChart {
+    /// Draws the chart and writes it to `path` as PNG (atomically, like [`Chart::write_png`]).
+    pub fn write_png(&self, path: &Path) -> Result<(), PlotError> {
+        let draw = |e: &dyn std::fmt::Display| PlotError::Draw { path: path.to_path_buf(), msg: e.to_string() };
+        let n = self.bars.len();
+        if n == 0 {
+            return Err(PlotError::Empty(path.to_path_buf()));
+        }
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+            .map_err(|_| draw(&"cannot load the embedded font"))?;
+        let hi = self
+            .bars
+            .iter()
+            .flat_map(|b| b.values.iter().copied().chain([b.mean + b.half_width]))
+            .chain(self.reference)
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, f64::max);
+        let (w, h) = self.size;
+        let mut buf = vec![255u8; (w as usize) * (h as usize) * 3];
+        {
+            let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+            // Bar i spans y ∈ [n-1-i, n-i): the first bar on top.
+            let mut chart = ChartBuilder::on(&root)
+                .caption(&self.title, ("sans-serif", 20))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(170)
+                .build_cartesian_2d(0.0..(hi * 1.08).max(1e-3), 0.0..n as f64)
+                .map_err(|e| draw(&e))?;
+            let labels: Vec<String> = self.bars.iter().map(|b| b.label.clone()).collect();
+            chart
+                .configure_mesh()
+                .disable_y_mesh()
+                .x_desc(self.x_label.as_str())
+                .x_label_formatter(&|x| tick(*x, false))
+                .y_labels(2 * n + 1)
+                .y_label_formatter(&|y| {
+                    // Only the bar centres (k + 0.5) get a name.
+                    let k = (y - 0.5).round();
+                    if (y - 0.5 - k).abs() < 1e-6 && k >= 0.0 && (k as usize) < n {
+                        labels[n - 1 - k as usize].clone()
+                    } else {
+                        String::new()
+                    }
+                })
+                .draw()
+                .map_err(|e| draw(&e))?;
+            let (light, dark) = (RGBColor(LIGHT[0], LIGHT[1], LIGHT[2]), RGBColor(DARK[0], DARK[1], DARK[2]));
+            for (i, b) in self.bars.iter().enumerate() {
+                let y = (n - 1 - i) as f64;
+                chart
+                    .draw_series([Rectangle::new([(0.0, y + 0.2), (b.mean.max(0.0), y + 0.8)], light.filled())])
+                    .map_err(|e| draw(&e))?;
+                if b.half_width > 0.0 {
+                    let (lo, hi) = (b.mean - b.half_width, b.mean + b.half_width);
+                    let whisker = [(lo, y + 0.5), (hi, y + 0.5)];
+                    let caps = [[(lo, y + 0.35), (lo, y + 0.65)], [(hi, y + 0.35), (hi, y + 0.65)]];
+                    chart
+                        .draw_series(
+                            std::iter::once(PathElement::new(whisker.to_vec(), BLACK.stroke_width(2)))
+                                .chain(caps.map(|c| PathElement::new(c.to_vec(), BLACK.stroke_width(2)))),
+                        )
+                        .map_err(|e| draw(&e))?;
+                }
+                chart
+                    .draw_series(b.values.iter().map(|&v| Circle::new((v, y + 0.5), 4, dark.filled())))
+                    .map_err(|e| draw(&e))?;
+            }
+            if let Some(r) = self.reference {
+                chart
+                    .draw_series([PathElement::new(vec![(r, 0.0), (r, n as f64)], RED.stroke_width(2))])
+                    .map_err(|e| draw(&e))?;
+            }
+            root.present().map_err(|e| draw(&e))?;
+        }
+        save_png(buf, (w, h), path)
+    }
+}
+
+/// Writes an RGB buffer as PNG through a temporary file, so a reader never sees half a picture.
+fn save_png(buf: Vec<u8>, (w, h): (u32, u32), path: &Path) -> Result<(), PlotError> {
+    let img = image::RgbImage::from_raw(w, h, buf)
+        .ok_or_else(|| PlotError::Draw { path: path.to_path_buf(), msg: "buffer size".into() })?;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let write = |source| PlotError::Write { path: path.to_path_buf(), source };
+    img.save_with_format(&tmp, image::ImageFormat::Png).map_err(write)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        write(image::ImageError::IoError(e))
+    })
 }
 
 /// The mean of each point's `window` last values (itself included): the curve to read on a noisy
@@ -240,6 +354,38 @@ mod tests {
         let empty = Chart { series: vec![], ..chart };
         assert!(matches!(empty.write_png(&dir.join("e.png")), Err(PlotError::Empty(_))));
         assert!(!dir.join("e.png").exists());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bars_whiskers_and_dots_are_drawn() {
+        let dir = std::env::temp_dir().join(format!("qadapt-plot-bars-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bars.png");
+        let bar = |label: &str, values: Vec<f64>| Bar {
+            label: label.into(),
+            mean: values.iter().sum::<f64>() / values.len() as f64,
+            half_width: 0.05,
+            values,
+        };
+        BarChart {
+            title: "accuracy".into(),
+            x_label: "accuracy".into(),
+            bars: vec![bar("joint", vec![0.5, 0.6]), bar("progressive", vec![0.7, 0.8])],
+            reference: Some(0.25),
+            size: (640, 300),
+        }
+        .write_png(&path)
+        .unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (640, 300));
+        // Bars in the light colour, one dot per value in the dark one.
+        assert!(count(&img, LIGHT) > 5000, "bars: {}", count(&img, LIGHT));
+        assert!(count(&img, DARK) > 100, "dots: {}", count(&img, DARK));
+        assert!(count(&img, [255, 0, 0]) > 100, "the reference line");
+        let empty =
+            BarChart { title: String::new(), x_label: String::new(), bars: vec![], reference: None, size: (10, 10) };
+        assert!(matches!(empty.write_png(&dir.join("e.png")), Err(PlotError::Empty(_))));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -212,9 +212,9 @@ struct EvalArgs {
     /// Directory the rows' image paths are relative to.
     #[arg(long)]
     images: PathBuf,
-    /// How a Q-Bench answer is chosen.
-    #[arg(long, default_value = "generate", value_parser = by_parser())]
-    by: ChooseBy,
+    /// How Q-Bench answers are chosen: each way given is reported, side by side.
+    #[arg(long, value_delimiter = ',', default_value = "generate,likelihood", value_parser = by_parser())]
+    by: Vec<ChooseBy>,
     /// IQA: keep only rows whose `split` column equals this.
     #[arg(long)]
     split: Option<String>,
@@ -374,20 +374,30 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     if let Some(q) = &a.qbench {
         let rows = eval::read_qbench(q)?;
         let rows = &rows[..rows.len().min(limit)];
-        let pb = bar(rows.len() as u64, "q-bench");
-        let rep = eval::qbench(&mut rt, rows, &a.images, a.by, a.batch_size, || pb.inc(1))?;
-        pb.finish_and_clear();
-        if a.json {
-            println!("{}", serde_json::to_string_pretty(&rep)?);
-        } else {
-            print!("{}", rep.markdown());
+        let mut reps = Vec::new();
+        for &by in &a.by {
+            let pb = bar(rows.len() as u64, &format!("q-bench ({})", by.name()));
+            reps.push(eval::qbench(&mut rt, rows, &a.images, by, a.batch_size, || pb.inc(1))?);
+            pb.finish_and_clear();
         }
-        for f in &rep.failed {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&reps)?);
+        } else {
+            print!("{}", eval::markdown(&reps));
+        }
+        for f in reps.first().map(|r| r.failed.as_slice()).unwrap_or_default() {
             eprintln!("skipped {f}");
         }
         if let Some(out) = &a.out {
-            let lines: String =
-                rep.answers.iter().map(|r| serde_json::to_string(r).map(|l| l + "\n")).collect::<Result<_, _>>()?;
+            // One line per row and way of choosing, each naming its way.
+            let mut lines = String::new();
+            for r in &reps {
+                for ans in &r.answers {
+                    let mut v = serde_json::to_value(ans)?;
+                    v["by"] = r.by.name().into();
+                    lines += &(serde_json::to_string(&v)? + "\n");
+                }
+            }
             std::fs::write(out, lines).with_context(|| format!("writing {}", out.display()))?;
         }
         return Ok(());

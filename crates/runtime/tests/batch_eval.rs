@@ -326,7 +326,8 @@ fn eval_qbench_and_iqa_agree_with_per_image_runs() {
                 .output()
                 .unwrap(),
             by,
-        )
+        )[0]
+        .clone()
     };
     let lik = eval("likelihood");
     println!("likelihood: {}", lik["overall"]);
@@ -353,6 +354,8 @@ fn eval_qbench_and_iqa_agree_with_per_image_runs() {
             imgs_dir.to_str().unwrap(),
             "--batch-size",
             "3",
+            "--by",
+            "generate",
             "--out",
             preds.to_str().unwrap(),
         ])
@@ -437,4 +440,89 @@ fn eval_qbench_and_iqa_agree_with_per_image_runs() {
         .output()
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("labels.csv"));
+}
+
+/// The two evaluators follow one Q-Bench protocol (`qadapt_core::qbench`): the candle engine's
+/// (`qadapt-train eval --qbench`) and `qadapt-run eval --qbench` on the export of the same model
+/// give the same answers, the same choices and the same accuracies, by generation and by likelihood.
+#[test]
+fn candle_and_onnx_qbench_evals_agree() {
+    let case = "qadapt_f32_sharded";
+    let (tmp, dir) = exported(case);
+    let fx = fixtures().join(case);
+    let imgs_dir = tmp.path().join("imgs");
+    let imgs = images(&imgs_dir, 8);
+    let engine =
+        models::Engine::load(&fx.join("model"), None, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let yes_no = ["Yes", "No"].map(String::from).to_vec();
+    let what = ["blur", "noise", "over-exposure", "none"].map(String::from).to_vec();
+    let mut rows: Vec<qadapt_core::qbench::QBenchRow> = imgs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (question, candidates) = if i % 2 == 0 {
+                ("Is this image blurry?", yes_no.clone())
+            } else {
+                ("Which distortion is most visible?", what.clone())
+            };
+            qadapt_core::qbench::QBenchRow {
+                img_path: p.file_name().unwrap().to_str().unwrap().into(),
+                question: question.into(),
+                correct_ans: candidates[0].clone(),
+                candidates,
+                kind: Some((i % 3).into()),
+                concern: Some(0.into()),
+            }
+        })
+        .collect();
+    // Right answers: the candle likelihood choice on even rows, another option on odd ones, so that
+    // the accuracies are neither 0 nor 1.
+    let first = engine.qbench(&rows, &imgs_dir, &mut || {}).unwrap();
+    for (i, (row, a)) in rows.iter_mut().zip(&first[1].answers).enumerate() {
+        let picked = row.candidates.iter().position(|c| Some(c) == a.choice.as_ref()).unwrap();
+        row.correct_ans = row.candidates[if i % 4 < 2 { picked } else { (picked + 1) % row.candidates.len() }].clone();
+    }
+    let candle = engine.qbench(&rows, &imgs_dir, &mut || {}).unwrap();
+    let a1 = tmp.path().join("a1.json");
+    std::fs::write(&a1, serde_json::to_string(&rows).unwrap()).unwrap();
+    let out = tmp.path().join("answers.jsonl");
+    let onnx = ok(
+        run()
+            .args(["eval", "--model", dir.to_str().unwrap(), "--qbench", a1.to_str().unwrap()])
+            .args(["--images", imgs_dir.to_str().unwrap(), "--json", "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap(),
+        "eval",
+    );
+    let answers = lines(&out);
+    assert_eq!(answers.len(), 16, "a line per row and way of choosing");
+    for (k, rep) in candle.iter().enumerate() {
+        let o = &onnx[k];
+        assert_eq!(o["by"], rep.by.name());
+        println!(
+            "{}: candle {}/{} (unmatched {}), onnx {}/{} (unmatched {}), chance {:.3}",
+            rep.by.name(),
+            rep.overall.correct,
+            rep.overall.total,
+            rep.overall.unmatched,
+            o["overall"]["correct"],
+            o["overall"]["total"],
+            o["overall"]["unmatched"],
+            rep.overall.chance
+        );
+        assert_eq!(o["overall"]["total"], 8);
+        assert!((o["overall"]["chance"].as_f64().unwrap() - rep.overall.chance).abs() < 1e-12);
+        let same = rep
+            .answers
+            .iter()
+            .zip(answers.iter().filter(|a| a["by"] == rep.by.name()))
+            .filter(|(c, a)| a["answer"] == c.answer.as_str() && a["choice"] == serde_json::json!(c.choice))
+            .count();
+        // f32 on both sides: the same greedy text and choices, up to a near-tie flipping one row.
+        assert!(same >= 7, "{}: only {same}/8 rows answered alike", rep.by.name());
+        let diff = (o["overall"]["correct"].as_i64().unwrap() - rep.overall.correct as i64).abs();
+        assert!(diff <= 1, "{}: accuracies differ by {diff} rows", rep.by.name());
+    }
+    // Likelihood on candle: right on the rows built right, wrong on the others.
+    assert_eq!(candle[1].overall.correct, 4);
 }

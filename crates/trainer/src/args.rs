@@ -31,6 +31,9 @@ pub enum Command {
     Synth(SynthArgs),
     /// Answer accuracy on held-out conversations and SROCC / PLCC of the score against labels.
     Eval(EvalArgs),
+    /// Compare tuning recipes (the paper's joint / two-stage / progressive and its Table 8 rows) at
+    /// equal budgets over several seeds: ablation.json, ablation.md and ablation.png.
+    Ablate(AblateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +105,44 @@ pub struct TrainArgs {
     /// Data subset: explanation (stage 1's default), answering, or all (stage 2's default).
     #[arg(long, value_parser = task_parser())]
     pub task: Option<Task>,
+    /// Leave the vision encoder without LoRA.
+    #[arg(long, conflicts_with = "train")]
+    pub no_vision_lora: bool,
+    /// The modules this stage trains, comma-separated: vision-lora, llm-lora, connector, prompt
+    /// (default: stage 1 vision-lora,llm-lora,connector; stage 2 prompt,connector).
+    #[arg(long, value_delimiter = ',')]
+    pub train: Option<Vec<String>>,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Seed of data order, LoRA init and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint every N steps (and always at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Stage 2: train the whole Q-Former, not only its cross-attention.
+    #[arg(long)]
+    pub unfreeze_qformer: bool,
+    /// Stage 2: InstructBLIP Q-Former weights (safetensors: LAVIS or HF names).
+    #[arg(long)]
+    pub qformer_init: Option<PathBuf>,
+    /// Draw all base weights at random on the device instead of reading them (the model directory
+    /// then needs only config.json and tokenizer files): for benchmarks at real shapes.
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Optimizer, LoRA and compute settings.
+    #[command(flatten)]
+    pub settings: TrainSettings,
+}
+
+/// What every training stage shares: LoRA shape, optimizer, batch and compute settings (`stage1`,
+/// `stage2` and every stage `ablate` runs).
+#[derive(Debug, Clone, Args)]
+pub struct TrainSettings {
     /// LoRA rank.
     #[arg(long, default_value_t = 128)]
     pub lora_r: usize,
@@ -114,9 +155,6 @@ pub struct TrainArgs {
     /// Linear layers that get LoRA, by name (phi-2: q_proj k_proj v_proj dense fc1 fc2; SigLIP: out_proj too).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,dense,fc1,fc2,out_proj")]
     pub lora_targets: Vec<String>,
-    /// Leave the vision encoder without LoRA.
-    #[arg(long)]
-    pub no_vision_lora: bool,
     /// Learning rate of LoRA (stage 1) or the prompt module (stage 2).
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
@@ -132,12 +170,6 @@ pub struct TrainArgs {
     /// Global gradient-norm clip (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
-    /// Passes over the data.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
-    /// Stop after this many optimizer steps.
-    #[arg(long)]
-    pub max_steps: Option<usize>,
     /// Samples per micro-batch.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
@@ -147,28 +179,12 @@ pub struct TrainArgs {
     /// Longest sequence (text + image tokens); longer samples are truncated with a warning.
     #[arg(long, default_value_t = 2048)]
     pub max_length: usize,
-    /// Seed of data order, LoRA init and dropout.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Write a checkpoint every N steps (and always at the end).
-    #[arg(long, default_value_t = 0)]
-    pub save_every: usize,
-    /// Stage 2: train the whole Q-Former, not only its cross-attention.
-    #[arg(long)]
-    pub unfreeze_qformer: bool,
-    /// Stage 2: InstructBLIP Q-Former weights (safetensors: LAVIS or HF names).
-    #[arg(long)]
-    pub qformer_init: Option<PathBuf>,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Compute dtype (trainable weights keep f32 master copies).
     #[arg(long, default_value = "f32", value_parser = dtype_parser())]
     pub dtype: Dtype,
-    /// Draw all base weights at random on the device instead of reading them (the model directory
-    /// then needs only config.json and tokenizer files): for benchmarks at real shapes.
-    #[arg(long)]
-    pub random_weights: bool,
 }
 
 #[derive(Debug, Args)]
@@ -249,8 +265,12 @@ pub struct EvalArgs {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Held-out conversations (Q-Instruct JSON); the answering ones are asked.
+    #[arg(long, required_unless_present_any = ["qbench", "labels"])]
+    pub data: Option<PathBuf>,
+    /// Q-Bench A1 JSON (a list of {img_path, question, candidates, correct_ans, type, concern}):
+    /// accuracy by generation and by likelihood, as `qadapt-run eval --qbench` reports it.
     #[arg(long)]
-    pub data: PathBuf,
+    pub qbench: Option<PathBuf>,
     /// Folder the image paths are relative to.
     #[arg(long)]
     pub images: PathBuf,
@@ -262,12 +282,65 @@ pub struct EvalArgs {
     /// Score only the label rows whose `split` column equals this (`all`: every row).
     #[arg(long, default_value = "test")]
     pub split: String,
-    /// Ask at most this many questions.
+    /// Ask at most this many questions of each set.
     #[arg(long)]
     pub limit: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AblateArgs {
+    /// Base model directory (hub layout). A Q-Adapt base runs as plain Bunny in recipes that never
+    /// train the prompt module.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data: LLaVA / Q-Instruct JSON files, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub data: Vec<PathBuf>,
+    /// Held-out set: LLaVA-format conversations (their short answers are asked) or Q-Bench A1 rows
+    /// (asked by generation and by likelihood).
+    #[arg(long)]
+    pub test: PathBuf,
+    /// Folder the image paths are relative to.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Folder the held-out set's and the labels' image paths are relative to (default: --images).
+    #[arg(long)]
+    pub test_images: Option<PathBuf>,
+    /// Labels CSV (image and mos columns): SROCC / PLCC of each model's score.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Score only the label rows whose `split` column equals this (`all`: every row).
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Output directory: one run directory per (recipe, seed), and the results.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Recipes, comma-separated: names (joint, two-stage, progressive, t8-…), groups (main, table8,
+    /// all) or names from --recipe-file.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub recipes: Vec<String>,
+    /// Custom recipes: a JSON object or list, {"name", "stages": [{"task", "train": [modules],
+    /// "share"}], "paper"}.
+    #[arg(long)]
+    pub recipe_file: Option<PathBuf>,
+    /// Seeds, comma-separated: each recipe runs once per seed.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub seeds: Vec<u64>,
+    /// Optimizer steps per recipe, split across its stages.
+    #[arg(long, conflicts_with = "epochs")]
+    pub max_steps: Option<usize>,
+    /// Budget in passes over all the training samples, converted to steps (when --max-steps is unset).
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Ask at most this many held-out questions per run.
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    /// Optimizer, LoRA and compute settings of every stage.
+    #[command(flatten)]
+    pub settings: TrainSettings,
 }
 
 /// `--task`: the data subsets of [`Task`].

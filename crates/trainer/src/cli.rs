@@ -3,9 +3,9 @@
 use anyhow::Context;
 use models::train_source::LoraSpec;
 
-use crate::args::{EvalArgs, InitArgs, MergeArgs, SynthArgs, TrainArgs};
+use crate::args::{AblateArgs, EvalArgs, InitArgs, MergeArgs, SynthArgs, TrainArgs};
 use crate::data::Task;
-use crate::train::{Stage, TrainConfig};
+use crate::train::{Modules, Stage, TrainConfig};
 
 /// `stage1` / `stage2`.
 pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
@@ -27,17 +27,19 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
             let (Some(model), Some(images), Some(out)) = (a.model.clone(), a.images.clone(), a.out.clone()) else {
                 anyhow::bail!("--model, --data, --images and --out are required without --resume");
             };
-            let llm_scope = "model.layers.".to_string();
-            let mut scopes = vec![llm_scope];
-            if !a.no_vision_lora {
-                scopes.push(format!("{}.encoder.layers.", models::bunny::VISION_PREFIX));
+            if stage == Stage::Stage2 && a.stage1.is_none() {
+                anyhow::bail!("stage 2 needs --stage1 RUN1 (the stage-1 LoRA is merged and frozen)");
             }
+            let modules = match &a.train {
+                Some(list) => Modules::parse(list).map_err(|e| anyhow::anyhow!("--train: {e}"))?,
+                None => Modules::of_stage(stage, a.no_vision_lora),
+            };
             let lora = LoraSpec {
-                r: a.lora_r,
-                alpha: a.lora_alpha,
-                dropout: a.lora_dropout,
-                targets: a.lora_targets.clone(),
-                scopes,
+                r: a.settings.lora_r,
+                alpha: a.settings.lora_alpha,
+                dropout: a.settings.lora_dropout,
+                targets: a.settings.lora_targets.clone(),
+                scopes: modules.lora_scopes(),
             };
             let cfg = TrainConfig {
                 stage,
@@ -47,24 +49,25 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
                 images,
                 out,
                 task: a.task.unwrap_or(if stage == Stage::Stage1 { Task::Explanation } else { Task::All }),
-                lora: (stage == Stage::Stage1).then_some(lora),
-                lr: a.lr,
-                connector_lr: a.connector_lr,
-                weight_decay: a.weight_decay,
-                warmup_ratio: a.warmup_ratio,
-                max_grad_norm: a.max_grad_norm,
+                lora: modules.lora().then_some(lora),
+                lr: a.settings.lr,
+                connector_lr: a.settings.connector_lr,
+                weight_decay: a.settings.weight_decay,
+                warmup_ratio: a.settings.warmup_ratio,
+                max_grad_norm: a.settings.max_grad_norm,
                 epochs: a.epochs,
                 max_steps: a.max_steps,
-                batch_size: a.batch_size,
-                grad_accum: a.grad_accum,
-                max_length: a.max_length,
+                batch_size: a.settings.batch_size,
+                grad_accum: a.settings.grad_accum,
+                max_length: a.settings.max_length,
                 seed: a.seed,
                 save_every: a.save_every,
                 unfreeze_qformer: a.unfreeze_qformer,
                 qformer_init: a.qformer_init.clone(),
-                device: a.device.clone(),
-                dtype: a.dtype,
+                device: a.settings.device.clone(),
+                dtype: a.settings.dtype,
                 random_weights: a.random_weights,
+                modules: Some(modules),
             };
             (cfg, false)
         }
@@ -118,7 +121,21 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
 /// `eval`.
 pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
     let split = Some(a.split.as_str()).filter(|s| *s != "all");
-    let r = crate::eval::run(&a.model, a.adapter.as_deref(), &a.data, &a.images, a.labels.as_deref(), split, a.limit)?;
+    let inputs = crate::eval::EvalInputs {
+        data: a.data.as_deref(),
+        qbench: a.qbench.as_deref(),
+        images: &a.images,
+        labels: a.labels.as_deref(),
+        split,
+        limit: a.limit,
+    };
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("eval {spinner} {pos} questions and images {elapsed}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let r = crate::eval::run(&a.model, a.adapter.as_deref(), &inputs, || bar.inc(1))?;
+    bar.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -126,9 +143,46 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
     for (k, e) in &r.answering {
         println!("{k:<16} {:>4}/{:<4} accuracy {:.3} (chance {:.3})", e.correct, e.total, e.accuracy, e.chance);
     }
-    println!("overall accuracy {:.3}", r.overall_accuracy);
+    if !r.answering.is_empty() {
+        println!("overall accuracy {:.3} ({} option answers named no option)", r.overall_accuracy, r.unmatched);
+    }
+    if !r.qbench.is_empty() {
+        print!("{}", qadapt_core::qbench::markdown(&r.qbench));
+        for f in &r.qbench[0].failed {
+            eprintln!("skipped {f}");
+        }
+    }
     if let (Some(s), Some(p)) = (r.srocc, r.plcc) {
         println!("score vs mos over {} images: SROCC {s:.3}, PLCC {p:.3}", r.scored_images);
     }
+    Ok(())
+}
+
+/// `ablate`.
+pub fn ablate(a: &AblateArgs) -> anyhow::Result<()> {
+    use crate::ablate::{self, AblateConfig, Budget};
+    let custom = match &a.recipe_file {
+        Some(p) => ablate::read_recipes(p)?,
+        None => Vec::new(),
+    };
+    let cfg = AblateConfig {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        test: a.test.clone(),
+        images: a.images.clone(),
+        test_images: a.test_images.clone().unwrap_or_else(|| a.images.clone()),
+        labels: a.labels.clone(),
+        split: Some(a.split.clone()).filter(|s| s != "all"),
+        out: a.out.clone(),
+        recipes: ablate::select(&a.recipes, &custom)?,
+        seeds: a.seeds.clone(),
+        budget: a.max_steps.map_or(Budget::Epochs(a.epochs), Budget::Steps),
+        settings: a.settings.clone(),
+        eval_limit: a.eval_limit,
+    };
+    let rows = ablate::run(&cfg)?;
+    let out = cfg.out.join("ablation.md");
+    print!("{}", std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?);
+    eprintln!("{} runs; results in {} (ablation.json, ablation.md, ablation.png)", rows.len(), cfg.out.display());
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `qadapt-train eval`: answer accuracy on held-out conversations (by question kind, with chance
-//! levels) and SROCC / PLCC of the Q-Align score against mean-opinion labels.
+//! levels), Q-Bench A1 accuracy (by generation and by likelihood, the protocol of `qadapt-run eval`)
+//! and SROCC / PLCC of the Q-Align score against mean-opinion labels.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,6 +13,7 @@ use serde::Serialize;
 
 use crate::data::{self, Task};
 pub use qadapt_core::metrics::{pearson, spearman};
+use qadapt_core::qbench;
 
 /// Accuracy of one question kind.
 #[derive(Debug, Clone, Serialize)]
@@ -26,8 +28,14 @@ pub struct KindAccuracy {
 /// What `eval` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
+    /// Held-out conversations' short answers by question kind (`yes/no`, `what/how`,
+    /// `multiple-choice`): empty without `--data`.
     pub answering: BTreeMap<String, KindAccuracy>,
     pub overall_accuracy: f64,
+    /// Answers to option questions that named no option (counted wrong).
+    pub unmatched: usize,
+    /// Q-Bench A1 accuracy by generation and by likelihood (with `--qbench`).
+    pub qbench: Vec<qbench::Report>,
     pub srocc: Option<f64>,
     pub plcc: Option<f64>,
     pub scored_images: usize,
@@ -42,58 +50,110 @@ fn norm(s: &str) -> String {
         .to_string()
 }
 
-fn kind_of(q: &str, a: &str) -> (&'static str, f64) {
-    let a = norm(a);
-    if a == "yes" || a == "no" {
-        ("yes/no", 0.5)
-    } else if q.contains("Answer with the option's letter") {
-        ("multiple-choice", 0.25)
-    } else if a.starts_with("the quality of the image is") {
-        ("rating", 0.2)
-    } else {
-        ("what", 1.0 / 7.0)
+/// A held-out question's kind, with the chance level of a uniform guess. Questions that list
+/// options are read by the Q-Bench protocol ([`qbench::parse_choice`]); the free-form kinds'
+/// chance levels are those of the synthetic set (5 quality levels, 7 distortion answers).
+fn kind_of(options: Option<&[String]>, a: &str) -> (&'static str, f64) {
+    let yes_no = |s: &str| matches!(norm(s).as_str(), "yes" | "no");
+    match options {
+        Some(o) if o.iter().all(|c| yes_no(c)) => ("yes/no", 1.0 / o.len() as f64),
+        Some(o) => ("multiple-choice", 1.0 / o.len() as f64),
+        None if yes_no(a) => ("yes/no", 0.5),
+        None if norm(a).starts_with("the quality of the image is") => ("what/how", 0.2),
+        None => ("what/how", 1.0 / 7.0),
     }
 }
 
-/// Evaluates a model (with an optional adapter) on held-out data and labels.
+/// Whether a generated answer is the reference one: for option questions, the same option; else
+/// the same words (the reference may be followed by more).
+fn is_correct(options: Option<&[String]>, got: &str, want: &str) -> (bool, bool) {
+    match options {
+        Some(o) => {
+            let (g, w) = (qbench::parse_choice(got, o), qbench::parse_choice(want, o));
+            (g.is_some() && g == w, g.is_some())
+        }
+        None => {
+            let (got, want) = (norm(got), norm(want));
+            (!want.is_empty() && (got == want || got.starts_with(&format!("{want} "))), true)
+        }
+    }
+}
+
+/// What to evaluate, besides the model.
+#[derive(Debug, Clone)]
+pub struct EvalInputs<'a> {
+    /// Held-out conversations (their answering turns are asked).
+    pub data: Option<&'a Path>,
+    /// Q-Bench A1 rows.
+    pub qbench: Option<&'a Path>,
+    /// Folder the image paths are relative to.
+    pub images: &'a Path,
+    /// Mean-opinion labels to correlate the score with, and the split to keep.
+    pub labels: Option<&'a Path>,
+    pub split: Option<&'a str>,
+    /// Ask at most this many questions of each set.
+    pub limit: Option<usize>,
+}
+
+/// Evaluates a model (with an optional adapter) on held-out data, Q-Bench rows and labels;
+/// `tick` after each question or scored image.
 pub fn run(
     model: &Path,
     adapter: Option<&Path>,
-    data_file: &Path,
-    images: &Path,
-    labels: Option<&Path>,
-    split: Option<&str>,
-    limit: Option<usize>,
+    inp: &EvalInputs,
+    mut tick: impl FnMut(),
 ) -> anyhow::Result<EvalReport> {
     let engine = Engine::load(model, adapter, &Device::Cpu, DType::F32)
         .with_context(|| format!("loading {}", model.display()))?;
-    let samples = data::load(&[data_file.to_path_buf()], images)?;
+    let limit = inp.limit.unwrap_or(usize::MAX);
     let mut by_kind: BTreeMap<String, KindAccuracy> = BTreeMap::new();
-    let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
-    for s in samples.iter().filter(|s| s.task == Task::Answering).take(limit.unwrap_or(usize::MAX)) {
-        let (q, a) = &s.turns[0];
-        let question = q.replace("<image>\n", "").replace("<image>", "");
-        let (kind, chance) = kind_of(&question, a);
-        let img = load_image(&s.image)?;
-        let out = engine.generate(&img, &question, &opts, |_| {})?;
-        let (got, want) = (norm(&out.answer), norm(a));
-        let ok = !want.is_empty() && (got == want || got.starts_with(&format!("{want} ")));
-        let e = by_kind.entry(kind.to_string()).or_insert(KindAccuracy { correct: 0, total: 0, accuracy: 0.0, chance });
-        e.total += 1;
-        e.correct += usize::from(ok);
+    let mut unmatched = 0;
+    let opts = GenerateOptions { max_new_tokens: 16, ..Default::default() };
+    if let Some(data_file) = inp.data {
+        let samples = data::load(&[data_file.to_path_buf()], inp.images)?;
+        for s in samples.iter().filter(|s| s.task == Task::Answering).take(limit) {
+            let (q, a) = &s.turns[0];
+            let question = q.replace("<image>\n", "").replace("<image>", "");
+            let options = qbench::listed_options(&question);
+            let (kind, chance) = kind_of(options.as_deref(), a);
+            let img = load_image(&s.image)?;
+            let out = engine.generate(&img, &question, &opts, |_| {})?;
+            let (ok, matched) = is_correct(options.as_deref(), &out.answer, a);
+            unmatched += usize::from(!matched);
+            let e = by_kind.entry(kind.to_string()).or_insert(KindAccuracy {
+                correct: 0,
+                total: 0,
+                accuracy: 0.0,
+                chance: 0.0,
+            });
+            // `chance` holds the sum until the end.
+            e.chance += chance;
+            e.total += 1;
+            e.correct += usize::from(ok);
+            tick();
+        }
     }
     for e in by_kind.values_mut() {
         e.accuracy = e.correct as f64 / e.total.max(1) as f64;
+        e.chance /= e.total.max(1) as f64;
     }
     let (c, t) = by_kind.values().fold((0, 0), |(c, t), e| (c + e.correct, t + e.total));
+    let qbench = match inp.qbench {
+        Some(path) => {
+            let rows = qbench::read(path)?;
+            engine.qbench(&rows[..rows.len().min(limit)], inp.images, &mut tick)?
+        }
+        None => Vec::new(),
+    };
     let (mut srocc, mut plcc, mut scored) = (None, None, 0);
-    if let Some(lp) = labels {
+    if let Some(lp) = inp.labels {
         let (mut pred, mut mos) = (Vec::new(), Vec::new());
-        for l in qadapt_core::labels::read_labels(lp, split)? {
-            let img = load_image(&images.join(&l.image))?;
+        for l in qadapt_core::labels::read_labels(lp, inp.split)? {
+            let img = load_image(&inp.images.join(&l.image))?;
             let (score, _) = engine.score(&img)?;
             pred.push(score as f64);
             mos.push(l.mos);
+            tick();
         }
         scored = pred.len();
         if scored > 2 {
@@ -104,6 +164,8 @@ pub fn run(
     Ok(EvalReport {
         answering: by_kind,
         overall_accuracy: c as f64 / t.max(1) as f64,
+        unmatched,
+        qbench,
         srocc,
         plcc,
         scored_images: scored,

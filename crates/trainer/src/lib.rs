@@ -1,7 +1,9 @@
 //! `qadapt-train`: progressive instruction tuning of Bunny / Q-Adapt with candle (stage 1: LoRA on the
 //! LLM and the vision encoder + connector; stage 2: prompt module + connector over the merged model),
-//! plus `infer`, `init`, `merge` and the synthetic EIQA dataset (`synth`).
+//! plus `infer`, `init`, `merge`, `eval`, the synthetic EIQA dataset (`synth`) and the recipe
+//! comparison of the paper's Tables 8–9 (`ablate`).
 
+pub mod ablate;
 pub mod args;
 pub mod checkpoint;
 pub mod cli;
@@ -12,6 +14,7 @@ pub mod infer;
 pub mod init;
 pub mod merge;
 pub mod metrics;
+pub mod modules;
 pub mod optim;
 pub mod plot;
 pub mod shards;

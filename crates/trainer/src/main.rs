@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Init(a) => trainer::cli::init(a),
         Command::Synth(a) => trainer::cli::synth(a),
         Command::Eval(a) => trainer::cli::eval(a),
+        Command::Ablate(a) => trainer::cli::ablate(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,8 +3,8 @@
 //! by one known distortion at a graded strength; its quality label follows from the strength.
 //!
 //! Writes `images/*.png`, `train.json` / `test.json` (held-out images), `labels.csv`
-//! (`image,mos,split,distortion,strength`) and `qbench.json` (the held-out yes/no and multiple-choice
-//! questions as Q-Bench A1 rows, for `qadapt-run eval --qbench`). Every row carries `task`
+//! (`image,mos,split,distortion,strength`) and `qbench.json` (the held-out images' yes-or-no, what and
+//! how questions as Q-Bench A1 rows, for `eval --qbench`). Every row carries `task`
 //! (explanation | answering).
 
 use std::io::Cursor;
@@ -118,14 +118,51 @@ fn cap(s: &str) -> String {
     c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
 }
 
-/// Rows (conversations) about one image, and the same yes/no and multiple-choice questions as
-/// Q-Bench A1 rows (`{img_path, question, candidates, correct_ans, type, concern}`).
+/// The options listed as Q-Bench lists them (`A. …` lines) and its instruction: the format
+/// `qadapt-run eval --qbench` asks in.
+fn with_options(question: &str, options: &[&str]) -> String {
+    let listing: String = options.iter().zip(LETTERS).map(|(o, l)| format!("{l}. {o}\n")).collect();
+    format!("{question}\n{listing}{}", qadapt_core::qbench::INSTRUCTION)
+}
+
+const LETTERS: [&str; 5] = ["A", "B", "C", "D", "E"];
+
+/// `n` options: `truth` and `n - 1` others drawn from `order` (which holds them all), listed in
+/// the order of `order`, as Q-Bench lists its options (Yes before No, levels from high to low);
+/// returns them with the index of the truth. Shuffled listings leave a model of the default size
+/// at chance on the letter at the default budget (README, "Q-Bench format"): it must then find the
+/// answer's text in the listing and copy the letter before it, which two small layers do not learn
+/// from a few thousand examples; in this order the letter follows from the answer and the options.
+fn options<'a>(truth: &'a str, order: &[&'a str], n: usize, rng: &mut StdRng) -> (Vec<&'a str>, usize) {
+    let mut opts = vec![truth];
+    while opts.len() < n.min(order.len()) {
+        let o = order[rng.random_range(0..order.len())];
+        if !opts.contains(&o) {
+            opts.push(o);
+        }
+    }
+    opts.sort_by_key(|o| order.iter().position(|x| x == o));
+    let at = opts.iter().position(|o| *o == truth).unwrap_or(0);
+    (opts, at)
+}
+
+/// Rows (conversations) about one image, and its Q-Bench A1 rows (`{img_path, question,
+/// candidates, correct_ans, type, concern}`: a yes-or-no, a what and a how question).
+///
+/// Every short-answer question is asked twice: free-form ("Yes.", "Blur.") and in Q-Bench's
+/// option format, answered by the option's letter ("B."). The option rows teach the format the
+/// benchmark asks in; the free-form ones teach the content the letters point at. The distortion
+/// question is asked over two different option sets, because reading the answer's letter off the
+/// listing is the hardest thing a small model learns here (DESIGN §5, "Q-Bench format").
 fn rows(image: &str, kind: usize, s: usize, rng: &mut StdRng) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     let row = |task: &str, q: String, a: String| {
         json!({"id": format!("{image}:{task}:{}", q.len()), "image": image, "task": task,
         "conversations": [{"from": "human", "value": format!("<image>\n{q}")}, {"from": "gpt", "value": a}]})
     };
+    let qbench = |q: &str, opts: &[&str], at: usize, ty: usize| json!({"img_path": image, "question": q, "candidates": opts, "correct_ans": opts[at], "type": ty, "concern": 0});
+    let letter = |at: usize| format!("{}.", LETTERS[at]);
     let main = if s == 0 { "none" } else { DISTORTIONS[kind] };
+    let level = LEVEL_BY_STRENGTH[s];
     let mut out = vec![
         row(
             "explanation",
@@ -135,40 +172,40 @@ fn rows(image: &str, kind: usize, s: usize, rng: &mut StdRng) -> (Vec<serde_json
         row(
             "answering",
             "How would you rate the quality of this image?".into(),
-            format!("The quality of the image is {}.", LEVEL_BY_STRENGTH[s]),
+            format!("The quality of the image is {level}."),
         ),
     ];
-    // Yes/no: half the time about the real distortion.
-    let asked = if s > 0 && rng.random::<bool>() { kind } else { rng.random_range(0..DISTORTIONS.len()) };
-    let yes = s > 0 && asked == kind;
-    out.push(row(
-        "answering",
-        format!("Does this image suffer from {}?", DISTORTIONS[asked]),
-        if yes { "Yes." } else { "No." }.into(),
-    ));
-    // Q-Bench types: 0 yes-or-no, 1 what, 2 how; concern 0: distortion.
-    let mut a1 =
-        vec![json!({"img_path": image, "question": format!("Does this image suffer from {}?", DISTORTIONS[asked]),
-        "candidates": ["Yes", "No"], "correct_ans": if yes { "Yes" } else { "No" }, "type": 0, "concern": 0})];
-    out.push(row("answering", "What is the main distortion in this image?".into(), format!("{}.", cap(main))));
-    // Multiple choice over the true answer and three others, letters shuffled.
-    let mut opts: Vec<&str> = vec![main];
-    while opts.len() < 4 {
-        let o = if rng.random_range(0..7) == 0 { "none" } else { DISTORTIONS[rng.random_range(0..DISTORTIONS.len())] };
-        if !opts.contains(&o) {
-            opts.push(o);
+    let mut a1 = Vec::new();
+    // Yes/no, free-form and with options in either order: half the time about the real distortion.
+    for with_opts in [false, true] {
+        let asked = if s > 0 && rng.random::<bool>() { kind } else { rng.random_range(0..DISTORTIONS.len()) };
+        let yes = s > 0 && asked == kind;
+        let q = format!("Does this image suffer from {}?", DISTORTIONS[asked]);
+        if with_opts {
+            let (opts, at) = options(if yes { "Yes" } else { "No" }, &["Yes", "No"], 2, rng);
+            out.push(row("answering", with_options(&q, &opts), letter(at)));
+            a1.push(qbench(&q, &opts, at, 0));
+        } else {
+            out.push(row("answering", q, if yes { "Yes." } else { "No." }.into()));
         }
     }
-    let correct = rng.random_range(0..4);
-    opts.swap(0, correct);
-    let letters = ["A", "B", "C", "D"];
-    let listing: String = opts.iter().zip(letters).map(|(o, l)| format!("{l}. {o}\n")).collect();
-    out.push(row(
-        "answering",
-        format!("Which distortion is most visible in this image?\n{listing}Answer with the option's letter from the given choices directly."),
-        format!("{}.", letters[correct]),
-    ));
-    a1.push(json!({"img_path": image, "question": "Which distortion is most visible in this image?", "candidates": opts, "correct_ans": main, "type": 1, "concern": 0}));
+    // What: free-form, then over two option sets.
+    out.push(row("answering", "What is the main distortion in this image?".into(), format!("{}.", cap(main))));
+    let mut pool: Vec<&str> = DISTORTIONS.to_vec();
+    pool.push("none");
+    let q = "Which distortion is most visible in this image?";
+    for i in 0..2 {
+        let (opts, at) = options(main, &pool, 4, rng);
+        out.push(row("answering", with_options(q, &opts), letter(at)));
+        if i == 0 {
+            a1.push(qbench(q, &opts, at, 1));
+        }
+    }
+    // How: the quality level over four of the five.
+    let (opts, at) = options(level, &LEVEL_BY_STRENGTH, 4, rng);
+    let q = "How is the overall quality of this image?";
+    out.push(row("answering", with_options(q, &opts), letter(at)));
+    a1.push(qbench(q, &opts, at, 2));
     (out, a1)
 }
 

@@ -23,25 +23,7 @@ use crate::metrics::{self, Metric};
 use crate::optim::{clip_global_norm, cosine_with_warmup, AdamW, Group};
 use crate::step::batch_loss;
 
-/// Which stage of progressive instruction tuning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// LoRA on the LLM and the vision encoder, connector trainable.
-    Stage1,
-    /// Stage-1 LoRA merged and frozen; prompt module and connector trainable.
-    Stage2,
-}
-
-impl Stage {
-    /// "stage 1" or "stage 2", for titles.
-    pub fn title(self) -> &'static str {
-        match self {
-            Stage::Stage1 => "stage 1",
-            Stage::Stage2 => "stage 2",
-        }
-    }
-}
+pub use crate::modules::{Modules, Stage};
 
 /// Everything a run depends on; saved as `train_config.json` so `--resume` needs nothing else.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +56,19 @@ pub struct TrainConfig {
     /// device. For benchmarks at real shapes without writing a checkpoint first.
     #[serde(default)]
     pub random_weights: bool,
+    /// What trains; absent in configs written before `--train` existed: the stage's default.
+    #[serde(default)]
+    pub modules: Option<Modules>,
+}
+
+impl TrainConfig {
+    /// The modules this run trains.
+    pub fn modules(&self) -> Modules {
+        self.modules.unwrap_or_else(|| {
+            let vision = self.lora.as_ref().is_some_and(|l| l.scopes.iter().any(|s| s.contains("vision")));
+            Modules::of_stage(self.stage, !vision)
+        })
+    }
 }
 
 /// Progress saved with each checkpoint.
@@ -121,19 +116,14 @@ fn group_of(key: &str) -> &'static str {
     }
 }
 
-fn stage2_trainable(key: &str, unfreeze_qformer: bool) -> bool {
-    if key.starts_with("model.mm_projector.") {
-        return true;
-    }
-    if let Some(rest) = key.strip_prefix("model.vlm_att_encoder.bert.") {
-        // The official recipe trains only the Q-Former's cross-attention ("freeze_part").
-        return unfreeze_qformer || rest.contains(".crossattention.");
-    }
-    key.starts_with("model.vlm_")
-}
-
 /// Runs a stage to the end (or resumes one); returns the summary it also prints and saves.
 pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
+    run_observed(cfg, resume, None)
+}
+
+/// [`run`], calling `on_step` after each optimizer step instead of drawing its own progress bar
+/// (`ablate` draws one over the whole plan).
+pub fn run_observed(cfg: &TrainConfig, resume: bool, on_step: Option<&dyn Fn()>) -> anyhow::Result<Summary> {
     anyhow::ensure!(cfg.batch_size > 0 && cfg.grad_accum > 0, "--batch-size and --grad-accum must be ≥ 1");
     let device = crate::device(&cfg.device)?;
     let dtype = cfg.dtype.candle();
@@ -158,7 +148,7 @@ pub fn run(cfg: &TrainConfig, resume: bool) -> anyhow::Result<Summary> {
     let mut metrics = open_run_dir(cfg, start, ckpt.is_some())?;
 
     let t0 = Instant::now();
-    let ctx = Loop { cfg, setup: &setup, data: &data, trainee: &trainee, sched, device: &device, dtype };
+    let ctx = Loop { cfg, setup: &setup, data: &data, trainee: &trainee, sched, device: &device, dtype, on_step };
     let samples_done = ctx.steps(start, &mut opt, &mut metrics)?;
     let final_dir = save_final(cfg, &setup.config, &trainee)?;
     let points: Vec<(f64, f64)> = metrics.iter().map(|m| (m.step as f64, m.loss as f64)).collect();
@@ -184,8 +174,9 @@ struct Setup {
 impl Setup {
     fn load(cfg: &TrainConfig) -> anyhow::Result<Self> {
         let mut config = BunnyConfig::from_file(&cfg.model.join("config.json"))?;
-        if cfg.stage == Stage::Stage2 && config.model_type == ModelType::Bunny {
-            // Stage 2 turns Bunny into Q-Adapt; without a qformer_config the official sizes apply.
+        if cfg.modules().prompt && config.model_type == ModelType::Bunny {
+            // Training the prompt module turns Bunny into Q-Adapt; without a qformer_config the
+            // official sizes apply.
             config.model_type = ModelType::QAdapt;
             config.qformer_config.get_or_insert_with(Default::default);
         }
@@ -235,6 +226,15 @@ struct Trainee {
     lora: Option<LoraSpec>,
     randomised: usize,
     trainable_params: usize,
+    /// Randomly initialised frozen tensors, saved beside the trainables.
+    frozen_new: Vec<(String, Var)>,
+}
+
+impl Trainee {
+    /// What a checkpoint or `final/` holds: the trainables and the frozen tensors drawn here.
+    fn saved(&self) -> Vec<(String, Var)> {
+        self.vars.iter().chain(&self.frozen_new).cloned().collect()
+    }
 }
 
 impl Trainee {
@@ -256,13 +256,13 @@ impl Trainee {
             &ck
         };
         let adapted;
-        let base: &dyn WeightSource = match (&cfg.stage, &cfg.stage1) {
-            (Stage::Stage2, Some(run1)) => {
+        // A stage-1 run under this one is merged and frozen.
+        let base: &dyn WeightSource = match &cfg.stage1 {
+            Some(run1) => {
                 adapted = AdaptedSource::open(plain, &adapter_dir(run1), device, dtype)?;
                 &adapted
             }
-            (Stage::Stage2, None) => bail!("stage 2 needs --stage1 RUN1 (the stage-1 LoRA is merged and frozen)"),
-            (Stage::Stage1, _) => plain,
+            None => plain,
         };
         let mut init = HashMap::new();
         if let Some(q) = &cfg.qformer_init {
@@ -271,16 +271,18 @@ impl Trainee {
         if let Some(dir) = resume_from {
             init.extend(load_trainables(dir, device)?);
         }
-        let stage = cfg.stage;
+        let modules = cfg.modules();
         let unfreeze = cfg.unfreeze_qformer;
-        let trainable = move |k: &str| match stage {
-            Stage::Stage1 => k.starts_with("model.mm_projector."),
-            Stage::Stage2 => stage2_trainable(k, unfreeze),
+        let trainable = move |k: &str| modules.trains(k, unfreeze);
+        let lora = match (&cfg.lora, modules.lora()) {
+            (Some(spec), true) => Some(LoraSpec { scopes: modules.lora_scopes(), ..spec.clone() }),
+            (None, true) => bail!("modules {:?} include LoRA but the run has no LoRA settings", modules.names()),
+            (_, false) => None,
         };
-        let lora = if stage == Stage::Stage1 { cfg.lora.clone() } else { None };
         let src = TrainSource::new(base, trainable, lora.clone(), device, dtype, cfg.seed)
             .with_init(init)
-            .with_random_missing(move |k| stage == Stage::Stage2 && k.starts_with("model.vlm_"));
+            .with_random_missing(move |k| modules.prompt && k.starts_with("model.vlm_"))
+            .with_shapes(models::bunny::dims_from_config(config));
         let model = Bunny::new(&src, config.clone())?;
         let vars = src.vars();
         let randomised = src.randomised();
@@ -297,7 +299,14 @@ impl Trainee {
                 None => groups.push(Group { name, lr, vars: vec![(k, var)] }),
             }
         }
-        Ok(Self { model, vars, groups, lora, randomised: randomised.len(), trainable_params })
+        // Frozen tensors drawn at random (a prompt module new to the base) are saved with the
+        // trainables: nothing else holds them.
+        let frozen_new = src
+            .frozen_new()
+            .into_iter()
+            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { model, vars, groups, lora, randomised: randomised.len(), trainable_params, frozen_new })
     }
 }
 
@@ -341,6 +350,7 @@ struct Loop<'a> {
     sched: Schedule,
     device: &'a candle_core::Device,
     dtype: DType,
+    on_step: Option<&'a dyn Fn()>,
 }
 
 impl Loop<'_> {
@@ -357,7 +367,11 @@ impl Loop<'_> {
     fn steps(&self, start: usize, opt: &mut AdamW, metrics: &mut Vec<Metric>) -> anyhow::Result<usize> {
         let (cfg, sched, encoded) = (self.cfg, self.sched, &self.data.encoded);
         let metrics_path = cfg.out.join("metrics.jsonl");
-        let bar = indicatif::ProgressBar::new(sched.total as u64).with_position(start as u64);
+        let bar = match self.on_step {
+            Some(_) => indicatif::ProgressBar::hidden(),
+            None => indicatif::ProgressBar::new(sched.total as u64),
+        }
+        .with_position(start as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
                 .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -426,6 +440,9 @@ impl Loop<'_> {
             metrics.push(m);
             bar.set_message(format!("loss {loss:.4} lr {:.2e} {sps:.1} samples/s", cfg.lr * mult));
             bar.inc(1);
+            if let Some(f) = self.on_step {
+                f();
+            }
             let done = step + 1;
             if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == sched.total {
                 self.checkpoint(done, opt)?;
@@ -445,7 +462,7 @@ impl Loop<'_> {
             samples: done * self.sched.per_step,
         };
         write_dir_atomic(&cfg.out.join(format!("checkpoint-{done}")), |tmp| {
-            save_trainables(tmp, &t.vars, t.lora.as_ref())?;
+            save_trainables(tmp, &t.saved(), t.lora.as_ref())?;
             opt.save(&tmp.join("optimizer.safetensors"))?;
             std::fs::write(tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state)?)?;
             Ok(())
@@ -457,9 +474,10 @@ impl Loop<'_> {
 fn save_final(cfg: &TrainConfig, config: &BunnyConfig, t: &Trainee) -> anyhow::Result<PathBuf> {
     let final_dir = cfg.out.join("final");
     write_dir_atomic(&final_dir, |tmp| {
-        save_trainables(tmp, &t.vars, t.lora.as_ref())?;
-        if cfg.stage == Stage::Stage2 {
-            // The model stage 2 produced is Q-Adapt whatever the base was: `merge` writes this config.
+        save_trainables(tmp, &t.saved(), t.lora.as_ref())?;
+        if cfg.modules().prompt {
+            // A model whose prompt module trained is Q-Adapt whatever the base was: `merge` writes
+            // this config.
             let mut raw: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(cfg.model.join("config.json"))?)?;
             raw["model_type"] = ModelType::QAdapt.as_str().into();

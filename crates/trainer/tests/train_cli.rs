@@ -10,23 +10,9 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use common::{bin, ok, s};
 
-fn config() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-qadapt.json")
-}
-
 /// Data and a random base model in `dir`.
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {
-    let data = dir.join("data");
-    ok(bin().args(["synth", "--out", s(&data), "--n", "24"]).output().unwrap(), "synth");
-    let base = dir.join("base");
-    ok(
-        bin()
-            .args(["init", "--config", s(&config()), "--out", s(&base), "--data", s(&data.join("train.json"))])
-            .output()
-            .unwrap(),
-        "init",
-    );
-    (data, base)
+    common::synth_and_init(dir, 24)
 }
 
 fn stage1_args<'a>(base: &'a Path, data: &'a Path, out: &'a Path) -> Vec<String> {

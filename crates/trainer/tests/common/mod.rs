@@ -22,3 +22,23 @@ pub fn ok(out: Output, what: &str) -> Output {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// `configs/tiny-qadapt.json`: the tiny Q-Adapt the trainer's tests train.
+pub fn config() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-qadapt.json")
+}
+
+/// `synth` of `n` images into `dir/data`, then `init` of the tiny Q-Adapt (tokenizers trained on that
+/// data) into `dir/base`; returns (data, base).
+pub fn synth_and_init(dir: &Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (data, base) = (dir.join("data"), dir.join("base"));
+    ok(bin().args(["synth", "--out", s(&data), "--n", &n.to_string(), "--size", "32"]).output().unwrap(), "synth");
+    ok(
+        bin()
+            .args(["init", "--config", s(&config()), "--out", s(&base), "--data", s(&data.join("train.json"))])
+            .output()
+            .unwrap(),
+        "init",
+    );
+    (data, base)
+}
