@@ -1,5 +1,5 @@
 //! `qadapt-train ablate` end to end on a tiny plan: three recipes × two seeds on a small synthetic
-//! set, with the results checked in the JSON, the run directories, a rerun that skips, a resumed
+//! set, then Table 8's rows once, with the results checked in the JSON, the run directories, a rerun that skips, a resumed
 //! run, and the errors a user meets first.
 
 mod common;
@@ -113,6 +113,33 @@ fn a_tiny_plan_runs_resumes_and_reports() {
     let r = &rows(&qb)[0];
     assert!(r["accuracy_likelihood"].is_f64(), "{r}");
     assert!(r["accuracy_by_type"].as_object().unwrap().contains_key("yes-or-no"), "{r}");
+
+    // Every Table 8 row runs, each stage training what its recipe says.
+    let t8 = tmp.path().join("table8");
+    ok(ablate(&data, &base, &t8, "test.json", "table8", "1"), "ablate table8");
+    let names: Vec<String> = rows(&t8).iter().map(|r| r["recipe"].as_str().unwrap().to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "t8-s1-explanation",
+            "t8-s1-perception",
+            "t8-s1-prompt",
+            "progressive",
+            "t8-s2-explanation",
+            "t8-s2-perception",
+            "t8-s2-no-connector",
+            "t8-s2-llm-lora"
+        ]
+    );
+    let trained = |recipe: &str, stage: usize| -> Value {
+        let p = t8.join(recipe).join("seed-1").join(format!("stage-{stage}")).join("train_config.json");
+        serde_json::from_str::<Value>(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(trained("t8-s1-perception", 1)["task"], "answering");
+    assert_eq!(trained("t8-s2-no-connector", 2)["modules"]["connector"], false);
+    assert_eq!(trained("t8-s2-llm-lora", 2)["modules"]["llm_lora"], true);
+    assert_eq!(trained("t8-s1-prompt", 1)["modules"]["prompt"], true);
+    assert_eq!(model_type(&t8.join("t8-s1-prompt/seed-1/model-1")), "bunny-qformer-phi_v3_bib");
 
     // Errors: an unknown recipe, and data without the task a recipe needs.
     let e = ablate(&data, &base, &tmp.path().join("e1"), "test.json", "progresive", "1");
