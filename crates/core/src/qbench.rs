@@ -148,6 +148,12 @@ pub fn parse_choice(answer: &str, candidates: &[String]) -> Option<usize> {
     (hits.len() == 1).then(|| hits[0])
 }
 
+/// The index of the least loss, the first winning ties: how both evaluators (and `--choices`) pick
+/// an option by likelihood.
+pub fn best_choice(losses: &[f64]) -> usize {
+    (0..losses.len()).fold(0, |b, i| if losses[i] < losses[b] { i } else { b })
+}
+
 /// How a Q-Bench answer is chosen (DESIGN §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -333,6 +339,7 @@ mod tests {
         );
         assert_eq!(listed_options(&prompt("Is it sharp?", &yn)), Some(yn.clone()));
         assert_eq!(listed_options("Is it sharp?"), None);
+        assert_eq!(best_choice(&[0.5, 0.2, 0.2, 0.9]), 1, "the first of equal losses");
     }
 
     #[test]

@@ -224,8 +224,7 @@ impl Engine {
             let letters = row.letter_answers();
             let refs: Vec<&str> = letters.iter().map(String::as_str).collect();
             let losses = self.option_losses(&img, &prompt, &refs)?;
-            // The lowest loss; the first wins ties, as in `qadapt-run`.
-            let best = (0..losses.len()).fold(0, |b, i| if losses[i] < losses[b] { i } else { b });
+            let best = qbench::best_choice(&losses);
             lik.add(row, letters[best].clone(), Some(best));
             tick();
         }

@@ -524,7 +524,7 @@ impl Runtime {
 
     /// The index of the best choice (lowest loss; the first wins ties).
     pub fn best_choice(choices: &[Choice]) -> usize {
-        (0..choices.len()).fold(0, |b, i| if choices[i].loss < choices[b].loss { i } else { b })
+        qadapt_core::qbench::best_choice(&choices.iter().map(|c| c.loss).collect::<Vec<_>>())
     }
 }
 

@@ -187,6 +187,19 @@ pub struct TrainSettings {
     pub dtype: Dtype,
 }
 
+impl TrainSettings {
+    /// The LoRA a stage training `modules` attaches (none when it trains no LoRA).
+    pub fn lora(&self, modules: crate::modules::Modules) -> Option<models::train_source::LoraSpec> {
+        modules.lora().then(|| models::train_source::LoraSpec {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets: self.lora_targets.clone(),
+            scopes: modules.lora_scopes(),
+        })
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct MergeArgs {
     /// Base model directory.

@@ -1,7 +1,6 @@
 //! The subcommands' glue: arguments → library config → run → a short report on stderr.
 
 use anyhow::Context;
-use models::train_source::LoraSpec;
 
 use crate::args::{AblateArgs, EvalArgs, InitArgs, MergeArgs, SynthArgs, TrainArgs};
 use crate::data::Task;
@@ -34,13 +33,6 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
                 Some(list) => Modules::parse(list).map_err(|e| anyhow::anyhow!("--train: {e}"))?,
                 None => Modules::of_stage(stage, a.no_vision_lora),
             };
-            let lora = LoraSpec {
-                r: a.settings.lora_r,
-                alpha: a.settings.lora_alpha,
-                dropout: a.settings.lora_dropout,
-                targets: a.settings.lora_targets.clone(),
-                scopes: modules.lora_scopes(),
-            };
             let cfg = TrainConfig {
                 stage,
                 model,
@@ -49,7 +41,7 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
                 images,
                 out,
                 task: a.task.unwrap_or(if stage == Stage::Stage1 { Task::Explanation } else { Task::All }),
-                lora: modules.lora().then_some(lora),
+                lora: a.settings.lora(modules),
                 lr: a.settings.lr,
                 connector_lr: a.settings.connector_lr,
                 weight_decay: a.settings.weight_decay,
@@ -144,7 +136,7 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
         println!("{k:<16} {:>4}/{:<4} accuracy {:.3} (chance {:.3})", e.correct, e.total, e.accuracy, e.chance);
     }
     if !r.answering.is_empty() {
-        println!("overall accuracy {:.3} ({} option answers named no option)", r.overall_accuracy, r.unmatched);
+        println!("overall accuracy {:.3} ({} option answers named no option)", r.overall.accuracy, r.overall.unmatched);
     }
     if !r.qbench.is_empty() {
         print!("{}", qadapt_core::qbench::markdown(&r.qbench));

@@ -13,27 +13,17 @@ use serde::Serialize;
 
 use crate::data::{self, Task};
 pub use qadapt_core::metrics::{pearson, spearman};
-use qadapt_core::qbench;
-
-/// Accuracy of one question kind.
-#[derive(Debug, Clone, Serialize)]
-pub struct KindAccuracy {
-    pub correct: usize,
-    pub total: usize,
-    pub accuracy: f64,
-    /// Accuracy of a uniform guess over the kind's answers.
-    pub chance: f64,
-}
+use qadapt_core::qbench::{self, Tally};
 
 /// What `eval` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
     /// Held-out conversations' short answers by question kind (`yes/no`, `what/how`,
     /// `multiple-choice`): empty without `--data`.
-    pub answering: BTreeMap<String, KindAccuracy>,
-    pub overall_accuracy: f64,
-    /// Answers to option questions that named no option (counted wrong).
-    pub unmatched: usize,
+    /// Each kind's tally: accuracy, chance, and the option answers that named no option.
+    pub answering: BTreeMap<String, Tally>,
+    /// Every held-out short question.
+    pub overall: Tally,
     /// Q-Bench A1 accuracy by generation and by likelihood (with `--qbench`).
     pub qbench: Vec<qbench::Report>,
     pub srocc: Option<f64>,
@@ -50,17 +40,18 @@ fn norm(s: &str) -> String {
         .to_string()
 }
 
-/// A held-out question's kind, with the chance level of a uniform guess. Questions that list
-/// options are read by the Q-Bench protocol ([`qbench::parse_choice`]); the free-form kinds'
-/// chance levels are those of the synthetic set (5 quality levels, 7 distortion answers).
-fn kind_of(options: Option<&[String]>, a: &str) -> (&'static str, f64) {
+/// A held-out question's kind, with the number of answers a uniform guess picks from (its chance
+/// level is one over it). Questions that list options are read by the Q-Bench protocol
+/// ([`qbench::parse_choice`]); the free-form kinds' counts are those of the synthetic set (5 quality
+/// levels, 7 distortion answers).
+fn kind_of(options: Option<&[String]>, a: &str) -> (&'static str, usize) {
     let yes_no = |s: &str| matches!(norm(s).as_str(), "yes" | "no");
     match options {
-        Some(o) if o.iter().all(|c| yes_no(c)) => ("yes/no", 1.0 / o.len() as f64),
-        Some(o) => ("multiple-choice", 1.0 / o.len() as f64),
-        None if yes_no(a) => ("yes/no", 0.5),
-        None if norm(a).starts_with("the quality of the image is") => ("what/how", 0.2),
-        None => ("what/how", 1.0 / 7.0),
+        Some(o) if o.iter().all(|c| yes_no(c)) => ("yes/no", o.len()),
+        Some(o) => ("multiple-choice", o.len()),
+        None if yes_no(a) => ("yes/no", 2),
+        None if norm(a).starts_with("the quality of the image is") => ("what/how", 5),
+        None => ("what/how", 7),
     }
 }
 
@@ -106,8 +97,8 @@ pub fn run(
     let engine = Engine::load(model, adapter, &Device::Cpu, DType::F32)
         .with_context(|| format!("loading {}", model.display()))?;
     let limit = inp.limit.unwrap_or(usize::MAX);
-    let mut by_kind: BTreeMap<String, KindAccuracy> = BTreeMap::new();
-    let mut unmatched = 0;
+    let mut by_kind: BTreeMap<String, Tally> = BTreeMap::new();
+    let mut overall = Tally::default();
     let opts = GenerateOptions { max_new_tokens: 16, ..Default::default() };
     if let Some(data_file) = inp.data {
         let samples = data::load(&[data_file.to_path_buf()], inp.images)?;
@@ -115,29 +106,15 @@ pub fn run(
             let (q, a) = &s.turns[0];
             let question = q.replace("<image>\n", "").replace("<image>", "");
             let options = qbench::listed_options(&question);
-            let (kind, chance) = kind_of(options.as_deref(), a);
+            let (kind, answers) = kind_of(options.as_deref(), a);
             let img = load_image(&s.image)?;
             let out = engine.generate(&img, &question, &opts, |_| {})?;
             let (ok, matched) = is_correct(options.as_deref(), &out.answer, a);
-            unmatched += usize::from(!matched);
-            let e = by_kind.entry(kind.to_string()).or_insert(KindAccuracy {
-                correct: 0,
-                total: 0,
-                accuracy: 0.0,
-                chance: 0.0,
-            });
-            // `chance` holds the sum until the end.
-            e.chance += chance;
-            e.total += 1;
-            e.correct += usize::from(ok);
+            by_kind.entry(kind.to_string()).or_default().add(ok, matched, answers);
+            overall.add(ok, matched, answers);
             tick();
         }
     }
-    for e in by_kind.values_mut() {
-        e.accuracy = e.correct as f64 / e.total.max(1) as f64;
-        e.chance /= e.total.max(1) as f64;
-    }
-    let (c, t) = by_kind.values().fold((0, 0), |(c, t), e| (c + e.correct, t + e.total));
     let qbench = match inp.qbench {
         Some(path) => {
             let rows = qbench::read(path)?;
@@ -161,13 +138,5 @@ pub fn run(
             plcc = Some(pearson(&pred, &mos));
         }
     }
-    Ok(EvalReport {
-        answering: by_kind,
-        overall_accuracy: c as f64 / t.max(1) as f64,
-        unmatched,
-        qbench,
-        srocc,
-        plcc,
-        scored_images: scored,
-    })
+    Ok(EvalReport { answering: by_kind, overall, qbench, srocc, plcc, scored_images: scored })
 }

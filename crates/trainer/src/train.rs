@@ -275,7 +275,7 @@ impl Trainee {
         let unfreeze = cfg.unfreeze_qformer;
         let trainable = move |k: &str| modules.trains(k, unfreeze);
         let lora = match (&cfg.lora, modules.lora()) {
-            (Some(spec), true) => Some(LoraSpec { scopes: modules.lora_scopes(), ..spec.clone() }),
+            (Some(spec), true) => Some(spec.clone()),
             (None, true) => bail!("modules {:?} include LoRA but the run has no LoRA settings", modules.names()),
             (_, false) => None,
         };

@@ -109,9 +109,9 @@ fn a_tiny_model_learns_to_answer_and_to_score() {
         );
     }
     let chance = chance / total;
-    let acc = after["overall_accuracy"].as_f64().unwrap();
+    let acc = after["overall"]["accuracy"].as_f64().unwrap();
     let srocc = after["srocc"].as_f64().unwrap();
-    println!("{:<16} {:>9.3} {:>9.3} {:>8.3}", "overall", before["overall_accuracy"].as_f64().unwrap(), acc, chance);
+    println!("{:<16} {:>9.3} {:>9.3} {:>8.3}", "overall", before["overall"]["accuracy"].as_f64().unwrap(), acc, chance);
     println!("{:<16} {:>9.3} {:>9.3} {:>8}", "SROCC", before["srocc"].as_f64().unwrap_or(f64::NAN), srocc, "0");
     println!(
         "{:<16} {:>9.3} {:>9.3} {:>8}",

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use candle_core::{DType, Device};
 use models::loader::{Checkpoint, WeightSource};
-use models::train_source::LoraSpec;
 use qadapt_core::{BunnyConfig, ModelType};
 use serde::{Deserialize, Serialize};
 
@@ -232,13 +231,7 @@ fn run_one(
                 images: cfg.images.clone(),
                 out: run.clone(),
                 task: st.task,
-                lora: st.modules.lora().then(|| LoraSpec {
-                    r: s.lora_r,
-                    alpha: s.lora_alpha,
-                    dropout: s.lora_dropout,
-                    targets: s.lora_targets.clone(),
-                    scopes: st.modules.lora_scopes(),
-                }),
+                lora: s.lora(st.modules),
                 lr: s.lr,
                 connector_lr: s.connector_lr,
                 weight_decay: s.weight_decay,
@@ -300,17 +293,13 @@ fn row_of(r: &Recipe, seed: u64, rep: &EvalReport, steps: usize, train_seconds: 
             rep.qbench.get(1).map(|l| l.overall.accuracy),
             g.overall.unmatched,
         ),
-        None => {
-            let n: usize = rep.answering.values().map(|k| k.total).sum();
-            let chance = rep.answering.values().map(|k| k.chance * k.total as f64).sum::<f64>() / n.max(1) as f64;
-            (
-                rep.overall_accuracy,
-                rep.answering.iter().map(|(k, a)| (k.clone(), a.accuracy)).collect(),
-                chance,
-                None,
-                rep.unmatched,
-            )
-        }
+        None => (
+            rep.overall.accuracy,
+            rep.answering.iter().map(|(k, a)| (k.clone(), a.accuracy)).collect(),
+            rep.overall.chance,
+            None,
+            rep.overall.unmatched,
+        ),
     };
     Row {
         recipe: r.name.clone(),

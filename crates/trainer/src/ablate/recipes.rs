@@ -141,26 +141,19 @@ struct RecipeFile {
     paper: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RecipeFiles {
-    One(RecipeFile),
-    Many(Vec<RecipeFile>),
-}
-
 /// Reads custom recipes: one JSON object or a list of them,
 /// `{"name", "about"?, "stages": [{"task", "train": [modules], "share"?}], "paper"?}`.
 pub fn read_recipes(path: &Path) -> anyhow::Result<Vec<Recipe>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading --recipe-file {}", path.display()))?;
-    let files = match qadapt_core::from_json::<RecipeFiles>(&bytes) {
-        Ok(RecipeFiles::One(r)) => vec![r],
-        Ok(RecipeFiles::Many(v)) => v,
-        Err(_) => {
-            // Untagged enums hide the reason: parse as a single recipe to name the field at fault.
-            let (_, msg) = qadapt_core::from_json::<RecipeFile>(&bytes).err().unwrap_or_default();
-            bail!("{}: not a recipe or a list of recipes: {msg}", path.display());
-        }
-    };
+    // A list or one object, told by the first character, so that an error names the field at fault
+    // (`[1].stages[0].train`) rather than failing both shapes at once.
+    let list = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    let files = if list {
+        qadapt_core::from_json::<Vec<RecipeFile>>(&bytes)
+    } else {
+        qadapt_core::from_json::<RecipeFile>(&bytes).map(|r| vec![r])
+    }
+    .map_err(|(_, msg)| anyhow::anyhow!("{}: not a recipe or a list of recipes: {msg}", path.display()))?;
     files
         .into_iter()
         .map(|f| {
@@ -256,6 +249,8 @@ mod tests {
         assert!(read_recipes(&p).unwrap_err().to_string().contains("unknown module \"gpu\""));
         std::fs::write(&p, r#"{"name": "x", "stages": [{"task": "all", "train": "connector"}]}"#).unwrap();
         assert!(read_recipes(&p).unwrap_err().to_string().contains("stages[0].train"));
+        std::fs::write(&p, r#"[{"name": "x", "stages": [{"task": "all", "train": "connector"}]}]"#).unwrap();
+        assert!(read_recipes(&p).unwrap_err().to_string().contains("[0].stages[0].train"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }
