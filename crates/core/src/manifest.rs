@@ -36,6 +36,30 @@ pub struct Manifest {
     /// The model directory the export was made from (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Which graph variant the directory holds: `standard` (standard ONNX ops; absent in exports
+    /// before 2026-12-03).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// Weight-only quantization of the linears (`MatMulNBits`), when the export has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantSpec>,
+}
+
+/// How an export's linears were quantized (`qadapt-export --quantize`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantSpec {
+    /// 4 or 8.
+    pub bits: u8,
+    /// Weights per scale along the input dimension.
+    pub block_size: usize,
+    /// `MatMulNBits`' accuracy level (4: int8 activations on CPU).
+    pub accuracy_level: u8,
+    /// Scales only, the default zero point.
+    pub symmetric: bool,
+    /// Whether `lm_head` is quantized.
+    pub lm_head: bool,
+    /// Whether the vision graph's linears are quantized.
+    pub vision: bool,
 }
 
 /// The prompt template and scoring words of an export.
@@ -202,6 +226,17 @@ impl Manifest {
         }
         if self.dtype != "f32" && self.dtype != "f16" {
             return fail("dtype", format!("{:?} is not f32 or f16", self.dtype));
+        }
+        if let Some(v) = self.variant.as_deref().filter(|v| *v != "standard") {
+            return fail("variant", format!("{v:?} is not a graph variant this runtime runs (standard)"));
+        }
+        if let Some(q) = &self.quantization {
+            if q.bits != 4 && q.bits != 8 {
+                return fail("quantization.bits", format!("{} is not 4 or 8", q.bits));
+            }
+            if q.block_size < 16 || !q.block_size.is_power_of_two() {
+                return fail("quantization.block_size", format!("{} is not a power of two ≥ 16", q.block_size));
+            }
         }
         let g = &self.graphs;
         for (field, name) in [

@@ -9,6 +9,7 @@ use qadapt_core::Manifest;
 
 use crate::graph::{FloatType, Graph};
 use crate::onnx_pb::tensor_proto::DataType;
+use crate::quant::Quant;
 use crate::write::{Dim, Io, OPSET};
 use crate::Result;
 
@@ -25,10 +26,12 @@ const B: Dim = Dim::Sym("batch");
 
 /// `decoder.onnx`: one step of phi-2 with KV cache (HF Optimum names). One graph serves prefill
 /// (past length 0) and decode.
-pub fn decoder(model: &Bunny, ft: FloatType) -> Result<Traced> {
+/// With `quant`, every linear with a weight (lm_head unless kept) is a `MatMulNBits`.
+pub fn decoder(model: &Bunny, ft: FloatType, quant: Option<Quant>) -> Result<Traced> {
     let c = &model.config;
     let (layers, heads, head_dim) = (c.num_hidden_layers, c.num_attention_heads, c.head_dim());
     let mut g = Graph::new(ft);
+    g.quant = quant;
     let embeds = g.input("inputs_embeds", 3);
     let mask = g.input("attention_mask", 2);
     let pos = g.input("position_ids", 2);
@@ -135,10 +138,13 @@ pub fn embed(model: &Bunny, ft: FloatType) -> Result<Traced> {
 
 /// `vision.onnx`: pixels (and, for Q-Adapt, the question's Q-Former ids and mask) → the image
 /// features the decoder reads: SigLIP, the prompt module and the connector in one graph.
-pub fn vision(model: &Bunny, ft: FloatType) -> Result<Traced> {
+/// With `quant` and its `vision` set, the linears of SigLIP, the prompt module and the connector are
+/// `MatMulNBits` (the patch convolution stays float).
+pub fn vision(model: &Bunny, ft: FloatType, quant: Option<Quant>) -> Result<Traced> {
     let c = &model.config;
     let s = c.vision_config.image_size as i64;
     let mut g = Graph::new(ft);
+    g.quant = quant.filter(|q| q.vision);
     let pixels = g.input("pixel_values", 4);
     let mut inputs = vec![Io::new("pixel_values", ft.onnx(), vec![B, Dim::Fixed(3), Dim::Fixed(s), Dim::Fixed(s)])];
     let feats = if model.is_qadapt() {
@@ -158,8 +164,10 @@ pub fn vision(model: &Bunny, ft: FloatType) -> Result<Traced> {
 
 /// What the runtime needs besides the graphs: the shared [`Manifest`] type, so the runtime parses
 /// exactly what is written here.
-pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, level_ids: [u32; 5]) -> Manifest {
-    use qadapt_core::manifest::{DecoderSpec, Graphs, ImageSpec, QFormerSpec, TemplateSpec, TokenSpec, FORMAT};
+pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, quant: Option<Quant>, level_ids: [u32; 5]) -> Manifest {
+    use qadapt_core::manifest::{
+        DecoderSpec, Graphs, ImageSpec, QFormerSpec, QuantSpec, TemplateSpec, TokenSpec, FORMAT,
+    };
     let c = &model.config;
     let v = &c.vision_config;
     Manifest {
@@ -201,5 +209,14 @@ pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, level_ids: [u32; 5]) -
             .filter(|_| model.is_qadapt())
             .map(|q| QFormerSpec { tokenizer: "qformer".into(), max_text_length: q.max_text_length }),
         source: Some(dir.display().to_string()),
+        variant: Some("standard".into()),
+        quantization: quant.map(|q| QuantSpec {
+            bits: q.bits,
+            block_size: q.block_size,
+            accuracy_level: q.accuracy_level,
+            symmetric: true,
+            lm_head: q.lm_head,
+            vision: q.vision,
+        }),
     }
 }

@@ -13,6 +13,10 @@ use models::ops::{Ops, Param};
 use models::{Error, Result};
 
 use crate::onnx_pb::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
+use crate::quant::Quant;
+
+/// ONNX Runtime's contrib-op domain.
+pub const MS_DOMAIN: &str = "com.microsoft";
 
 /// The float type activations and weights are exported in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +66,9 @@ pub enum InitData {
     Weight { t: Tensor, transpose: bool },
     /// A small constant already encoded.
     Raw { dtype: DataType, dims: Vec<i64>, bytes: Vec<u8> },
+    /// One input of a `MatMulNBits` made from a torch-layout weight [N, K]: the packed blocks
+    /// (`scales: false`) or their scales. Quantized when written, one tensor at a time.
+    Quantized { t: Tensor, q: Quant, scales: bool },
 }
 
 /// A named initializer.
@@ -75,6 +82,8 @@ pub struct Init {
 #[derive(Debug)]
 pub struct Graph {
     pub ft: FloatType,
+    /// Linears with a weight become `MatMulNBits` (see [`crate::quant`]).
+    pub quant: Option<Quant>,
     pub nodes: Vec<NodeProto>,
     pub inits: Vec<Init>,
     registered: HashMap<String, usize>,
@@ -94,7 +103,7 @@ fn attr_float(name: &str, v: f32) -> AttributeProto {
 impl Graph {
     /// An empty graph exporting floats as `ft`.
     pub fn new(ft: FloatType) -> Self {
-        Self { ft, nodes: Vec::new(), inits: Vec::new(), registered: HashMap::new(), counter: 0 }
+        Self { ft, quant: None, nodes: Vec::new(), inits: Vec::new(), registered: HashMap::new(), counter: 0 }
     }
 
     /// A graph input value (its declaration is the writer's business).
@@ -134,6 +143,15 @@ impl Graph {
             ..Default::default()
         });
         V { name: out, rank, param: None }
+    }
+
+    /// Appends a node of ONNX Runtime's `com.microsoft` domain.
+    pub fn ms_node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, rank: usize) -> V {
+        let v = self.node(op, inputs, attrs, rank);
+        if let Some(n) = self.nodes.last_mut() {
+            n.domain = MS_DOMAIN.into();
+        }
+        v
     }
 
     /// `a` [Ba, …, La, …] and `b` [Bb, …, Lb, …] stacked along axis 0, the shorter first
@@ -321,6 +339,31 @@ impl Ops for Graph {
     }
 
     fn linear(&mut self, x: &V, w: &V, b: Option<&V>) -> Result<V> {
+        if let (Some(q), Some(p)) = (self.quant, &w.param) {
+            if q.applies(&p.key) && p.dims().len() == 2 {
+                let (n, k) = (p.dims()[0], p.dims()[1]);
+                let (bn, sn) = (format!("{}^q{}", p.key, q.bits), format!("{}^scales", p.key));
+                self.register(&bn, InitData::Quantized { t: p.t.clone(), q, scales: false });
+                self.register(&sn, InitData::Quantized { t: p.t.clone(), q, scales: true });
+                let xn = self.name(x);
+                let y = self.ms_node(
+                    "MatMulNBits",
+                    &[&xn, &bn, &sn],
+                    vec![
+                        attr_int("K", k as i64),
+                        attr_int("N", n as i64),
+                        attr_int("bits", q.bits as i64),
+                        attr_int("block_size", q.block_size as i64),
+                        attr_int("accuracy_level", q.accuracy_level as i64),
+                    ],
+                    x.rank,
+                );
+                return Ok(match b {
+                    Some(b) => self.binary("Add", &y, b),
+                    None => y,
+                });
+            }
+        }
         let wn = match &w.param {
             Some(p) => {
                 let name = format!("{}^T", p.key);
@@ -538,5 +581,37 @@ impl Ops for Graph {
     }
     fn dropout(&mut self, x: &V, _p: f32) -> Result<V> {
         Ok(x.clone())
+    }
+    fn attention(&mut self, q: &V, k: &V, v: &V, bias: Option<&V>, scale: f64) -> Result<V> {
+        if self.ft == FloatType::F32 {
+            let kt = self.transpose(k, 2, 3)?;
+            let scores = self.binary("MatMul", q, &kt);
+            let scores = self.affine(&scores, scale, 0.0)?;
+            let scores = match bias {
+                Some(b) => self.binary("Add", &scores, b),
+                None => scores,
+            };
+            let probs = self.softmax_last(&scores)?;
+            return Ok(self.binary("MatMul", &probs, v));
+        }
+        // f16: as the candle interpreter, scores in f32 (q·k of real phi-2 weights passes 65,504).
+        let (qn, kn) = (self.name(q), self.name(k));
+        let qf = self.cast(&qn, DataType::Float, q.rank);
+        let kf = self.cast(&kn, DataType::Float, k.rank);
+        let kt = self.permute(&kf, &[0, 1, 3, 2]);
+        let scores = self.binary("MatMul", &qf, &kt);
+        let sc = self.floats(&[scale as f32], &[], true);
+        let mut scores = self.node("Mul", &[&scores.name, &sc], vec![], 4);
+        if let Some(b) = bias {
+            // The f16 mask value (about −3.3·10⁴) scaled far below any f32 score.
+            let bn = self.name(b);
+            let bf = self.cast(&bn, DataType::Float, b.rank);
+            let amp = self.floats(&[models::ops::F16_MASK_TO_F32 as f32], &[], true);
+            let bf = self.node("Mul", &[&bf.name, &amp], vec![], b.rank);
+            scores = self.node("Add", &[&scores.name, &bf.name], vec![], 4);
+        }
+        let probs = self.node("Softmax", &[&scores.name], vec![attr_int("axis", -1)], 4);
+        let probs = self.cast(&probs.name, DataType::Float16, 4);
+        Ok(self.binary("MatMul", &probs, v))
     }
 }

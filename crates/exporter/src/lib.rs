@@ -8,6 +8,7 @@ pub mod export;
 pub mod graph;
 #[allow(clippy::all, missing_docs)]
 pub mod onnx_pb;
+pub mod quant;
 pub mod verify;
 pub mod write;
 
@@ -69,6 +70,9 @@ pub struct ExportOptions {
     pub verify: bool,
     pub ort_lib: Option<PathBuf>,
     pub tolerance: f32,
+    /// Weight-only quantization of the linears (`MatMulNBits`); verified by [`verify::quant_report`]
+    /// against [`verify::QuantBounds`] instead of `tolerance`.
+    pub quant: Option<quant::Quant>,
 }
 
 /// Default verification tolerance (max relative error) per export type.
@@ -97,6 +101,8 @@ pub struct ExportSummary {
     pub out: PathBuf,
     pub graphs: Vec<GraphSummary>,
     pub verified: bool,
+    /// Accuracy of a quantized export against the unquantized model (when verified).
+    pub quant: Option<verify::QuantReport>,
 }
 
 /// Graphs whose weights exceed this keep them in `<graph>.onnx.data`: protobuf cannot hold 2 GiB, and
@@ -148,15 +154,19 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
         FloatType::F32 => DType::F32,
         FloatType::F16 => DType::F16,
     };
+    if let Some(q) = &opts.quant {
+        q.validate().map_err(|e| ExportError::Io(format!("--quantize: {e}")))?;
+    }
     let model = load(opts, dtype)?;
     let tokenizer = qadapt_core::TextTokenizer::from_dir(&opts.model)?;
     let level_ids = qadapt_core::sampling::level_token_ids(&tokenizer)?;
     let mut graphs = Vec::new();
+    let mut quant_report = None;
     qadapt_core::files::write_dir_atomic(&opts.out, |dir: &Path| -> Result<()> {
         let graphs_to_write = [
-            export::vision(&model, opts.ft)?,
+            export::vision(&model, opts.ft, opts.quant)?,
             export::embed(&model, opts.ft)?,
-            export::decoder(&model, opts.ft)?,
+            export::decoder(&model, opts.ft, opts.quant)?,
             export::cache_join(&model, opts.ft)?,
             export::cache_select(&model, opts.ft)?,
         ];
@@ -186,17 +196,22 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
             });
         }
         qadapt_core::files::copy_tokenizers(&opts.model, dir)?;
-        let manifest = export::manifest(&model, &opts.model, opts.ft, level_ids);
+        let manifest = export::manifest(&model, &opts.model, opts.ft, opts.quant, level_ids);
         let text = serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Io(format!("qadapt.json: {e}")))?;
         std::fs::write(dir.join("qadapt.json"), text)?;
         if let Some(env) = &env {
             let mut failures = Vec::new();
+            // Quantized graphs differ from the float model by design: their accuracy report decides.
+            let quantized = |file: &str| match opts.quant {
+                Some(q) => file == "decoder.onnx" || (q.vision && file == "vision.onnx"),
+                None => false,
+            };
             for (file, report) in verify::verify(env, &model, dir, opts.ft, dtype, 0)? {
                 let worst = report.iter().map(|(_, e)| *e).fold(0.0f32, f32::max);
                 for (name, err) in &report {
                     tracing::debug!(graph = %file, output = %name, rel_err = err, "verified");
                     // NaN fails too.
-                    if err.is_nan() || *err > opts.tolerance {
+                    if err.is_nan() || (*err > opts.tolerance && !quantized(&file)) {
                         failures.push(format!("{file} {name}: max relative error {err:.2e} > {:.0e}", opts.tolerance));
                     }
                 }
@@ -204,11 +219,18 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
                     g.max_rel_err = Some(worst);
                 }
             }
+            if let Some(q) = opts.quant {
+                let report = verify::quant_report(env, &model, dir, opts.ft, dtype, q.vision)?;
+                if let Some(miss) = verify::QuantBounds::of(q.bits).check(&report) {
+                    failures.push(format!("{} export below its accuracy bound: {miss}", q.name()));
+                }
+                quant_report = Some(report);
+            }
             if !failures.is_empty() {
                 return Err(ExportError::Mismatch(failures.join("; ")));
             }
         }
         Ok(())
     })?;
-    Ok(ExportSummary { out: opts.out.clone(), graphs, verified: opts.verify })
+    Ok(ExportSummary { out: opts.out.clone(), graphs, verified: opts.verify, quant: quant_report })
 }

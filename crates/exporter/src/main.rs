@@ -51,9 +51,32 @@ struct Cli {
     /// Largest max relative error accepted by verification (default 1e-4 for f32, 2e-2 for f16).
     #[arg(long)]
     tolerance: Option<f32>,
+    /// Weight-only quantization of every decoder linear (`MatMulNBits`, symmetric, default zero
+    /// point): int4 or int8. Runs on the CPU and CUDA providers (not TensorRT).
+    #[arg(long, value_enum)]
+    quantize: Option<Bits>,
+    /// Weights per quantization scale (a power of two, at least 16).
+    #[arg(long, default_value_t = 32, requires = "quantize")]
+    block_size: usize,
+    /// MatMulNBits' accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (the
+    /// fastest on CPU; what onnxruntime-genai uses there).
+    #[arg(long, default_value_t = 4, requires = "quantize", value_parser = clap::value_parser!(u8).range(0..=4))]
+    accuracy_level: u8,
+    /// Keep lm_head in the float type.
+    #[arg(long, requires = "quantize")]
+    keep_lm_head: bool,
+    /// Quantize the vision graph's linears too (SigLIP, prompt module, connector).
+    #[arg(long, requires = "quantize")]
+    quantize_vision: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Bits {
+    Int4,
+    Int8,
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -77,7 +100,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         verify: !cli.no_verify,
         ort_lib: cli.ort_lib,
         tolerance: cli.tolerance.unwrap_or(default_tolerance(ft)),
+        quant: cli.quantize.map(|b| exporter::quant::Quant {
+            bits: match b {
+                Bits::Int4 => 4,
+                Bits::Int8 => 8,
+            },
+            block_size: cli.block_size,
+            accuracy_level: cli.accuracy_level,
+            lm_head: !cli.keep_lm_head,
+            vision: cli.quantize_vision,
+        }),
     };
+    let opts_quant = opts.quant;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} tensors")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -110,6 +144,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             g.initializers,
             g.bytes as f64 / 1e6,
             if g.external_data { " (+ .data)" } else { "" }
+        );
+    }
+    if let (Some(r), Some(q)) = (&summary.quant, &opts_quant) {
+        let bound = exporter::verify::QuantBounds::of(q.bits);
+        println!(
+            "  {} accuracy vs the unquantized model over {} positions: logit cosine mean {:.5} (min {:.5}, bound {}), \
+             max |Δlogit| {:.3e}, greedy agreement {:.3} (bound {}){}",
+            q.name(),
+            r.positions,
+            r.logit_cosine_mean,
+            r.logit_cosine_min,
+            bound.logit_cosine_mean,
+            r.logit_max_abs_err,
+            r.top1_agreement,
+            bound.top1_agreement,
+            r.vision_cosine.map(|c| format!(", image-feature cosine {c:.5}")).unwrap_or_default()
         );
     }
     Ok(())

@@ -194,3 +194,146 @@ fn compare(
     let got = run_ort(env, graph, &ins, &outs, ft)?;
     Ok(names.iter().zip(got.iter().zip(want)).map(|(n, (g, w))| (n.clone(), rel_err(g, w))).collect())
 }
+
+/// How far a quantized export's logits are from the unquantized model's: what `--quantize` prints,
+/// and what it fails on past [`QuantBounds`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantReport {
+    /// Positions compared (prompts × length).
+    pub positions: usize,
+    /// Mean cosine similarity of a position's logits to the reference's.
+    pub logit_cosine_mean: f32,
+    /// Worst cosine similarity over the positions.
+    pub logit_cosine_min: f32,
+    /// Largest absolute logit difference.
+    pub logit_max_abs_err: f32,
+    /// Fraction of positions whose greedy next token equals the reference's (teacher forcing: every
+    /// prompt position predicts the next token from the same prefix on both sides).
+    pub top1_agreement: f32,
+    /// Cosine similarity of the image features, when the vision graph is quantized too.
+    pub vision_cosine: Option<f32>,
+}
+
+/// The least a quantized export must reach; below, the export fails. The bounds catch a broken
+/// export (wrong packing, a scale off by a factor), not a quality level: tiny random fixtures, whose
+/// logits are nearly flat, measure int8 0.9998 / 0.94 and int4 0.981 / 0.68 (cosine / agreement),
+/// while the same packing with its two nibbles swapped measures cosine 0.017. Documented in the README.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct QuantBounds {
+    pub logit_cosine_mean: f32,
+    pub top1_agreement: f32,
+}
+
+impl QuantBounds {
+    /// The bounds of `bits`-bit weights.
+    pub fn of(bits: u8) -> Self {
+        match bits {
+            8 => Self { logit_cosine_mean: 0.995, top1_agreement: 0.85 },
+            _ => Self { logit_cosine_mean: 0.95, top1_agreement: 0.5 },
+        }
+    }
+
+    /// What `report` misses, if anything.
+    pub fn check(&self, report: &QuantReport) -> Option<String> {
+        let mut misses = Vec::new();
+        if report.logit_cosine_mean.is_nan() || report.logit_cosine_mean < self.logit_cosine_mean {
+            misses.push(format!("logit cosine {:.4} < {}", report.logit_cosine_mean, self.logit_cosine_mean));
+        }
+        if report.top1_agreement.is_nan() || report.top1_agreement < self.top1_agreement {
+            misses.push(format!("greedy agreement {:.3} < {}", report.top1_agreement, self.top1_agreement));
+        }
+        if let Some(c) = report.vision_cosine.filter(|c| c.is_nan() || *c < self.logit_cosine_mean) {
+            misses.push(format!("image-feature cosine {c:.4} < {}", self.logit_cosine_mean));
+        }
+        (!misses.is_empty()).then(|| misses.join(", "))
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    (dot / (na * nb).max(1e-30)) as f32
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold(0, |best, (i, x)| if *x > v[best] { i } else { best })
+}
+
+/// Runs the quantized decoder of `dir` over `prompts` prompts of `len` seeded random tokens (one
+/// prefill, logits of every position) against `model` (unquantized, candle), and the vision graph
+/// when it is quantized.
+pub fn quant_report(
+    env: &ort::environment::Environment,
+    model: &Bunny,
+    dir: &Path,
+    ft: FloatType,
+    dtype: DType,
+    vision: bool,
+) -> Result<QuantReport> {
+    let dev = Device::Cpu;
+    let mut o = Candle::new(dev.clone(), dtype);
+    let mut rng = StdRng::seed_from_u64(7);
+    let c = &model.config;
+    let (b, l) = (4usize, 24usize);
+    let (layers, heads, hd, vocab) = (c.num_hidden_layers, c.num_attention_heads, c.head_dim(), c.vocab_size);
+    let ids: Vec<i64> = (0..b * l).map(|_| rng.random_range(0..vocab as i64)).collect();
+    let ids_t = Tensor::from_vec(ids, (b, l), &dev)?;
+    let embeds = model.llm.embed(&mut o, &ids_t)?;
+    let mask = vec![1i64; b * l];
+    let pos: Vec<i64> = (0..b).flat_map(|_| 0..l as i64).collect();
+    let mask_t = Tensor::from_vec(mask.clone(), (b, l), &dev)?;
+    let pos_t = Tensor::from_vec(pos.clone(), (b, l), &dev)?;
+    let keep_t = Tensor::new(l as i64, &dev)?;
+    let (want, _) = model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, None, Some(&keep_t))?;
+    let want = flat(&want)?;
+    let mut inputs: Vec<(String, Input)> = vec![
+        ("inputs_embeds".into(), Input::F(embeds)),
+        ("attention_mask".into(), Input::I(vec![b, l], mask)),
+        ("position_ids".into(), Input::I(vec![b, l], pos)),
+        ("num_logits_to_keep".into(), Input::I(vec![], vec![l as i64])),
+    ];
+    let empty = Tensor::zeros((b, heads, 0, hd), dtype, &dev)?;
+    for i in 0..layers {
+        inputs.push((format!("past_key_values.{i}.key"), Input::F(empty.clone())));
+        inputs.push((format!("past_key_values.{i}.value"), Input::F(empty.clone())));
+    }
+    let ins: Vec<(&str, &Input)> = inputs.iter().map(|(n, x)| (n.as_str(), x)).collect();
+    let got = run_ort(env, &dir.join("decoder.onnx"), &ins, &["logits"], ft)?.remove(0);
+    if got.len() != want.len() {
+        return Err(ExportError::Mismatch(format!("decoder logits: {} values, expected {}", got.len(), want.len())));
+    }
+    let rows: Vec<(&[f32], &[f32])> = got.chunks(vocab).zip(want.chunks(vocab)).collect();
+    let cos: Vec<f32> = rows.iter().map(|(g, w)| cosine(g, w)).collect();
+    let agree = rows.iter().filter(|(g, w)| argmax(g) == argmax(w)).count();
+    let max_abs = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+    let vision_cosine = if vision {
+        let sz = c.vision_config.image_size;
+        let px: Vec<f32> = (0..3 * sz * sz).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+        let pixels = Tensor::from_vec(px, (1, 3, sz, sz), &dev)?.to_dtype(dtype)?;
+        let mut inputs = vec![("pixel_values".to_string(), Input::F(pixels.clone()))];
+        let feats = match (&c.qformer_config, model.is_qadapt()) {
+            (Some(q), true) => {
+                let qids: Vec<i64> = (0..6).map(|_| rng.random_range(1..q.vocab_size as i64)).collect();
+                let (it, mt) = (Tensor::from_vec(qids.clone(), (1, 6), &dev)?, Tensor::ones((1, 6), DType::I64, &dev)?);
+                inputs.push(("qformer_input_ids".into(), Input::I(vec![1, 6], qids)));
+                inputs.push(("qformer_attention_mask".into(), Input::I(vec![1, 6], vec![1; 6])));
+                model.image_features(&mut o, &pixels, Some(QFormerText { input_ids: &it, attention_mask: &mt }))?
+            }
+            _ => model.image_features(&mut o, &pixels, None)?,
+        };
+        let ins: Vec<(&str, &Input)> = inputs.iter().map(|(n, x)| (n.as_str(), x)).collect();
+        let got = run_ort(env, &dir.join("vision.onnx"), &ins, &["image_features"], ft)?.remove(0);
+        Some(cosine(&got, &flat(&feats.projected)?))
+    } else {
+        None
+    };
+    Ok(QuantReport {
+        positions: rows.len(),
+        logit_cosine_mean: cos.iter().sum::<f32>() / cos.len().max(1) as f32,
+        logit_cosine_min: cos.iter().copied().fold(f32::INFINITY, f32::min),
+        logit_max_abs_err: max_abs,
+        top1_agreement: agree as f32 / rows.len().max(1) as f32,
+        vision_cosine,
+    })
+}

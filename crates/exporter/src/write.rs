@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::DType;
 use prost::Message;
 
-use crate::graph::{FloatType, Graph, InitData};
+use crate::graph::{FloatType, Graph, InitData, MS_DOMAIN};
 use crate::onnx_pb::tensor_proto::{DataLocation, DataType};
 use crate::onnx_pb::tensor_shape_proto::{dimension, Dimension};
 use crate::onnx_pb::type_proto::{self, Value as TypeValue};
@@ -97,6 +97,16 @@ fn encode(data: &InitData, ft: FloatType) -> Result<(DataType, Vec<i64>, Vec<u8>
             };
             Ok((ft.onnx(), dims, bytes))
         }
+        InitData::Quantized { t, q, scales } => {
+            let (n, k) = t.dims2()?;
+            let w = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let kb = q.k_blocks(k) as i64;
+            if *scales {
+                Ok((ft.onnx(), vec![n as i64 * kb], ft.encode(&q.scales(&w, n, k))))
+            } else {
+                Ok((DataType::Uint8, vec![n as i64, kb, q.blob_bytes() as i64], q.pack(&w, n, k)))
+            }
+        }
     }
 }
 
@@ -111,6 +121,11 @@ pub fn weight_bytes(g: &Graph) -> u64 {
         .map(|i| match &i.data {
             InitData::Raw { bytes, .. } => bytes.len() as u64,
             InitData::Weight { t, .. } => (t.elem_count() * per) as u64,
+            InitData::Quantized { t, q, scales } => match t.dims() {
+                [n, k] if *scales => (n * q.k_blocks(*k) * per) as u64,
+                [n, k] => (n * q.k_blocks(*k) * q.blob_bytes()) as u64,
+                _ => 0,
+            },
         })
         .sum()
 }
@@ -174,9 +189,13 @@ pub fn write_model(
         doc_string: doc.into(),
         ..Default::default()
     };
+    let mut opset_import = vec![OperatorSetIdProto { domain: String::new(), version: OPSET }];
+    if g.nodes.iter().any(|n| n.domain == MS_DOMAIN) {
+        opset_import.push(OperatorSetIdProto { domain: MS_DOMAIN.into(), version: 1 });
+    }
     let model = ModelProto {
         ir_version: IR_VERSION,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        opset_import,
         producer_name: "qadapt-export".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(graph),

@@ -108,19 +108,57 @@ pub trait Ops {
     fn last_positions(&mut self, x: &Self::T, keep: &Self::T) -> Result<Self::T>;
     /// Inverted dropout with drop probability `p` while training; the identity otherwise (and in ONNX).
     fn dropout(&mut self, x: &Self::T, p: f32) -> Result<Self::T>;
+
+    /// Scaled dot-product attention over split heads: `softmax(q kᵀ · scale + bias) v`, q [B, H, Lq, Dh],
+    /// k and v [B, H, Lk, Dh], `bias` broadcast to [B, H, Lq, Lk]. Interpreters computing in f16
+    /// override it: real phi-2 weights give q·k products past f16's 65,504 (see [`attention_f32_scores`]).
+    fn attention(
+        &mut self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        bias: Option<&Self::T>,
+        scale: f64,
+    ) -> Result<Self::T>
+    where
+        Self: Sized,
+    {
+        let kt = self.transpose(k, 2, 3)?;
+        let scores = self.matmul(q, &kt)?; // [B, H, Lq, Lk]
+        let scores = self.affine(&scores, scale, 0.0)?;
+        let scores = match bias {
+            Some(b) => self.add(&scores, b)?,
+            None => scores,
+        };
+        let probs = self.softmax_last(&scores)?;
+        self.matmul(&probs, v)
+    }
 }
 
-/// Scaled dot-product attention over split heads: `softmax(q kᵀ · scale + bias) v`.
+/// Scaled dot-product attention over split heads (see [`Ops::attention`]).
 pub fn attention<O: Ops>(o: &mut O, q: &O::T, k: &O::T, v: &O::T, bias: Option<&O::T>, scale: f64) -> Result<O::T> {
-    let kt = o.transpose(k, 2, 3)?;
-    let scores = o.matmul(q, &kt)?; // [B, H, Lq, Lk]
-    let scores = o.affine(&scores, scale, 0.0)?;
-    let scores = match bias {
-        Some(b) => o.add(&scores, b)?,
-        None => scores,
-    };
-    let probs = o.softmax_last(&scores)?;
-    o.matmul(&probs, v)
+    o.attention(q, k, v, bias, scale)
+}
+
+/// How much an additive mask is amplified once scores are f32: a masked entry of f16's mask value
+/// (about −3.3·10⁴) must stay far below any real score, and scores in f32 may exceed 6.5·10⁴.
+pub const F16_MASK_TO_F32: f64 = 1e30;
+
+/// f16 attention without overflow (transformers PR #28163 upcasts phi-2's q and k for the same
+/// reason): q·kᵀ, the scale, the mask and the softmax in f32, only the probabilities back in f16 for
+/// the product with v. Candle side; the exporter's graph builder records the same steps.
+fn attention_f32_scores(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let dt = q.dtype();
+    let qf = q.to_dtype(DType::F32)?.contiguous()?;
+    let kt = k.to_dtype(DType::F32)?.transpose(2, 3)?.contiguous()?;
+    let mut scores = (qf.matmul(&kt)? * scale)?;
+    if let Some(b) = bias {
+        // The mask in f16 may be −∞ or f16's minimum: either way it must dominate f32 scores.
+        let b = b.to_dtype(DType::F32)?.clamp(-65504f32, 0f32)?.affine(F16_MASK_TO_F32, 0.0)?;
+        scores = scores.broadcast_add(&b)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dt)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
 }
 
 /// The candle interpreter: runs the ops on tensors.
@@ -299,6 +337,21 @@ impl Ops for Candle {
         // As ONNX Slice with start −k: clamped to the sequence.
         let k = (k.max(0) as usize).min(s);
         Ok(x.narrow(1, s - k, k)?)
+    }
+    fn attention(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+        // Inference in f16 only: training keeps the composite form with its backward.
+        if q.dtype() == DType::F16 && self.dropout_rng.is_none() {
+            return attention_f32_scores(q, k, v, bias, scale);
+        }
+        let kt = k.transpose(2, 3)?;
+        let scores = self.matmul(q, &kt)?;
+        let scores = scores.affine(scale, 0.0)?;
+        let scores = match bias {
+            Some(b) => scores.broadcast_add(b)?,
+            None => scores,
+        };
+        let probs = self.softmax_last(&scores)?;
+        self.matmul(&probs, v)
     }
     fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
         let Some(rng) = self.dropout_rng.as_mut() else { return Ok(x.clone()) };

@@ -168,6 +168,13 @@ impl Runtime {
         } else {
             mem(AllocationDevice::CUDA, place.device_id)?
         };
+        if let (Some(q), Ep::Tensorrt) = (&manifest.quantization, chosen) {
+            tracing::warn!(
+                bits = q.bits,
+                "this export's linears are MatMulNBits, which TensorRT has no kernel for: ONNX Runtime runs them \
+                 outside TensorRT; use --ep cuda for quantized exports"
+            );
+        }
         let f16 = manifest.dtype == "f16";
         let keep_input = decoder.inputs().iter().any(|i| i.name() == "num_logits_to_keep");
         Ok(Self {

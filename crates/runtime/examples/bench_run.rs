@@ -49,9 +49,13 @@ fn main() -> anyhow::Result<()> {
     let _ = qadapt_core::image::pixel_values(&img, &rt.preprocess);
     let preprocess_ms = t_pre.elapsed().as_secs_f64() * 1e3;
     run(&mut rt, 2)?; // warm-up: first runs allocate arenas (and build TensorRT engines)
-    let (mut ttft, mut full) = (Vec::new(), Vec::new());
+    let (mut ttft, mut full, mut vision) = (Vec::new(), Vec::new(), Vec::new());
     let mut ids = Vec::new();
     for _ in 0..reps {
+        // The image graph alone: TTFT minus this is the decoder's prefill (what a text-only peer does).
+        let t = Instant::now();
+        rt.image_features(&imgs, &a[3])?;
+        vision.push(t.elapsed().as_secs_f64() * 1e3);
         ttft.push(run(&mut rt, 1)?.0);
         let (ms, i) = run(&mut rt, new)?;
         full.push(ms);
@@ -61,11 +65,16 @@ fn main() -> anyhow::Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (t1, tn) = (med(&mut ttft), med(&mut full));
+    let (t1, tn, tv) = (med(&mut ttft), med(&mut full), med(&mut vision));
+    let prompt_tokens = {
+        use qadapt_core::template;
+        let p = template::tokenize_prompt(&rt.tokenizer, &template::prompt(&template::user_turn(&a[3]), None))?;
+        p.spliced_len(rt.manifest.image.tokens)
+    };
     let steps = ids.len().saturating_sub(1).max(1);
     println!(
         "{}",
-        serde_json::json!({"ep": rt.ep, "batch": batch, "ttft_ms": t1, "decode_ms_per_token": (tn - t1) / steps as f64, "tokens": ids.len(), "ids": ids, "open_s": open_s, "preprocess_ms": preprocess_ms})
+        serde_json::json!({"ep": rt.ep, "batch": batch, "ttft_ms": t1, "decode_ms_per_token": (tn - t1) / steps as f64, "tokens": ids.len(), "ids": ids, "open_s": open_s, "preprocess_ms": preprocess_ms, "vision_ms": tv, "prompt_tokens": prompt_tokens})
     );
     Ok(())
 }

@@ -34,6 +34,7 @@ pub fn export(case: &str, out: &Path) {
         verify: false,
         ort_lib: None,
         tolerance: 1e-4,
+        quant: None,
     };
     exporter::export(&opts, |_, _, _| {}).unwrap();
 }
