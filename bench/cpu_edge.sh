@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Edge decode on CPU, peers in the same run: our standard f32, int8 and int4 exports (qadapt-run's
+# bench example) against onnxruntime-genai's phi builder (fp32 and int4) on the SAME phi weights:
+# a random Q-Adapt at bench-small shapes (configs/bench-small-qadapt.json: phi 1024×8, 16 heads,
+# vocab 50,295) and the phi part of it converted to a plain HF PhiForCausalLM (bench/phi_from_bunny.py).
+# Greedy, 32 new tokens, batch 1 and 4, medians of REPS. Our prompt is the image (256 features) and
+# a question; genai gets a text prompt of the same length. Our TTFT includes the image graph; the
+# table also shows it without (TTFT − vision ms = the decoder's prefill, what genai times).
+#   ORT_DYLIB_PATH=… GENAI_PY=target/genai-venv/bin/python bash bench/cpu_edge.sh
+# (venv: onnxruntime-genai 0.18, onnxruntime 1.31.1, torch, transformers, safetensors, numpy)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${GENAI_PY:-target/genai-venv/bin/python}
+NEW=${NEW:-32}
+REPS=${REPS:-3}
+: "${ORT_DYLIB_PATH:?set ORT_DYLIB_PATH (bash scripts/get-onnxruntime.sh prints it)}"
+cargo build -q --release -p trainer -p exporter --bins
+cargo build -q --release -p runtime --example bench_run
+W=${WORK:-$(mktemp -d)}
+mkdir -p "$W"
+R=target/release
+[ -d "$W/data" ] || "$R/qadapt-train" synth --out "$W/data" --n 20 --size 224 >/dev/null 2>&1
+[ -d "$W/base" ] || "$R/qadapt-train" init --config configs/bench-small-qadapt.json --out "$W/base" --data "$W/data/train.json" >/dev/null 2>&1
+[ -d "$W/phi" ] || "$PY" bench/phi_from_bunny.py "$W/base" "$W/phi" >/dev/null
+IMG=$(ls "$W"/data/images/*.png | head -1)
+Q="Describe the quality of this image."
+for V in f32 int8 int4; do
+  case $V in f32) X=();; int8) X=(--quantize int8);; int4) X=(--quantize int4);; esac
+  [ -d "$W/export-$V" ] || "$R/qadapt-export" --model "$W/base" --out "$W/export-$V" --json "${X[@]}" > "$W/export-$V.json"
+  for B in 1 4; do
+    /usr/bin/time -f %M -o "$W/ours-$V-$B.rss" "$R/examples/bench_run" "$W/export-$V" "$IMG" "$Q" "$NEW" "$REPS" "$B" > "$W/ours-$V-$B.json"
+  done
+done
+PLEN=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['prompt_tokens'])" "$W/ours-f32-1.json")
+for P in fp32 int4; do
+  for B in 1 4; do
+    "$PY" bench/peer_genai.py --hf "$W/phi" --precision $P --work "$W/genai" --prompt-len "$PLEN" --new "$NEW" --batch $B --reps "$REPS" > "$W/genai-$P-$B.json" 2>"$W/genai-$P-$B.log"
+  done
+done
+"$PY" - "$W" "$(nproc)" <<'PY'
+import json, os, sys
+w, cores = sys.argv[1], sys.argv[2]
+def size(d, names=None):
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
+               if (names is None or f.split('.')[0] in names) and (f.endswith('.onnx') or f.endswith('.data')))
+print(f"CPU ({cores} cores), random Q-Adapt at bench-small shapes (phi 1024×8, vocab 50,295), greedy, "
+      f"{json.load(open(f'{w}/ours-f32-1.json'))['prompt_tokens']}-token prompt, 32 new tokens, medians")
+print("| engine | variant | batch | TTFT ms | decoder prefill ms | decode ms/token | decoder bytes | peak RSS MB |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+rows = {}
+for v in ("f32", "int8", "int4"):
+    for b in (1, 4):
+        o = json.load(open(f"{w}/ours-{v}-{b}.json"))
+        rss = int(open(f"{w}/ours-{v}-{b}.rss").read().split()[-1]) / 1024
+        dec = size(f"{w}/export-{v}", {"decoder", "embed"})
+        rows[("ours", v, b)] = o
+        print(f"| qadapt-run | standard {v} | {b} | {o['ttft_ms']:.0f} | {o['ttft_ms'] - o['vision_ms']:.0f} | "
+              f"{o['decode_ms_per_token']:.2f} | {dec/1e6:.0f} MB | {rss:.0f} |")
+for p in ("fp32", "int4"):
+    for b in (1, 4):
+        g = json.load(open(f"{w}/genai-{p}-{b}.json"))
+        rows[("genai", p, b)] = g
+        print(f"| onnxruntime-genai {g['version']} | {p} | {b} | {g['ttft_ms']:.0f} | {g['ttft_ms']:.0f} | "
+              f"{g['decode_ms_per_token']:.2f} | {g['model_bytes']/1e6:.0f} MB | {g['peak_rss_mb']:.0f} |")
+for b in (1, 4):
+    o4, g4 = rows[("ours", "int4", b)], rows[("genai", "int4", b)]
+    o32, g32 = rows[("ours", "f32", b)], rows[("genai", "fp32", b)]
+    print(f"batch {b}: int4 decode ours/genai **{o4['decode_ms_per_token']/g4['decode_ms_per_token']:.2f}** (goal ≤ 0.8); "
+          f"f32 decode ours/genai {o32['decode_ms_per_token']/g32['decode_ms_per_token']:.2f}; "
+          f"int4 decoder prefill ours/genai {(o4['ttft_ms']-o4['vision_ms'])/g4['ttft_ms']:.2f}")
+for v in ("int8", "int4"):
+    q = json.load(open(f"{w}/export-{v}.json"))["quant"]
+    print(f"{v} export accuracy vs f32 (random weights): logit cosine {q['logit_cosine_mean']:.5f}, "
+          f"greedy agreement {q['top1_agreement']:.3f}")
+PY
