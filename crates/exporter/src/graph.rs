@@ -584,15 +584,7 @@ impl Ops for Graph {
     }
     fn attention(&mut self, q: &V, k: &V, v: &V, bias: Option<&V>, scale: f64) -> Result<V> {
         if self.ft == FloatType::F32 {
-            let kt = self.transpose(k, 2, 3)?;
-            let scores = self.binary("MatMul", q, &kt);
-            let scores = self.affine(&scores, scale, 0.0)?;
-            let scores = match bias {
-                Some(b) => self.binary("Add", &scores, b),
-                None => scores,
-            };
-            let probs = self.softmax_last(&scores)?;
-            return Ok(self.binary("MatMul", &probs, v));
+            return models::ops::composite_attention(self, q, k, v, bias, scale);
         }
         // f16: as the candle interpreter, scores in f32 (q·k of real phi-2 weights passes 65,504).
         let (qn, kn) = (self.name(q), self.name(k));

@@ -123,21 +123,34 @@ pub trait Ops {
     where
         Self: Sized,
     {
-        let kt = self.transpose(k, 2, 3)?;
-        let scores = self.matmul(q, &kt)?; // [B, H, Lq, Lk]
-        let scores = self.affine(&scores, scale, 0.0)?;
-        let scores = match bias {
-            Some(b) => self.add(&scores, b)?,
-            None => scores,
-        };
-        let probs = self.softmax_last(&scores)?;
-        self.matmul(&probs, v)
+        composite_attention(self, q, k, v, bias, scale)
     }
 }
 
 /// Scaled dot-product attention over split heads (see [`Ops::attention`]).
 pub fn attention<O: Ops>(o: &mut O, q: &O::T, k: &O::T, v: &O::T, bias: Option<&O::T>, scale: f64) -> Result<O::T> {
     o.attention(q, k, v, bias, scale)
+}
+
+/// [`Ops::attention`] from the elementary ops, scores in the compute type: the default, and what
+/// interpreters that override it use outside f16.
+pub fn composite_attention<O: Ops>(
+    o: &mut O,
+    q: &O::T,
+    k: &O::T,
+    v: &O::T,
+    bias: Option<&O::T>,
+    scale: f64,
+) -> Result<O::T> {
+    let kt = o.transpose(k, 2, 3)?;
+    let scores = o.matmul(q, &kt)?; // [B, H, Lq, Lk]
+    let scores = o.affine(&scores, scale, 0.0)?;
+    let scores = match bias {
+        Some(b) => o.add(&scores, b)?,
+        None => scores,
+    };
+    let probs = o.softmax_last(&scores)?;
+    o.matmul(&probs, v)
 }
 
 /// How much an additive mask is amplified once scores are f32: a masked entry of f16's mask value
@@ -343,15 +356,7 @@ impl Ops for Candle {
         if q.dtype() == DType::F16 && self.dropout_rng.is_none() {
             return attention_f32_scores(q, k, v, bias, scale);
         }
-        let kt = k.transpose(2, 3)?;
-        let scores = self.matmul(q, &kt)?;
-        let scores = scores.affine(scale, 0.0)?;
-        let scores = match bias {
-            Some(b) => scores.broadcast_add(b)?,
-            None => scores,
-        };
-        let probs = self.softmax_last(&scores)?;
-        self.matmul(&probs, v)
+        composite_attention(self, q, k, v, bias, scale)
     }
     fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
         let Some(rng) = self.dropout_rng.as_mut() else { return Ok(x.clone()) };
