@@ -36,8 +36,10 @@ pub struct Manifest {
     /// The model directory the export was made from (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    /// Which graph variant the directory holds: `standard` (standard ONNX ops; absent in exports
-    /// before 2026-12-03).
+    /// Which graph variant the directory holds: `standard` (standard ONNX ops, a KV cache that
+    /// grows by concatenation; absent in exports before 2026-12-03) or `fused` (ONNX Runtime's
+    /// contrib ops, each row's cache in its own slot of one buffer of `decoder.max_positions`
+    /// that a step writes in place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
     /// Weight-only quantization of the linears (`MatMulNBits`), when the export has it.
@@ -147,6 +149,24 @@ pub struct DecoderSpec {
     pub vocab_size: usize,
     /// Longest sequence, prompt and answer together.
     pub max_positions: usize,
+    /// Last dim of the cache when it differs from `head_dim`: fused exports pad heads to a
+    /// multiple of 8 (what `GroupQueryAttention` takes) with zeros.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_head_dim: Option<usize>,
+}
+
+impl DecoderSpec {
+    /// Last dim of each cached key and value.
+    pub fn cache_head_dim(&self) -> usize {
+        self.cache_head_dim.unwrap_or(self.head_dim)
+    }
+}
+
+impl Manifest {
+    /// Whether the graphs are the `fused` variant.
+    pub fn fused(&self) -> bool {
+        self.variant.as_deref() == Some("fused")
+    }
 }
 
 /// Special and level-word token ids.
@@ -227,8 +247,8 @@ impl Manifest {
         if self.dtype != "f32" && self.dtype != "f16" {
             return fail("dtype", format!("{:?} is not f32 or f16", self.dtype));
         }
-        if let Some(v) = self.variant.as_deref().filter(|v| *v != "standard") {
-            return fail("variant", format!("{v:?} is not a graph variant this runtime runs (standard)"));
+        if let Some(v) = self.variant.as_deref().filter(|v| !["standard", "fused"].contains(v)) {
+            return fail("variant", format!("{v:?} is not a graph variant this runtime runs (standard, fused)"));
         }
         if let Some(q) = &self.quantization {
             if q.bits != 4 && q.bits != 8 {
@@ -268,6 +288,7 @@ impl Manifest {
             ("decoder.head_dim", d.head_dim),
             ("decoder.hidden_size", d.hidden_size),
             ("decoder.vocab_size", d.vocab_size),
+            ("decoder.cache_head_dim", d.cache_head_dim()),
         ] {
             if !(1..=1 << 20).contains(&v) {
                 return fail(field, format!("{v} is not between 1 and {}", 1 << 20));
@@ -278,6 +299,9 @@ impl Manifest {
                 "image.tokens",
                 format!("{} image tokens do not fit decoder.max_positions {}", i.tokens, d.max_positions),
             );
+        }
+        if d.cache_head_dim() < d.head_dim {
+            return fail("decoder.cache_head_dim", format!("{} is below head_dim {}", d.cache_head_dim(), d.head_dim));
         }
         if d.max_positions > 1 << 20 {
             return fail("decoder.max_positions", format!("{} is over {}", d.max_positions, 1 << 20));

@@ -7,6 +7,8 @@ use std::path::Path;
 use models::{Bunny, QFormerText};
 use qadapt_core::Manifest;
 
+use models::phi::Keep;
+
 use crate::graph::{FloatType, Graph};
 use crate::onnx_pb::tensor_proto::DataType;
 use crate::quant::Quant;
@@ -27,19 +29,29 @@ const B: Dim = Dim::Sym("batch");
 /// `decoder.onnx`: one step of phi-2 with KV cache (HF Optimum names). One graph serves prefill
 /// (past length 0) and decode.
 /// With `quant`, every linear with a weight (lm_head unless kept) is a `MatMulNBits`.
-pub fn decoder(model: &Bunny, ft: FloatType, quant: Option<Quant>) -> Result<Traced> {
+/// `fused`: the contrib-op variant ([`crate::fused`]): the caches are buffers of a fixed length
+/// (`cache_sequence`, at most `max_positions`) that a step writes in place, rows are right-padded,
+/// and `logits_positions` [B, K] picks each row's positions instead of `num_logits_to_keep`.
+pub fn decoder(model: &Bunny, ft: FloatType, quant: Option<Quant>, fused: bool) -> Result<Traced> {
     let c = &model.config;
-    let (layers, heads, head_dim) = (c.num_hidden_layers, c.num_attention_heads, c.head_dim());
+    let (layers, heads) = (c.num_hidden_layers, c.num_attention_heads);
+    let head_dim = if fused { crate::fused::cache_head_dim(c.head_dim()) } else { c.head_dim() };
     let mut g = Graph::new(ft);
     g.quant = quant;
+    if fused {
+        g.fused = Some(crate::fused::Fused::new(c.max_position_embeddings));
+    }
     let embeds = g.input("inputs_embeds", 3);
     let mask = g.input("attention_mask", 2);
     let pos = g.input("position_ids", 2);
     let past: Vec<_> = (0..layers)
         .map(|i| (g.input(&format!("past_key_values.{i}.key"), 4), g.input(&format!("past_key_values.{i}.value"), 4)))
         .collect();
-    let keep = g.input("num_logits_to_keep", 0);
-    let (logits, present) = model.llm.forward(&mut g, &embeds, &mask, &pos, Some(&past), Some(&keep))?;
+    let keep = if fused { g.input("logits_positions", 2) } else { g.input("num_logits_to_keep", 0) };
+    let kept = if fused { Keep::At(&keep) } else { Keep::Last(&keep) };
+    let (logits, present) = model.llm.forward(&mut g, &embeds, &mask, &pos, Some(&past), Some(kept))?;
+    let uses_positions = g.fused.as_ref().is_none_or(|f| f.uses_positions);
+    let (past_len, total_len) = if fused { ("cache_sequence", "cache_sequence") } else { ("past_sequence", "total_sequence") };
     g.output_f32(&logits, "logits");
     for (i, (k, v)) in present.iter().enumerate() {
         g.output(k, &format!("present.{i}.key"));
@@ -51,17 +63,24 @@ pub fn decoder(model: &Bunny, ft: FloatType, quant: Option<Quant>) -> Result<Tra
     let mut inputs = vec![
         Io::new("inputs_embeds", ft.onnx(), vec![B, Dim::Sym("sequence"), Dim::Fixed(c.hidden_size as i64)]),
         Io::new("attention_mask", DataType::Int64, vec![B, Dim::Sym("total_sequence")]),
-        Io::new("position_ids", DataType::Int64, vec![B, Dim::Sym("sequence")]),
     ];
+    // The fused graph with the rotary inside its attention op reads no positions.
+    if uses_positions {
+        inputs.push(Io::new("position_ids", DataType::Int64, vec![B, Dim::Sym("sequence")]));
+    }
     let mut outputs =
         vec![Io::new("logits", DataType::Float, vec![B, Dim::Sym("kept_sequence"), Dim::Fixed(c.vocab_size as i64)])];
     for i in 0..layers {
         for part in ["key", "value"] {
-            inputs.push(kv(format!("past_key_values.{i}.{part}"), "past_sequence"));
-            outputs.push(kv(format!("present.{i}.{part}"), "total_sequence"));
+            inputs.push(kv(format!("past_key_values.{i}.{part}"), past_len));
+            outputs.push(kv(format!("present.{i}.{part}"), total_len));
         }
     }
-    inputs.push(Io::new("num_logits_to_keep", DataType::Int64, vec![]));
+    if fused {
+        inputs.push(Io::new("logits_positions", DataType::Int64, vec![B, Dim::Sym("kept_sequence")]));
+    } else {
+        inputs.push(Io::new("num_logits_to_keep", DataType::Int64, vec![]));
+    }
     Ok(Traced { file: "decoder.onnx", graph: g, inputs, outputs })
 }
 
@@ -70,21 +89,34 @@ pub fn decoder(model: &Bunny, ft: FloatType, quant: Option<Quant>) -> Result<Tra
 /// (`in.*`, `rows` and `start` → `kv.*`: the rows kept, from position `start` on, the padding they
 /// all share dropped) it lets the runtime admit requests into a running decode batch and drop
 /// finished ones without the cache leaving the device.
-pub fn cache_join(model: &Bunny, ft: FloatType) -> Result<Traced> {
-    cache_graph(model, ft, "cache_join.onnx", |g, i, part| {
+/// `fused`: the caches are buffers of one length whose rows start at slot 0, so a join stacks
+/// them and a select gathers rows (no `start`).
+pub fn cache_join(model: &Bunny, ft: FloatType, fused: bool) -> Result<Traced> {
+    cache_graph(model, ft, fused, "cache_join.onnx", |g, i, part| {
         let (a, b) = (g.input(&format!("a.{i}.{part}"), 4), g.input(&format!("b.{i}.{part}"), 4));
+        if fused {
+            let (an, bn) = (g.name(&a), g.name(&b));
+            return g.concat(&[&an, &bn], 0, 4);
+        }
         g.pad_and_stack(&a, &b, 2)
     })
 }
 
 /// `cache_select.onnx`: see [`cache_join`].
-pub fn cache_select(model: &Bunny, ft: FloatType) -> Result<Traced> {
-    let mut t = cache_graph(model, ft, "cache_select.onnx", |g, i, part| {
-        let (kv, rows, start) = (g.input(&format!("in.{i}.{part}"), 4), g.input("rows", 1), g.input("start", 0));
+pub fn cache_select(model: &Bunny, ft: FloatType, fused: bool) -> Result<Traced> {
+    let mut t = cache_graph(model, ft, fused, "cache_select.onnx", |g, i, part| {
+        let (kv, rows) = (g.input(&format!("in.{i}.{part}"), 4), g.input("rows", 1));
+        if fused {
+            let (kn, rn) = (g.name(&kv), g.name(&rows));
+            return g.node("Gather", &[&kn, &rn], vec![crate::graph::attr_int("axis", 0)], 4);
+        }
+        let start = g.input("start", 0);
         g.take_rows(&kv, &rows, &start, 2)
     })?;
     t.inputs.push(Io::new("rows", DataType::Int64, vec![Dim::Sym("kept")]));
-    t.inputs.push(Io::new("start", DataType::Int64, vec![]));
+    if !fused {
+        t.inputs.push(Io::new("start", DataType::Int64, vec![]));
+    }
     Ok(t)
 }
 
@@ -93,11 +125,13 @@ pub fn cache_select(model: &Bunny, ft: FloatType) -> Result<Traced> {
 fn cache_graph(
     model: &Bunny,
     ft: FloatType,
+    fused: bool,
     file: &'static str,
     mut part: impl FnMut(&mut Graph, usize, &str) -> crate::graph::V,
 ) -> Result<Traced> {
     let c = &model.config;
-    let (heads, head_dim) = (c.num_attention_heads as i64, c.head_dim() as i64);
+    let heads = c.num_attention_heads as i64;
+    let head_dim = if fused { crate::fused::cache_head_dim(c.head_dim()) } else { c.head_dim() } as i64;
     let kv = |name: String, b: &'static str, len: &'static str| {
         Io::new(name, ft.onnx(), vec![Dim::Sym(b), Dim::Fixed(heads), Dim::Sym(len), Dim::Fixed(head_dim)])
     };
@@ -164,7 +198,14 @@ pub fn vision(model: &Bunny, ft: FloatType, quant: Option<Quant>) -> Result<Trac
 
 /// What the runtime needs besides the graphs: the shared [`Manifest`] type, so the runtime parses
 /// exactly what is written here.
-pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, quant: Option<Quant>, level_ids: [u32; 5]) -> Manifest {
+pub fn manifest(
+    model: &Bunny,
+    dir: &Path,
+    ft: FloatType,
+    quant: Option<Quant>,
+    fused: bool,
+    level_ids: [u32; 5],
+) -> Manifest {
     use qadapt_core::manifest::{
         DecoderSpec, Graphs, ImageSpec, QFormerSpec, QuantSpec, TemplateSpec, TokenSpec, FORMAT,
     };
@@ -200,6 +241,8 @@ pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, quant: Option<Quant>, 
             hidden_size: c.hidden_size,
             vocab_size: c.vocab_size,
             max_positions: c.max_position_embeddings,
+            cache_head_dim: Some(crate::fused::cache_head_dim(c.head_dim()))
+                .filter(|&d| fused && d != c.head_dim()),
         },
         tokens: TokenSpec { bos: Some(c.bos_token_id), eos: c.eos_token_id, pad: c.pad_token_id, levels: level_ids },
         template: Some(TemplateSpec::current()),
@@ -209,7 +252,7 @@ pub fn manifest(model: &Bunny, dir: &Path, ft: FloatType, quant: Option<Quant>, 
             .filter(|_| model.is_qadapt())
             .map(|q| QFormerSpec { tokenizer: "qformer".into(), max_text_length: q.max_text_length }),
         source: Some(dir.display().to_string()),
-        variant: Some("standard".into()),
+        variant: Some(if fused { "fused" } else { "standard" }.into()),
         quantization: quant.map(|q| QuantSpec {
             bits: q.bits,
             block_size: q.block_size,

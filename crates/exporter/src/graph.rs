@@ -13,6 +13,7 @@ use models::ops::{Ops, Param};
 use models::{Error, Result};
 
 use crate::onnx_pb::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
+use crate::fused::Fused;
 use crate::quant::Quant;
 
 /// ONNX Runtime's contrib-op domain.
@@ -84,26 +85,29 @@ pub struct Graph {
     pub ft: FloatType,
     /// Linears with a weight become `MatMulNBits` (see [`crate::quant`]).
     pub quant: Option<Quant>,
+    /// Set for the `--fused` decoder: attention, GELU and residual LayerNorms become ONNX Runtime
+    /// contrib ops (see [`crate::fused`]).
+    pub fused: Option<Fused>,
     pub nodes: Vec<NodeProto>,
     pub inits: Vec<Init>,
     registered: HashMap<String, usize>,
     counter: usize,
 }
 
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+pub(crate) fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: v.to_vec(), ..Default::default() }
 }
-fn attr_int(name: &str, v: i64) -> AttributeProto {
+pub(crate) fn attr_int(name: &str, v: i64) -> AttributeProto {
     AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: v, ..Default::default() }
 }
-fn attr_float(name: &str, v: f32) -> AttributeProto {
+pub(crate) fn attr_float(name: &str, v: f32) -> AttributeProto {
     AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f: v, ..Default::default() }
 }
 
 impl Graph {
     /// An empty graph exporting floats as `ft`.
     pub fn new(ft: FloatType) -> Self {
-        Self { ft, quant: None, nodes: Vec::new(), inits: Vec::new(), registered: HashMap::new(), counter: 0 }
+        Self { ft, quant: None, fused: None, nodes: Vec::new(), inits: Vec::new(), registered: HashMap::new(), counter: 0 }
     }
 
     /// A graph input value (its declaration is the writer's business).
@@ -111,20 +115,20 @@ impl Graph {
         V { name: name.into(), rank, param: None }
     }
 
-    fn fresh(&mut self, op: &str) -> String {
+    pub(crate) fn fresh(&mut self, op: &str) -> String {
         self.counter += 1;
         format!("{op}_{}", self.counter)
     }
 
     /// The name of `v`, registering it as an initializer first if it is a pending weight.
-    fn name(&mut self, v: &V) -> String {
+    pub(crate) fn name(&mut self, v: &V) -> String {
         if let Some(p) = &v.param {
             self.register(&p.key, InitData::Weight { t: p.t.clone(), transpose: false });
         }
         v.name.clone()
     }
 
-    fn register(&mut self, name: &str, data: InitData) {
+    pub(crate) fn register(&mut self, name: &str, data: InitData) {
         if !self.registered.contains_key(name) {
             self.registered.insert(name.to_string(), self.inits.len());
             self.inits.push(Init { name: name.to_string(), data });
@@ -152,6 +156,34 @@ impl Graph {
             n.domain = MS_DOMAIN.into();
         }
         v
+    }
+
+    /// Appends a node with several outputs (`ranks.len()` of them; a rank of `None` leaves that
+    /// optional output unnamed), in `domain`.
+    pub fn node_outputs(
+        &mut self,
+        op: &str,
+        domain: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        ranks: &[Option<usize>],
+    ) -> Vec<Option<V>> {
+        let base = self.fresh(op);
+        let outs: Vec<Option<V>> = ranks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.map(|rank| V { name: format!("{base}:{i}"), rank, param: None }))
+            .collect();
+        self.nodes.push(NodeProto {
+            op_type: op.into(),
+            domain: domain.into(),
+            name: base,
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outs.iter().map(|o| o.as_ref().map_or(String::new(), |v| v.name.clone())).collect(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        outs
     }
 
     /// `a` [Ba, …, La, …] and `b` [Bb, …, Lb, …] stacked along axis 0, the shorter first
@@ -223,14 +255,14 @@ impl Graph {
     }
 
     /// An int64 scalar constant.
-    fn int_scalar(&mut self, v: i64) -> String {
+    pub(crate) fn int_scalar(&mut self, v: i64) -> String {
         let name = format!("const_i64s_{v}");
         self.register(&name, InitData::Raw { dtype: DataType::Int64, dims: vec![], bytes: v.to_le_bytes().to_vec() });
         name
     }
 
     /// A float constant (scalar when `dims` is empty) in the export type, or in f32 when `f32`.
-    fn floats(&mut self, v: &[f32], dims: &[i64], f32_: bool) -> String {
+    pub(crate) fn floats(&mut self, v: &[f32], dims: &[i64], f32_: bool) -> String {
         let ft = if f32_ { FloatType::F32 } else { self.ft };
         self.counter += 1;
         let name = format!("const_f_{}", self.counter);
@@ -238,16 +270,16 @@ impl Graph {
         name
     }
 
-    fn scalar(&mut self, v: f32) -> String {
+    pub(crate) fn scalar(&mut self, v: f32) -> String {
         self.floats(&[v], &[], false)
     }
 
-    fn cast(&mut self, x: &str, to: DataType, rank: usize) -> V {
+    pub(crate) fn cast(&mut self, x: &str, to: DataType, rank: usize) -> V {
         self.node("Cast", &[x], vec![attr_int("to", to as i64)], rank)
     }
 
     /// `x` in f32 (a Cast node when exporting f16).
-    fn as_f32(&mut self, x: &V) -> V {
+    pub(crate) fn as_f32(&mut self, x: &V) -> V {
         let n = self.name(x);
         match self.ft {
             FloatType::F32 => V { name: n, rank: x.rank, param: None },
@@ -256,53 +288,53 @@ impl Graph {
     }
 
     /// `x` (f32) back in the export type.
-    fn back_from_f32(&mut self, x: V) -> V {
+    pub(crate) fn back_from_f32(&mut self, x: V) -> V {
         match self.ft {
             FloatType::F32 => x,
             FloatType::F16 => self.cast(&x.name, DataType::Float16, x.rank),
         }
     }
 
-    fn binary(&mut self, op: &str, a: &V, b: &V) -> V {
+    pub(crate) fn binary(&mut self, op: &str, a: &V, b: &V) -> V {
         let (na, nb) = (self.name(a), self.name(b));
         self.node(op, &[&na, &nb], vec![], a.rank.max(b.rank))
     }
 
-    fn unary(&mut self, op: &str, x: &V) -> V {
+    pub(crate) fn unary(&mut self, op: &str, x: &V) -> V {
         let n = self.name(x);
         self.node(op, &[&n], vec![], x.rank)
     }
 
-    fn unsqueeze(&mut self, x: &V, axes: &[i64]) -> V {
+    pub(crate) fn unsqueeze(&mut self, x: &V, axes: &[i64]) -> V {
         let (n, a) = (self.name(x), self.ints(axes));
         self.node("Unsqueeze", &[&n, &a], vec![], x.rank + axes.len())
     }
 
-    fn reshape(&mut self, x: &V, shape: &[i64]) -> V {
+    pub(crate) fn reshape(&mut self, x: &V, shape: &[i64]) -> V {
         let (n, s) = (self.name(x), self.ints(shape));
         self.node("Reshape", &[&n, &s], vec![], shape.len())
     }
 
-    fn permute(&mut self, x: &V, perm: &[i64]) -> V {
+    pub(crate) fn permute(&mut self, x: &V, perm: &[i64]) -> V {
         let n = self.name(x);
         self.node("Transpose", &[&n], vec![attr_ints("perm", perm)], x.rank)
     }
 
-    fn slice(&mut self, x: &V, axis: i64, start: i64, end: i64) -> V {
+    pub(crate) fn slice(&mut self, x: &V, axis: i64, start: i64, end: i64) -> V {
         let n = self.name(x);
         let (s, e, a) = (self.ints(&[start]), self.ints(&[end]), self.ints(&[axis]));
         self.node("Slice", &[&n, &s, &e, &a], vec![], x.rank)
     }
 
     /// `Shape(x)[i]` as an int64 scalar.
-    fn dim(&mut self, x: &V, i: i64) -> V {
+    pub(crate) fn dim(&mut self, x: &V, i: i64) -> V {
         let n = self.name(x);
         let shape = self.node("Shape", &[&n], vec![], 1);
         let idx = self.int_scalar(i);
         self.node("Gather", &[&shape.name, &idx], vec![attr_int("axis", 0)], 0)
     }
 
-    fn concat(&mut self, names: &[&str], axis: i64, rank: usize) -> V {
+    pub(crate) fn concat(&mut self, names: &[&str], axis: i64, rank: usize) -> V {
         self.node("Concat", names, vec![attr_int("axis", axis)], rank)
     }
 
@@ -427,6 +459,9 @@ impl Ops for Graph {
         Ok(self.binary("Add", &y, b))
     }
     fn gelu_tanh(&mut self, x: &V) -> Result<V> {
+        if self.fused.is_some() {
+            return Ok(self.fast_gelu(x));
+        }
         Ok(self.gelu_tanh_impl(x))
     }
     fn gelu_erf(&mut self, x: &V) -> Result<V> {
@@ -581,6 +616,25 @@ impl Ops for Graph {
     }
     fn dropout(&mut self, x: &V, _p: f32) -> Result<V> {
         Ok(x.clone())
+    }
+    fn gather_positions(&mut self, x: &V, idx: &V) -> Result<V> {
+        let (xn, inn) = (self.name(x), self.name(idx));
+        let idx3 = self.unsqueeze(&V { name: inn, rank: 2, param: None }, &[2]); // [B, K, 1]
+        Ok(self.node("GatherND", &[&xn, &idx3.name], vec![attr_int("batch_dims", 1)], 3))
+    }
+    fn fused_self_attention(&mut self, a: &models::ops::SelfAttention<'_, V>) -> Result<Option<(V, (V, V))>> {
+        if self.fused.is_none() {
+            return Ok(None);
+        }
+        self.group_query_attention(a).map(Some)
+    }
+    fn residual_layer_norm(&mut self, x: &V, delta: &V, w: &V, b: &V, eps: f64) -> Result<(V, V)> {
+        if self.fused.is_some() {
+            return self.skip_layer_norm(x, delta, w, b, eps);
+        }
+        let sum = self.add(x, delta)?;
+        let normed = self.layer_norm(&sum, w, b, eps)?;
+        Ok((sum, normed))
     }
     fn attention(&mut self, q: &V, k: &V, v: &V, bias: Option<&V>, scale: f64) -> Result<V> {
         if self.ft == FloatType::F32 {

@@ -5,6 +5,7 @@
 //! (protobuf, external data) → [`verify`].
 
 pub mod export;
+pub mod fused;
 pub mod graph;
 #[allow(clippy::all, missing_docs)]
 pub mod onnx_pb;
@@ -73,6 +74,9 @@ pub struct ExportOptions {
     /// Weight-only quantization of the linears (`MatMulNBits`); verified by [`verify::quant_report`]
     /// against [`verify::QuantBounds`] instead of `tolerance`.
     pub quant: Option<quant::Quant>,
+    /// The contrib-op graph variant ([`fused`]): `GroupQueryAttention` over a cache buffer written
+    /// in place, `SkipLayerNormalization`, `FastGelu`.
+    pub fused: bool,
 }
 
 /// Default verification tolerance (max relative error) per export type.
@@ -166,9 +170,9 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
         let graphs_to_write = [
             export::vision(&model, opts.ft, opts.quant)?,
             export::embed(&model, opts.ft)?,
-            export::decoder(&model, opts.ft, opts.quant)?,
-            export::cache_join(&model, opts.ft)?,
-            export::cache_select(&model, opts.ft)?,
+            export::decoder(&model, opts.ft, opts.quant, opts.fused)?,
+            export::cache_join(&model, opts.ft, opts.fused)?,
+            export::cache_select(&model, opts.ft, opts.fused)?,
         ];
         for traced in graphs_to_write {
             let total = traced.graph.inits.len();
@@ -196,7 +200,7 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
             });
         }
         qadapt_core::files::copy_tokenizers(&opts.model, dir)?;
-        let manifest = export::manifest(&model, &opts.model, opts.ft, opts.quant, level_ids);
+        let manifest = export::manifest(&model, &opts.model, opts.ft, opts.quant, opts.fused, level_ids);
         let text = serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Io(format!("qadapt.json: {e}")))?;
         std::fs::write(dir.join("qadapt.json"), text)?;
         if let Some(env) = &env {
@@ -206,7 +210,7 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
                 Some(q) => file == "decoder.onnx" || (q.vision && file == "vision.onnx"),
                 None => false,
             };
-            for (file, report) in verify::verify(env, &model, dir, opts.ft, dtype, 0)? {
+            for (file, report) in verify::verify(env, &model, dir, opts.ft, dtype, opts.fused, 0)? {
                 let worst = report.iter().map(|(_, e)| *e).fold(0.0f32, f32::max);
                 for (name, err) in &report {
                     tracing::debug!(graph = %file, output = %name, rel_err = err, "verified");
@@ -220,7 +224,7 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
                 }
             }
             if let Some(q) = opts.quant {
-                let report = verify::quant_report(env, &model, dir, opts.ft, dtype, q.vision)?;
+                let report = verify::quant_report(env, &model, dir, opts.ft, dtype, q.vision, opts.fused)?;
                 if let Some(miss) = verify::QuantBounds::of(q.bits).check(&report) {
                     failures.push(format!("{} export below its accuracy bound: {miss}", q.name()));
                 }

@@ -68,6 +68,11 @@ struct Cli {
     /// Quantize the vision graph's linears too (SigLIP, prompt module, connector).
     #[arg(long, requires = "quantize")]
     quantize_vision: bool,
+    /// The contrib-op variant for ONNX Runtime's CPU and CUDA providers: GroupQueryAttention over
+    /// a preallocated cache written in place, packed QKV, SkipLayerNormalization, FastGelu. Not
+    /// for TensorRT (keep the standard graphs there).
+    #[arg(long)]
+    fused: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -110,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lm_head: !cli.keep_lm_head,
             vision: cli.quantize_vision,
         }),
+        fused: cli.fused,
     };
     let opts_quant = opts.quant;
     let bar = ProgressBar::new(0).with_style(

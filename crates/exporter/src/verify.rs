@@ -59,8 +59,10 @@ fn run_ort(
 ) -> Result<Vec<Vec<f32>>> {
     let what = graph.display().to_string();
     let mut session = Session::builder(env).map_err(ort_err(&what))?.commit_from_file(graph).map_err(ort_err(&what))?;
+    // Callers offer what either variant reads; a graph gets the inputs it declares.
+    let declared: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
     let mut feed = Vec::with_capacity(inputs.len());
-    for (name, x) in inputs {
+    for (name, x) in inputs.iter().filter(|(n, _)| declared.iter().any(|d| d == n)) {
         feed.push((std::borrow::Cow::Owned(name.to_string()), to_ort(x, ft)?));
     }
     let out = session.run(feed).map_err(ort_err(&what))?;
@@ -93,12 +95,14 @@ pub type Report = Vec<(String, f32)>;
 /// Runs the three model graphs in `dir` (vision, embed, decoder) against `model` (loaded in `dtype`
 /// on the CPU, which runs the candle side in that type too). The two cache graphs compute no model
 /// function; the runtime's batching tests check them (a joined batch answers as lone rows do).
+#[allow(clippy::too_many_arguments)]
 pub fn verify(
     env: &ort::environment::Environment,
     model: &Bunny,
     dir: &Path,
     ft: FloatType,
     dtype: DType,
+    fused: bool,
     seed: u64,
 ) -> Result<Vec<(String, Report)>> {
     let dev = Device::Cpu;
@@ -106,6 +110,9 @@ pub fn verify(
     let mut rng = StdRng::seed_from_u64(seed);
     let c = &model.config;
     let mut all = Vec::new();
+    if fused {
+        all.push(("decoder.onnx".to_string(), verify_fused_decoder(env, model, dir, ft, dtype, &mut rng)?));
+    }
 
     // decoder: batch 2, 3 new positions after 4 cached ones.
     let (b, p, s) = (2usize, 4usize, 3usize);
@@ -117,6 +124,9 @@ pub fn verify(
         Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?)
     };
     let embeds = randn(&[b, s, d])?;
+    if fused {
+        return verify_rest(env, model, dir, ft, dtype, &mut o, &mut rng, all);
+    }
     let past: Vec<(Tensor, Tensor)> =
         (0..layers).map(|_| Ok((randn(&[b, heads, p, hd])?, randn(&[b, heads, p, hd])?))).collect::<Result<_>>()?;
     // The second row is left-padded by one position, as a batched runtime does.
@@ -127,7 +137,7 @@ pub fn verify(
     // Logits of the last 2 of the 3 positions: the slice is checked too.
     let keep = 2i64;
     let keep_t = Tensor::new(keep, &dev)?;
-    let (logits, present) = model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, Some(&past), Some(&keep_t))?;
+    let (logits, present) = model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, Some(&past), Some(models::phi::Keep::Last(&keep_t)))?;
     let mut inputs: Vec<(String, Input)> = vec![
         ("inputs_embeds".into(), Input::F(embeds)),
         ("attention_mask".into(), Input::I(vec![b, p + s], mask)),
@@ -145,11 +155,112 @@ pub fn verify(
         want.push(flat(v)?);
     }
     all.push(("decoder.onnx".to_string(), compare(env, &dir.join("decoder.onnx"), &inputs, &names, &want, ft)?));
+    verify_rest(env, model, dir, ft, dtype, &mut o, &mut rng, all)
+}
 
+/// The fused decoder: a right-padded prefill of two rows (5 and 3 positions) into zeroed cache
+/// buffers, then one decode step on the buffers it returned; each row's logits against candle
+/// running that row alone.
+fn verify_fused_decoder(
+    env: &ort::environment::Environment,
+    model: &Bunny,
+    dir: &Path,
+    ft: FloatType,
+    dtype: DType,
+    rng: &mut StdRng,
+) -> Result<Report> {
+    let dev = Device::Cpu;
+    let mut o = Candle::new(dev.clone(), dtype);
+    let c = &model.config;
+    let (layers, heads, d, vocab) = (c.num_hidden_layers, c.num_attention_heads, c.hidden_size, c.vocab_size);
+    let hdp = crate::fused::cache_head_dim(c.head_dim());
+    let (lens, s, slots) = ([5usize, 3], 5usize, 8usize);
+    let mut randn = |shape: &[usize]| -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| models::train_source::normal(rng) as f32).collect();
+        Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?)
+    };
+    let rows: Vec<Tensor> = lens.iter().map(|&l| randn(&[1, l, d])).collect::<Result<_>>()?;
+    let next: Vec<Tensor> = lens.iter().map(|_| randn(&[1, 1, d])).collect::<Result<_>>()?;
+    // candle, one row at a time: the prefill's last logits, then the decode step's.
+    let (mut want_pre, mut want_dec) = (Vec::new(), Vec::new());
+    for (r, &l) in lens.iter().enumerate() {
+        let one = Tensor::new(1i64, &dev)?;
+        let mask = Tensor::ones((1, l), DType::I64, &dev)?;
+        let pos = Tensor::arange(0i64, l as i64, &dev)?.unsqueeze(0)?;
+        let (lg, present) = model.llm.forward(&mut o, &rows[r], &mask, &pos, None, Some(models::phi::Keep::Last(&one)))?;
+        want_pre.extend(flat(&lg)?);
+        let mask = Tensor::ones((1, l + 1), DType::I64, &dev)?;
+        let pos = Tensor::new(&[[l as i64]], &dev)?;
+        let (lg, _) = model.llm.forward(&mut o, &next[r], &mask, &pos, Some(&present), Some(models::phi::Keep::Last(&one)))?;
+        want_dec.extend(flat(&lg)?);
+    }
+    // ONNX Runtime: both rows in one right-padded batch.
+    let padded: Vec<Tensor> = rows
+        .iter()
+        .zip(lens)
+        .map(|(t, l)| Ok(Tensor::cat(&[t, &Tensor::zeros((1, s - l, d), dtype, &dev)?], 1)?))
+        .collect::<Result<_>>()?;
+    let embeds = Tensor::cat(&padded, 0)?;
+    let mask: Vec<i64> = lens.iter().flat_map(|&l| (0..s).map(move |j| i64::from(j < l))).collect();
+    let pos: Vec<i64> = lens.iter().flat_map(|&l| (0..s).map(move |j| j.min(l) as i64)).collect();
+    let mut inputs: Vec<(String, Input)> = vec![
+        ("inputs_embeds".into(), Input::F(embeds)),
+        ("attention_mask".into(), Input::I(vec![2, s], mask)),
+        ("position_ids".into(), Input::I(vec![2, s], pos)),
+        ("logits_positions".into(), Input::I(vec![2, 1], lens.iter().map(|&l| l as i64 - 1).collect())),
+    ];
+    let zeros = Tensor::zeros((2, heads, slots, hdp), dtype, &dev)?;
+    let mut names = vec!["logits".to_string()];
+    for i in 0..layers {
+        for p in ["key", "value"] {
+            inputs.push((format!("past_key_values.{i}.{p}"), Input::F(zeros.clone())));
+            names.push(format!("present.{i}.{p}"));
+        }
+    }
+    let graph = dir.join("decoder.onnx");
+    let run = |inputs: &[(String, Input)]| {
+        let ins: Vec<(&str, &Input)> = inputs.iter().map(|(n, x)| (n.as_str(), x)).collect();
+        let outs: Vec<&str> = names.iter().map(String::as_str).collect();
+        run_ort(env, &graph, &ins, &outs, ft)
+    };
+    let mut got = run(&inputs)?;
+    let pre = got.remove(0);
+    let mut inputs: Vec<(String, Input)> = vec![
+        ("inputs_embeds".into(), Input::F(Tensor::cat(&next, 0)?)),
+        ("attention_mask".into(), Input::I(vec![2, s + 1], lens.iter().flat_map(|&l| (0..=s).map(move |j| i64::from(j <= l))).collect())),
+        ("position_ids".into(), Input::I(vec![2, 1], lens.iter().map(|&l| l as i64).collect())),
+        ("logits_positions".into(), Input::I(vec![2, 1], vec![0, 0])),
+    ];
+    for (j, buf) in got.into_iter().enumerate() {
+        let t = Tensor::from_vec(buf, (2, heads, slots, hdp), &dev)?.to_dtype(dtype)?;
+        inputs.push((format!("past_key_values.{}.{}", j / 2, if j % 2 == 0 { "key" } else { "value" }), Input::F(t)));
+    }
+    let dec = run(&inputs)?.remove(0);
+    if pre.len() != 2 * vocab || dec.len() != 2 * vocab {
+        return Err(ExportError::Mismatch(format!("fused decoder logits: {} and {} values", pre.len(), dec.len())));
+    }
+    Ok(vec![("logits (prefill)".into(), rel_err(&pre, &want_pre)), ("logits (decode)".into(), rel_err(&dec, &want_dec))])
+}
+
+/// The embed and vision graphs (see [`verify`]).
+#[allow(clippy::too_many_arguments)]
+fn verify_rest(
+    env: &ort::environment::Environment,
+    model: &Bunny,
+    dir: &Path,
+    ft: FloatType,
+    dtype: DType,
+    o: &mut Candle,
+    rng: &mut StdRng,
+    mut all: Vec<(String, Report)>,
+) -> Result<Vec<(String, Report)>> {
+    let dev = Device::Cpu;
+    let c = &model.config;
+    let b = 2usize;
     // embed
     let ids: Vec<i64> = (0..b * 5).map(|_| rng.random_range(0..c.vocab_size as i64)).collect();
     let ids_t = Tensor::from_vec(ids.clone(), (b, 5), &dev)?;
-    let e = model.llm.embed(&mut o, &ids_t)?;
+    let e = model.llm.embed(o, &ids_t)?;
     let inputs = vec![("input_ids".to_string(), Input::I(vec![b, 5], ids))];
     all.push((
         "embed.onnx".to_string(),
@@ -170,9 +281,9 @@ pub fn verify(
                 (Tensor::from_vec(qids.clone(), (b, t), &dev)?, Tensor::from_vec(qmask.clone(), (b, t), &dev)?);
             inputs.push(("qformer_input_ids".into(), Input::I(vec![b, t], qids)));
             inputs.push(("qformer_attention_mask".into(), Input::I(vec![b, t], qmask)));
-            model.image_features(&mut o, &pixels, Some(QFormerText { input_ids: &ids_t, attention_mask: &mask_t }))?
+            model.image_features(o, &pixels, Some(QFormerText { input_ids: &ids_t, attention_mask: &mask_t }))?
         }
-        _ => model.image_features(&mut o, &pixels, None)?,
+        _ => model.image_features(o, &pixels, None)?,
     };
     all.push((
         "vision.onnx".to_string(),
@@ -270,6 +381,7 @@ pub fn quant_report(
     ft: FloatType,
     dtype: DType,
     vision: bool,
+    fused: bool,
 ) -> Result<QuantReport> {
     let dev = Device::Cpu;
     let mut o = Candle::new(dev.clone(), dtype);
@@ -285,15 +397,18 @@ pub fn quant_report(
     let mask_t = Tensor::from_vec(mask.clone(), (b, l), &dev)?;
     let pos_t = Tensor::from_vec(pos.clone(), (b, l), &dev)?;
     let keep_t = Tensor::new(l as i64, &dev)?;
-    let (want, _) = model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, None, Some(&keep_t))?;
+    let (want, _) = model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, None, Some(models::phi::Keep::Last(&keep_t)))?;
     let want = flat(&want)?;
     let mut inputs: Vec<(String, Input)> = vec![
         ("inputs_embeds".into(), Input::F(embeds)),
         ("attention_mask".into(), Input::I(vec![b, l], mask)),
         ("position_ids".into(), Input::I(vec![b, l], pos)),
         ("num_logits_to_keep".into(), Input::I(vec![], vec![l as i64])),
+        ("logits_positions".into(), Input::I(vec![b, l], (0..b).flat_map(|_| 0..l as i64).collect())),
     ];
-    let empty = Tensor::zeros((b, heads, 0, hd), dtype, &dev)?;
+    // A fused decoder's cache is a buffer with room for the prompt.
+    let (slots, hd) = if fused { (l, crate::fused::cache_head_dim(hd)) } else { (0, hd) };
+    let empty = Tensor::zeros((b, heads, slots, hd), dtype, &dev)?;
     for i in 0..layers {
         inputs.push((format!("past_key_values.{i}.key"), Input::F(empty.clone())));
         inputs.push((format!("past_key_values.{i}.value"), Input::F(empty.clone())));

@@ -43,6 +43,26 @@ pub struct Lora {
     pub dropout: f32,
 }
 
+/// A decoder self-attention over a KV cache, handed whole to an interpreter that has one fused
+/// kernel for it (the exporter's `--fused` graphs: ONNX Runtime's `GroupQueryAttention`).
+#[derive(Debug)]
+pub struct SelfAttention<'a, T> {
+    /// The layer-normed input [B, S, D].
+    pub x: &'a T,
+    /// The q, k and v projections: weight [D, D] and bias [D] each (LoRA merged).
+    pub qkv: [(&'a Param, Option<&'a Param>); 3],
+    pub heads: usize,
+    /// Leading dims of each head that rotate (NeoX rotate_half); the rest pass through.
+    pub rotary_dims: usize,
+    pub rope_theta: f64,
+    /// This layer's cache, post-RoPE (K, V).
+    pub past: Option<&'a (T, T)>,
+    /// [B, P+S], 1 = attend.
+    pub mask2d: &'a T,
+    /// [B, S].
+    pub position_ids: &'a T,
+}
+
 /// The operations a forward pass may use. `T` is a tensor (candle) or a graph value (ONNX).
 pub trait Ops {
     /// A value flowing through the forward pass.
@@ -108,6 +128,31 @@ pub trait Ops {
     fn last_positions(&mut self, x: &Self::T, keep: &Self::T) -> Result<Self::T>;
     /// Inverted dropout with drop probability `p` while training; the identity otherwise (and in ONNX).
     fn dropout(&mut self, x: &Self::T, p: f32) -> Result<Self::T>;
+    /// Rows `idx` [B, K] (int64, per batch row) of `x` [B, S, D] along dim 1 → [B, K, D].
+    fn gather_positions(&mut self, x: &Self::T, idx: &Self::T) -> Result<Self::T>;
+
+    /// `a` computed by one fused kernel: the attention output [B, S, H·Dh] (heads merged, before
+    /// the output projection) and the present (K, V). `None` (the default) makes the model compose
+    /// it from the ops above.
+    #[allow(clippy::type_complexity)]
+    fn fused_self_attention(&mut self, _a: &SelfAttention<'_, Self::T>) -> Result<Option<(Self::T, (Self::T, Self::T))>> {
+        Ok(None)
+    }
+
+    /// `(x + delta, LayerNorm(x + delta))`: a residual stream and the next block's normed input
+    /// (one `SkipLayerNormalization` in fused graphs).
+    fn residual_layer_norm(
+        &mut self,
+        x: &Self::T,
+        delta: &Self::T,
+        w: &Self::T,
+        b: &Self::T,
+        eps: f64,
+    ) -> Result<(Self::T, Self::T)> {
+        let sum = self.add(x, delta)?;
+        let normed = self.layer_norm(&sum, w, b, eps)?;
+        Ok((sum, normed))
+    }
 
     /// Scaled dot-product attention over split heads: `softmax(q kᵀ · scale + bias) v`, q [B, H, Lq, Dh],
     /// k and v [B, H, Lk, Dh], `bias` broadcast to [B, H, Lq, Lk]. Interpreters computing in f16
@@ -357,6 +402,12 @@ impl Ops for Candle {
             return attention_f32_scores(q, k, v, bias, scale);
         }
         composite_attention(self, q, k, v, bias, scale)
+    }
+    fn gather_positions(&mut self, x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        let (b, k) = idx.dims2()?;
+        let d = x.dim(2)?;
+        let idx = idx.to_dtype(DType::I64)?.unsqueeze(2)?.broadcast_as((b, k, d))?.contiguous()?;
+        Ok(x.contiguous()?.gather(&idx, 1)?)
     }
     fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
         let Some(rng) = self.dropout_rng.as_mut() else { return Ok(x.clone()) };

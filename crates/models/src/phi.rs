@@ -6,7 +6,7 @@ use qadapt_core::BunnyConfig;
 
 use crate::loader::Vb;
 use crate::nn::{LayerNorm, Linear};
-use crate::ops::{attention, Ops, Param};
+use crate::ops::{attention, Ops, Param, SelfAttention};
 use crate::{Error, Result};
 
 /// One decoder layer. Parallel block: `h = ln(x); x = x + attn(h) + mlp(h)`.
@@ -55,6 +55,15 @@ pub type KvPair<T> = (T, T);
 /// What a decoder step returns: logits (or hidden states) and the present (K, V) of every layer.
 pub type Step<T> = (T, Vec<KvPair<T>>);
 
+/// Which positions of a step get logits.
+#[derive(Debug, Clone, Copy)]
+pub enum Keep<'a, T> {
+    /// The last K of every row, K an int64 scalar (left-padded batches end together).
+    Last(&'a T),
+    /// Positions [B, K] (int64) of each row: right-padded rows end at their own lengths.
+    At(&'a T),
+}
+
 impl Phi {
     /// Loads from the checkpoint root (keys `model.*` and `lm_head.*`).
     pub fn new(vb: &Vb, cfg: &BunnyConfig) -> Result<Self> {
@@ -96,8 +105,8 @@ impl Phi {
     /// - `embeds` [B, S, D]; `mask2d` [B, P+S] (1 = attend); `position_ids` [B, S];
     /// - `past`: per layer post-RoPE (K, V) [B, H, P, Dh], or `None` for a prefill from nothing.
     ///
-    /// - `keep`: int64 scalar K, logits of the last K positions only (`None`: all). Generation needs
-    ///   one row; the lm_head over a whole prompt is the largest matmul of a small model's prefill.
+    /// - `keep`: the positions that get logits (`None`: all). Generation needs one row per sequence;
+    ///   the lm_head over a whole prompt is the largest matmul of a small model's prefill.
     ///
     /// Returns logits [B, K, V] and the present (K, V) [B, H, P+S, Dh] of every layer.
     pub fn forward<O: Ops>(
@@ -107,11 +116,12 @@ impl Phi {
         mask2d: &O::T,
         position_ids: &O::T,
         past: Option<&[KvPair<O::T>]>,
-        keep: Option<&O::T>,
+        keep: Option<Keep<'_, O::T>>,
     ) -> Result<Step<O::T>> {
         let (x, present) = self.hidden(o, embeds, mask2d, position_ids, past)?;
         let x = match keep {
-            Some(k) => o.last_positions(&x, k)?,
+            Some(Keep::Last(k)) => o.last_positions(&x, k)?,
+            Some(Keep::At(idx)) => o.gather_positions(&x, idx)?,
             None => x,
         };
         let logits = self.lm_head.forward(o, &x)?; // [B, K, V]
@@ -133,38 +143,91 @@ impl Phi {
                 return Err(Error::Input(format!("past has {} layers, the model {}", p.len(), self.layers.len())));
             }
         }
-        let (cos, sin) = o.rope_tables(position_ids, self.rotary_dims, self.rope_theta)?; // [B, 1, S, rot]
+        let Some(first) = self.layers.first() else { return Ok((self.final_layernorm.forward(o, embeds)?, Vec::new())) };
         let mut x = embeds.clone();
-        let mut bias = None;
+        let mut h = first.input_layernorm.forward(o, &x)?;
+        let mut shared = Shared::default();
         let mut present = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(o, &x)?;
-            let q = layer.q_proj.forward(o, &h)?;
-            let q = o.split_heads(&q, self.heads)?; // [B, H, S, Dh]
-            let q = o.rope(&q, &cos, &sin, self.rotary_dims)?;
-            let k = layer.k_proj.forward(o, &h)?;
-            let k = o.split_heads(&k, self.heads)?;
-            let k = o.rope(&k, &cos, &sin, self.rotary_dims)?;
-            let v = layer.v_proj.forward(o, &h)?;
-            let v = o.split_heads(&v, self.heads)?;
-            let (k, v) = match past {
-                Some(p) => (o.cat(&[p[i].0.clone(), k], 2)?, o.cat(&[p[i].1.clone(), v], 2)?), // [B, H, P+S, Dh]
-                None => (k, v),
-            };
-            if bias.is_none() {
-                bias = Some(o.causal_bias(mask2d, &q)?); // [B, 1, S, P+S]
-            }
-            let head_dim = layer.q_proj.dims().1 / self.heads;
-            let a = attention(o, &q, &k, &v, bias.as_ref(), 1.0 / (head_dim as f64).sqrt())?;
-            let a = o.merge_heads(&a)?; // [B, S, D]
+            let cache = past.map(|p| &p[i]);
+            let (a, kv) = self.attention(o, layer, &h, cache, mask2d, position_ids, &mut shared)?; // [B, S, D]
             let a = layer.dense.forward(o, &a)?;
             let m = layer.fc1.forward(o, &h)?;
             let m = o.gelu_tanh(&m)?;
             let m = layer.fc2.forward(o, &m)?;
-            x = o.add(&x, &a)?;
-            x = o.add(&x, &m)?;
-            present.push((k, v));
+            // HF's order: (attn + mlp) + residual, then the next block's (or the final) LayerNorm.
+            let delta = o.add(&a, &m)?;
+            let next = self.layers.get(i + 1).map_or(&self.final_layernorm, |l| &l.input_layernorm);
+            let (w, b) = (o.param(&next.weight)?, o.param(&next.bias)?);
+            (x, h) = o.residual_layer_norm(&x, &delta, &w, &b, next.eps)?;
+            present.push(kv);
         }
-        Ok((self.final_layernorm.forward(o, &x)?, present))
+        Ok((h, present))
+    }
+
+    /// One layer's self-attention over its cache: the fused kernel when the interpreter has one,
+    /// else q/k/v projections, RoPE, the cache concatenated and masked attention. Returns the
+    /// heads merged [B, S, D] (before `dense`) and the present (K, V) [B, H, P+S, Dh].
+    #[allow(clippy::too_many_arguments)]
+    fn attention<O: Ops>(
+        &self,
+        o: &mut O,
+        layer: &PhiLayer,
+        h: &O::T,
+        past: Option<&KvPair<O::T>>,
+        mask2d: &O::T,
+        position_ids: &O::T,
+        shared: &mut Shared<O::T>,
+    ) -> Result<(O::T, KvPair<O::T>)> {
+        let (q, k, v) = (&layer.q_proj, &layer.k_proj, &layer.v_proj);
+        if q.lora.is_none() && k.lora.is_none() && v.lora.is_none() {
+            let spec = SelfAttention {
+                x: h,
+                qkv: [q, k, v].map(|l| (&l.weight, l.bias.as_ref())),
+                heads: self.heads,
+                rotary_dims: self.rotary_dims,
+                rope_theta: self.rope_theta,
+                past,
+                mask2d,
+                position_ids,
+            };
+            if let Some(fused) = o.fused_self_attention(&spec)? {
+                return Ok(fused);
+            }
+        }
+        if shared.rope.is_none() {
+            shared.rope = Some(o.rope_tables(position_ids, self.rotary_dims, self.rope_theta)?); // [B, 1, S, rot]
+        }
+        let Some((cos, sin)) = shared.rope.clone() else { unreachable!("set above") };
+        let q = q.forward(o, h)?;
+        let q = o.split_heads(&q, self.heads)?; // [B, H, S, Dh]
+        let q = o.rope(&q, &cos, &sin, self.rotary_dims)?;
+        let k = k.forward(o, h)?;
+        let k = o.split_heads(&k, self.heads)?;
+        let k = o.rope(&k, &cos, &sin, self.rotary_dims)?;
+        let v = v.forward(o, h)?;
+        let v = o.split_heads(&v, self.heads)?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (o.cat(&[pk.clone(), k], 2)?, o.cat(&[pv.clone(), v], 2)?), // [B, H, P+S, Dh]
+            None => (k, v),
+        };
+        if shared.bias.is_none() {
+            shared.bias = Some(o.causal_bias(mask2d, &q)?); // [B, 1, S, P+S]
+        }
+        let head_dim = layer.q_proj.dims().1 / self.heads;
+        let a = attention(o, &q, &k, &v, shared.bias.as_ref(), 1.0 / (head_dim as f64).sqrt())?;
+        Ok((o.merge_heads(&a)?, (k, v)))
+    }
+}
+
+/// What the layers of one step share: the RoPE tables and the attention mask, built once.
+struct Shared<T> {
+    rope: Option<(T, T)>,
+    bias: Option<T>,
+}
+
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Self { rope: None, bias: None }
     }
 }

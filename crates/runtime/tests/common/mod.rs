@@ -35,6 +35,7 @@ pub fn export(case: &str, out: &Path) {
         ort_lib: None,
         tolerance: 1e-4,
         quant: None,
+        fused: false,
     };
     exporter::export(&opts, |_, _, _| {}).unwrap();
 }
