@@ -89,16 +89,13 @@ pub fn decoder(model: &Bunny, ft: FloatType, quant: Option<Quant>, fused: bool) 
 /// (`in.*`, `rows` and `start` → `kv.*`: the rows kept, from position `start` on, the padding they
 /// all share dropped) it lets the runtime admit requests into a running decode batch and drop
 /// finished ones without the cache leaving the device.
-/// `fused`: the caches are buffers of one length whose rows start at slot 0, so a join stacks
-/// them and a select gathers rows (no `start`).
+/// `fused`: the caches are buffers whose rows start at slot 0, so a join pads the shorter buffer
+/// at its end and a select gathers rows (no `start`).
 pub fn cache_join(model: &Bunny, ft: FloatType, fused: bool) -> Result<Traced> {
     cache_graph(model, ft, fused, "cache_join.onnx", |g, i, part| {
         let (a, b) = (g.input(&format!("a.{i}.{part}"), 4), g.input(&format!("b.{i}.{part}"), 4));
-        if fused {
-            let (an, bn) = (g.name(&a), g.name(&b));
-            return g.concat(&[&an, &bn], 0, 4);
-        }
-        g.pad_and_stack(&a, &b, 2)
+        // Fused buffers hold each row from slot 0: a shorter buffer grows at its end.
+        g.pad_and_stack(&a, &b, 2, fused)
     })
 }
 

@@ -186,24 +186,29 @@ impl Graph {
         outs
     }
 
-    /// `a` [Ba, …, La, …] and `b` [Bb, …, Lb, …] stacked along axis 0, the shorter first
-    /// left-padded with zeros along `axis` to the longer's length: two KV caches made one.
-    pub fn pad_and_stack(&mut self, a: &V, b: &V, axis: i64) -> V {
+    /// `a` [Ba, …, La, …] and `b` [Bb, …, Lb, …] stacked along axis 0, the shorter first padded
+    /// with zeros along `axis` to the longer's length (at its start, or its end when `at_end`): two
+    /// KV caches made one.
+    pub fn pad_and_stack(&mut self, a: &V, b: &V, axis: i64, at_end: bool) -> V {
         let (la, lb) = (self.dim(a, axis), self.dim(b, axis));
         let longest = self.node("Max", &[&la.name, &lb.name], vec![], 0);
         let rank = a.rank;
+        // Pad's pads: the begin of every axis, then the end of every axis.
+        let at = if at_end { rank + axis as usize } else { axis as usize };
         let mut padded = Vec::new();
         for (x, l) in [(a, &la), (b, &lb)] {
             let short = self.node("Sub", &[&longest.name, &l.name], vec![], 0);
             let short = self.unsqueeze(&short, &[0]);
-            // Pad's pads: the begin of every axis, then the end of every axis.
-            let before = self.ints(&vec![0; axis as usize]);
-            let after = self.ints(&vec![0; 2 * rank - axis as usize - 1]);
-            let pads = if axis == 0 {
-                self.concat(&[&short.name, &after], 0, 1)
-            } else {
-                self.concat(&[&before, &short.name, &after], 0, 1)
-            };
+            let mut parts = Vec::new();
+            if at > 0 {
+                parts.push(self.ints(&vec![0; at]));
+            }
+            parts.push(short.name.clone());
+            if at + 1 < 2 * rank {
+                parts.push(self.ints(&vec![0; 2 * rank - at - 1]));
+            }
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            let pads = self.concat(&refs, 0, 1);
             let n = self.name(x);
             padded.push(self.node("Pad", &[&n, &pads.name], vec![], rank));
         }

@@ -381,3 +381,123 @@ fn stage2_adds_prompt_module_tensors_the_base_lacks() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("model.vlm_"), "{err}");
 }
+
+fn graph_of(path: &Path) -> exporter::onnx_pb::GraphProto {
+    use prost::Message;
+    exporter::onnx_pb::ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap().graph.unwrap()
+}
+
+/// `--fused` (GroupQueryAttention over in-place cache buffers, SkipLayerNormalization, FastGelu)
+/// reproduces HF on every fixture as the standard graphs do: features, logits within 1e-4, greedy
+/// ids through the cache, the score. The fixtures' heads (20) are padded to 24 for the op and
+/// their partial rotary (8 of 20) applied before it.
+#[test]
+fn fused_exports_of_every_fixture_match_hf_through_onnx_runtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in CASES {
+        let dir = tmp.path().join(case);
+        export(case, &dir, &["--fused"]);
+        let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("qadapt.json")).unwrap()).unwrap();
+        assert_eq!(m["variant"], "fused");
+        let g = graph_of(&dir.join("decoder.onnx"));
+        let count = |op: &str| g.node.iter().filter(|n| n.op_type == op).count();
+        let layers = m["decoder"]["layers"].as_u64().unwrap() as usize;
+        assert_eq!(count("GroupQueryAttention"), layers, "{case}: one attention op per layer");
+        assert_eq!(count("SkipLayerNormalization"), layers, "{case}: residual + LayerNorm fused per layer");
+        assert_eq!(count("FastGelu"), layers);
+        assert_eq!(count("Softmax"), 0, "{case}: no composed attention left");
+        let (worst, dscore) = run_case(case, &dir);
+        println!("{case:<22} fused: greedy ids equal HF's, max rel err {worst:.1e}, |Δscore| {dscore:.1e}");
+        assert!(worst < 1e-4, "{case}: fused max rel err {worst} vs HF");
+        assert!(dscore < 1e-4, "{case}: fused score differs from HF by {dscore}");
+    }
+}
+
+/// A fused export's decode steps write into the buffers the prefill allocated: the cache's tensors
+/// stay at the same addresses step after step (a standard export's are new tensors every step,
+/// which shows the check can fail), and both variants' logits agree at every step.
+#[test]
+fn the_fused_cache_is_one_buffer_written_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = "bunny_f32_bpe";
+    let (std_dir, fused_dir) = (tmp.path().join("standard"), tmp.path().join("fused"));
+    export(case, &std_dir, &[]);
+    export(case, &fused_dir, &["--fused"]);
+    let exp = candle_core::safetensors::load(fixtures().join(case).join("expected.safetensors"), &Device::Cpu).unwrap();
+    let ids = exp["ask.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    let (mut s, mut f) = (open(&std_dir), open(&fused_dir));
+    let feats = s.features_from_pixels(pixels(&exp["pixel_values"]), None).unwrap();
+    let (mut ls, mut cs) = s.prefill_ids(&ids, &feats).unwrap();
+    let (mut lf, mut cf) = f.prefill_ids(&ids, &feats).unwrap();
+    assert_eq!(cf.slots(), f.manifest.decoder.max_positions);
+    let (fused_at, mut std_at) = (cf.addresses().unwrap(), cs.addresses().unwrap());
+    for step in 0..6 {
+        let err = exporter::verify::rel_err(&lf, &ls);
+        assert!(err < 1e-4, "step {step}: fused logits differ from standard by {err}");
+        let next = argmax(&ls);
+        (ls, cs) = s.next_logits(&[next], &cs).unwrap();
+        (lf, cf) = f.next_logits(&[next], &cf).unwrap();
+        assert_eq!(cf.addresses().unwrap(), fused_at, "step {step}: the fused cache moved");
+        let now = cs.addresses().unwrap();
+        assert!(now.iter().all(|a| !std_at.contains(a)), "step {step}: a standard cache tensor was reused");
+        std_at = now;
+    }
+    println!("fused: 6 decode steps wrote into the prefill's {} buffers in place", fused_at.len());
+}
+
+/// Heads of 16 with full rotary fit GroupQueryAttention as they are: the fused graph rotates inside
+/// the op (no `position_ids` input, no padded heads) and answers as the standard graphs do.
+#[test]
+fn rotary_inside_the_attention_op_matches_the_standard_graphs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let src = fixtures().join("bunny_f32_bpe/model");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+        }
+    }
+    // hidden 80 as 5 heads of 16, all dims rotating: the same weights, another attention.
+    let cfg_path = model.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["num_attention_heads"] = 5.into();
+    cfg["num_key_value_heads"] = 5.into();
+    cfg["partial_rotary_factor"] = 1.0.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let run = |extra: &[&str], out: &Path| {
+        let o = export_bin()
+            .args(["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (std_dir, fused_dir) = (tmp.path().join("standard"), tmp.path().join("fused"));
+    run(&[], &std_dir);
+    run(&["--fused"], &fused_dir);
+    let g = graph_of(&fused_dir.join("decoder.onnx"));
+    assert!(!g.input.iter().any(|i| i.name == "position_ids"), "the rotary should run inside the op");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fused_dir.join("qadapt.json")).unwrap()).unwrap();
+    assert!(m["decoder"].get("cache_head_dim").is_none(), "heads of 16 need no padding");
+    let gqa = g.node.iter().find(|n| n.op_type == "GroupQueryAttention").unwrap();
+    assert!(gqa.attribute.iter().any(|a| a.name == "do_rotary" && a.i == 1));
+    let exp = candle_core::safetensors::load(fixtures().join("bunny_f32_bpe/expected.safetensors"), &Device::Cpu).unwrap();
+    let ids = exp["ask.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    let (mut s, mut f) = (open(&std_dir), open(&fused_dir));
+    let feats = s.features_from_pixels(pixels(&exp["pixel_values"]), None).unwrap();
+    let (mut ls, mut cs) = s.prefill_ids(&ids, &feats).unwrap();
+    let (mut lf, mut cf) = f.prefill_ids(&ids, &feats).unwrap();
+    let mut tokens = Vec::new();
+    for step in 0..8 {
+        let err = exporter::verify::rel_err(&lf, &ls);
+        assert!(err < 1e-4, "step {step}: rotary-inside logits differ from standard by {err}");
+        let (a, b) = (argmax(&ls), argmax(&lf));
+        assert_eq!(a, b, "step {step}: greedy tokens differ");
+        tokens.push(a);
+        (ls, cs) = s.next_logits(&[a], &cs).unwrap();
+        (lf, cf) = f.next_logits(&[b], &cf).unwrap();
+    }
+    println!("rotary inside GroupQueryAttention: 8 greedy tokens {tokens:?} equal the standard graphs'");
+}

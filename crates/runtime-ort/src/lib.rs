@@ -10,6 +10,7 @@
 mod manifest;
 mod model;
 mod running;
+mod slots;
 
 pub use manifest::{trt_profiles, DecoderSpec, Graphs, ImageSpec, Manifest, QFormerSpec, TokenSpec, FORMAT};
 pub use model::{Cache, Choice, Request, Runtime};

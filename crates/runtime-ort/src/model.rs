@@ -3,7 +3,7 @@
 //! features, prefill, batched decoding, the Q-Align score and option likelihoods.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use image::RgbImage;
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
@@ -23,19 +23,53 @@ use crate::{
 /// The KV cache of a batch after `len` positions: each layer's key and value as the decoder
 /// returned them, left where the execution provider computed them (device memory on CUDA), so a
 /// decoding step copies only the new token's embedding in and its logits out.
+///
+/// Standard exports grow it by concatenation (a step returns new tensors; rows are left-padded).
+/// Fused exports hold one buffer of `slots` positions per row that every step writes in place
+/// (row `r` in slots `0..len − pad[r]`, right-padded): a cache grown from another shares its
+/// buffers, so continuations of one prefill must run one after the other (as `choices` does).
 pub struct Cache {
-    kv: Vec<DynValue>,
-    len: usize,
-    /// Left padding of each row, one entry per row (its length is the batch size): rows of
-    /// different prompt lengths share one batch, their first `pad[r]` positions masked out and
-    /// their positions counted from the first real token.
-    pad: Vec<usize>,
+    pub(crate) kv: Arc<Mutex<Vec<DynValue>>>,
+    pub(crate) len: usize,
+    /// Per row (its length is the batch size), `len` minus the row's own length. Standard: left
+    /// padding, the first `pad[r]` positions masked out, positions counted from the first real
+    /// token. Fused: the slots after the row's end.
+    pub(crate) pad: Vec<usize>,
+    /// Fused exports: positions each row's buffer holds; 0 for a cache that grows.
+    pub(crate) slots: usize,
 }
 
 impl Cache {
+    /// A cache made of `kv`.
+    pub(crate) fn new(kv: Vec<DynValue>, len: usize, pad: Vec<usize>, slots: usize) -> Self {
+        Self { kv: Arc::new(Mutex::new(kv)), len, pad, slots }
+    }
+
+    /// The cached tensors, locked for one step.
+    pub(crate) fn tensors(&self) -> Result<std::sync::MutexGuard<'_, Vec<DynValue>>> {
+        self.kv.lock().map_err(|_| RunError::Ort("a KV cache was poisoned by a failed step".into()))
+    }
+
     /// Cached positions (padding included).
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Positions each row's in-place buffer holds (fused exports), or 0.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Host addresses of the cached tensors' data (CPU caches): a fused decode step leaves them
+    /// unchanged, a standard one replaces every tensor.
+    pub fn addresses(&self) -> Result<Vec<usize>> {
+        self.tensors()?
+            .iter()
+            .map(|v| match v.try_extract_tensor::<f32>() {
+                Ok((_, d)) => Ok(d.as_ptr() as usize),
+                Err(_) => Ok(v.try_extract_tensor::<half::f16>().map_err(ort_err("cache"))?.1.as_ptr() as usize),
+            })
+            .collect()
     }
 
     /// Whether nothing is cached yet.
@@ -89,16 +123,21 @@ pub struct Runtime {
     pub skipped: Vec<String>,
     vision: Session,
     embed: Session,
-    decoder: Session,
+    pub(crate) decoder: Session,
     cache_join: Option<Session>,
     cache_select: Option<Session>,
-    f16: bool,
+    pub(crate) f16: bool,
+    /// The `fused` variant: caches are in-place buffers, batches right-padded (see [`Cache`]).
+    pub(crate) fused: bool,
+    /// The decoder reads `position_ids` (a fused graph with the rotary inside its attention op
+    /// does not).
+    pub(crate) positions_input: bool,
     /// The decoder takes `num_logits_to_keep` (exports since 2026-11-26): a prefill then computes
     /// the lm_head for its last position only.
     keep_input: bool,
     /// Where the decoder leaves the cache (the EP's device) and the logits (host).
-    kv_mem: MemoryInfo<'static>,
-    host_mem: MemoryInfo<'static>,
+    pub(crate) kv_mem: MemoryInfo<'static>,
+    pub(crate) host_mem: MemoryInfo<'static>,
 }
 
 impl Runtime {
@@ -177,6 +216,8 @@ impl Runtime {
         }
         let f16 = manifest.dtype == "f16";
         let keep_input = decoder.inputs().iter().any(|i| i.name() == "num_logits_to_keep");
+        let positions_input = decoder.inputs().iter().any(|i| i.name() == "position_ids");
+        let fused = manifest.fused();
         Ok(Self {
             manifest,
             tokenizer,
@@ -190,6 +231,8 @@ impl Runtime {
             cache_join,
             cache_select,
             f16,
+            fused,
+            positions_input,
             keep_input,
             kv_mem,
             host_mem,
@@ -257,7 +300,7 @@ impl Runtime {
         let d = &self.manifest.decoder;
         let shape = vec![pad.len() as i64, d.heads as i64, 0, d.head_dim as i64];
         let kv = (0..2 * d.layers).map(|_| float_value(shape.clone(), Vec::new(), self.f16)).collect::<Result<_>>()?;
-        Ok(Cache { kv, len: 0, pad })
+        Ok(Cache::new(kv, 0, pad, 0))
     }
 
     /// One decoder pass over `embeds` [B, S, D] after the cached positions. Returns the logits
@@ -288,7 +331,7 @@ impl Runtime {
             bind.bind_input("num_logits_to_keep", &int_value(vec![], vec![kept as i64])?)
                 .map_err(e("num_logits_to_keep"))?;
         }
-        for (i, pair) in cache.kv.chunks(2).enumerate() {
+        for (i, pair) in cache.tensors()?.chunks(2).enumerate() {
             bind.bind_input(format!("past_key_values.{i}.key"), &pair[0]).map_err(e("past"))?;
             bind.bind_input(format!("past_key_values.{i}.value"), &pair[1]).map_err(e("past"))?;
         }
@@ -309,7 +352,7 @@ impl Runtime {
         // Logits are [B, kept, V]; an older export returns all S rows: copy out only those read.
         let rows = if self.keep_input { kept } else { s };
         let logits = if all || rows == 1 { out_f32(logits)? } else { last_rows(logits, b, rows)? };
-        Ok((logits, Cache { kv, len: total, pad: cache.pad.clone() }))
+        Ok((logits, Cache::new(kv, total, cache.pad.clone(), 0)))
     }
 
     /// Whether `question` fits the model with its image (the error [`Runtime::generate_mixed`]
@@ -342,18 +385,26 @@ impl Runtime {
     }
 
     /// Prefill of one question (and answer prefix) over a batch of images: every row has the same
-    /// prompt, so no row is padded. Returns the last position's logits [B·V] and the cache.
-    fn prefill(&mut self, imgs: &[&RgbImage], question: &str, prefix: Option<&str>) -> Result<(Vec<f32>, Cache)> {
+    /// prompt, so no row is padded. Returns the last position's logits [B·V] and the cache, with
+    /// room for `room` more positions per row.
+    fn prefill(
+        &mut self,
+        imgs: &[&RgbImage],
+        question: &str,
+        prefix: Option<&str>,
+        room: usize,
+    ) -> Result<(Vec<f32>, Cache)> {
         if imgs.is_empty() {
             return Err(RunError::Input("no images".into()));
         }
         let prompt = self.prompt(question, prefix)?;
         let feats = self.image_features(imgs, question)?;
-        self.prefill_rows(&vec![&prompt; imgs.len()], &feats)
+        self.prefill_rows(&vec![&prompt; imgs.len()], &feats, room)
     }
 
     /// Prefill of one prompt given as ids with `-200` where the image features [N·D] go (Bunny's
-    /// `tokenizer_image_token` form): the last position's logits and the cache.
+    /// `tokenizer_image_token` form): the last position's logits and the cache (a fused export's
+    /// with room up to the model's positions).
     pub fn prefill_ids(&mut self, ids: &[i64], feats: &[f32]) -> Result<(Vec<f32>, Cache)> {
         let image_pos = ids.iter().position(|&i| i == -200);
         let text: Vec<u32> = ids
@@ -361,13 +412,20 @@ impl Runtime {
             .filter(|&&i| i != -200)
             .map(|&i| u32::try_from(i).map_err(|_| RunError::Input(format!("token id {i}"))))
             .collect::<Result<_>>()?;
-        self.prefill_rows(&[&PromptIds { ids: text, image_pos }], feats)
+        let room = self.manifest.decoder.max_positions;
+        self.prefill_rows(&[&PromptIds { ids: text, image_pos }], feats, room)
     }
 
     /// Prefill of one prompt per row, each with its image's features (`feats` = [B·N·D]): shorter
-    /// prompts are left-padded (zero embeddings, masked). Returns the last position's logits [B·V]
-    /// and the cache.
-    pub(crate) fn prefill_rows(&mut self, prompts: &[&PromptIds], feats: &[f32]) -> Result<(Vec<f32>, Cache)> {
+    /// prompts are left-padded (zero embeddings, masked), or right-padded on a fused export, whose
+    /// cache buffers get room for `room` positions after the longest prompt (at most the model's).
+    /// Returns the last position's logits [B·V] and the cache.
+    pub(crate) fn prefill_rows(
+        &mut self,
+        prompts: &[&PromptIds],
+        feats: &[f32],
+        room: usize,
+    ) -> Result<(Vec<f32>, Cache)> {
         let b = prompts.len();
         let n_img = self.manifest.image.tokens;
         let lens: Vec<usize> = prompts.iter().map(|p| p.spliced_len(n_img)).collect();
@@ -385,12 +443,23 @@ impl Runtime {
                 last = Some((p, before, after));
             }
             let Some((_, before, after)) = &last else { unreachable!("set above") };
-            embeds.resize(embeds.len() + (longest - lens[r]) * d, 0.0);
+            let pad = (longest - lens[r]) * d;
+            if !self.fused {
+                embeds.resize(embeds.len() + pad, 0.0);
+            }
             embeds.extend_from_slice(before);
             if p.image_pos.is_some() {
                 embeds.extend_from_slice(&feats[r * per_image..(r + 1) * per_image]);
             }
             embeds.extend_from_slice(after);
+            if self.fused {
+                embeds.resize(embeds.len() + pad, 0.0);
+            }
+        }
+        if self.fused {
+            let slots = longest.saturating_add(room).min(self.manifest.decoder.max_positions);
+            let empty = self.empty_slots(b, slots)?;
+            return self.step_fused(embeds, &empty, &lens, false);
         }
         let empty = self.empty_cache(lens.iter().map(|&l| longest - l).collect())?;
         self.step(embeds, &empty, false)
@@ -399,6 +468,9 @@ impl Runtime {
     /// The logits [B·V] after one more token per row on top of `cache`, and the grown cache.
     pub fn next_logits(&mut self, tokens: &[u32], cache: &Cache) -> Result<(Vec<f32>, Cache)> {
         let e = self.embed(tokens, tokens.len())?;
+        if self.fused {
+            return self.step_fused(e, cache, &vec![1; tokens.len()], false);
+        }
         self.step(e, cache, false)
     }
 
@@ -442,34 +514,41 @@ impl Runtime {
     }
 
     /// The rows of `a`, then those of `b`, in one cache; the shorter is left-padded (masked).
+    /// Fused exports: the rows keep their slots; the shorter buffers are padded at their end.
     pub(crate) fn join(&mut self, a: &Cache, b: &Cache) -> Result<Cache> {
-        let feeds =
-            a.kv.iter()
-                .enumerate()
-                .map(|(j, v)| (kv_name("a", j), v))
-                .chain(b.kv.iter().enumerate().map(|(j, v)| (kv_name("b", j), v)))
-                .collect();
+        let (ka, kb) = (a.tensors()?, b.tensors()?);
+        let feeds = ka
+            .iter()
+            .enumerate()
+            .map(|(j, v)| (kv_name("a", j), v))
+            .chain(kb.iter().enumerate().map(|(j, v)| (kv_name("b", j), v)))
+            .collect();
         let kv = self.cache_op(true, feeds, Vec::new())?;
         let len = a.len.max(b.len);
         let pad =
             a.pad.iter().map(|p| p + len - a.len).chain(b.pad.iter().map(|p| p + len - b.len)).collect::<Vec<_>>();
-        Ok(Cache { kv, len, pad })
+        Ok(Cache::new(kv, len, pad, a.slots.max(b.slots)))
     }
 
     /// The cache of the rows `keep` of `c`, without the padding they all share (the batch gets
     /// shorter when its longest prompt leaves).
     pub(crate) fn select(&mut self, c: &Cache, keep: &[usize]) -> Result<Cache> {
-        let feeds = c.kv.iter().enumerate().map(|(j, v)| (kv_name("in", j), v)).collect();
+        let kc = c.tensors()?;
+        let feeds = kc.iter().enumerate().map(|(j, v)| (kv_name("in", j), v)).collect();
         let shared = keep.iter().map(|&r| c.pad[r]).min().unwrap_or(0);
         let rows = int_value(vec![keep.len() as i64], keep.iter().map(|&r| r as i64).collect())?;
-        let start = int_value(vec![], vec![shared as i64])?;
-        let kv = self.cache_op(false, feeds, vec![("rows", rows), ("start", start)])?;
-        Ok(Cache { kv, len: c.len - shared, pad: keep.iter().map(|&r| c.pad[r] - shared).collect() })
+        let mut extra = vec![("rows", rows)];
+        // A fused cache's rows all start at slot 0: nothing to cut.
+        if !self.fused {
+            extra.push(("start", int_value(vec![], vec![shared as i64])?));
+        }
+        let kv = self.cache_op(false, feeds, extra)?;
+        Ok(Cache::new(kv, c.len - shared, keep.iter().map(|&r| c.pad[r] - shared).collect(), c.slots))
     }
 
     /// The Q-Align 1–5 score with its level probabilities, for each image of a batch.
     pub fn score_batch(&mut self, imgs: &[&RgbImage]) -> Result<Vec<(f32, LevelProbs)>> {
-        let logits = self.prefill(imgs, template::SCORE_QUESTION, Some(template::SCORE_ANSWER_PREFIX))?.0;
+        let logits = self.prefill(imgs, template::SCORE_QUESTION, Some(template::SCORE_ANSWER_PREFIX), 0)?.0;
         let v = logits.len() / imgs.len();
         Ok(logits.chunks(v).map(|row| quality_score(self.manifest.tokens.levels.map(|id| row[id as usize]))).collect())
     }
@@ -509,17 +588,24 @@ impl Runtime {
         if options.is_empty() {
             return Err(RunError::Input("no options to choose from".into()));
         }
-        let (first, cache) = self.prefill(&[img], question, None)?;
+        let tokenized =
+            options.iter().map(|o| Ok(self.tokenizer.encode(&format!(" {o}{END_OF_TEXT}"))?)).collect::<Result<Vec<_>>>()?;
+        let room = tokenized.iter().map(Vec::len).max().unwrap_or(0);
+        let (first, cache) = self.prefill(&[img], question, None, room)?;
         let mut out = Vec::with_capacity(options.len());
-        for opt in options {
-            let ids = self.tokenizer.encode(&format!(" {opt}{END_OF_TEXT}"))?;
+        for (opt, ids) in options.iter().zip(tokenized) {
             if cache.len + ids.len() > self.manifest.decoder.max_positions {
                 return Err(RunError::Input(format!("option {opt:?} does not fit in the model's positions")));
             }
             let mut lp = log_prob(&first, ids[0]);
             if ids.len() > 1 {
                 let e = self.embed(&ids[..ids.len() - 1], 1)?;
-                let (logits, _) = self.step(e, &cache, true)?;
+                // On a fused export each option overwrites the slots after the prompt.
+                let (logits, _) = if self.fused {
+                    self.step_fused(e, &cache, &[ids.len() - 1], true)?
+                } else {
+                    self.step(e, &cache, true)?
+                };
                 let v = logits.len() / (ids.len() - 1);
                 lp +=
                     ids[1..].iter().enumerate().map(|(i, &id)| log_prob(&logits[i * v..(i + 1) * v], id)).sum::<f64>();

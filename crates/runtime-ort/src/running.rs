@@ -68,7 +68,9 @@ impl<T> Running<T> {
         let questions: Vec<&str> =
             reqs.iter().map(|(_, r)| r.history.first().map_or(r.question, |(u, _)| u.as_str())).collect();
         let feats = rt.image_features_each(&imgs, &questions)?;
-        let (logits, cache) = rt.prefill_rows(&prompts.iter().collect::<Vec<_>>(), &feats)?;
+        // A fused export's buffers hold each row's prompt and answer budget.
+        let room = reqs.iter().map(|(_, r)| r.opts.max_new_tokens).max().unwrap_or(0);
+        let (logits, cache) = rt.prefill_rows(&prompts.iter().collect::<Vec<_>>(), &feats, room)?;
         let (n_img, max_pos) = (rt.manifest.image.tokens, rt.manifest.decoder.max_positions);
         match self.cache.take().filter(|_| !self.is_empty()) {
             None => {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{exported, fixtures};
+use common::{exported, exported_variant, fixtures};
 use runtime::{Ep, GenerateOptions, Request, Running, Runtime};
 
 #[test]
@@ -81,4 +81,42 @@ fn exports_without_cache_graphs_still_batch() {
     run.admit(&mut rt, vec![(0, reqs[0])]).unwrap();
     let err = run.admit(&mut rt, vec![(1, reqs[1])]).unwrap_err().to_string();
     assert!(err.contains("re-export"), "{err}");
+}
+
+/// A fused export's batch: rows live in their own slots of in-place buffers (right-padded). A row
+/// admitted while another decodes (its buffers joined, the shorter grown at its end) and rows that
+/// leave early (their slots gathered away) all answer as lone runs.
+#[test]
+fn fused_rows_join_leave_and_answer_as_alone() {
+    let (_tmp, dir) = exported_variant("bunny_f32_bpe", true);
+    let mut rt = Runtime::open(&dir, Ep::Cpu, 0, false, None).unwrap();
+    assert_eq!(rt.manifest.variant.as_deref(), Some("fused"));
+    let img = qadapt_core::image::load_image(&fixtures().join("bunny_f32_bpe/image.png")).unwrap();
+    let opts = |n| GenerateOptions { max_new_tokens: n, ..Default::default() };
+    let qs = [("Describe the quality of this image in detail: sharpness, noise and colour.", 20), ("Sharp?", 4), ("Is the exposure right?", 9)];
+    let lone: Vec<Vec<u32>> =
+        qs.iter().map(|&(q, n)| rt.generate(&img, q, &opts(n), |_| {}).unwrap().token_ids).collect();
+    let req = |i: usize| Request { image: &img, question: qs[i].0, history: &[], opts: opts(qs[i].1), cancel: None };
+    // Two rows of different prompt lengths prefilled together (right-padded), one more after 3 steps.
+    let mut run = Running::default();
+    run.admit(&mut rt, vec![(0, req(0)), (1, req(1))]).unwrap();
+    let mut answers = std::collections::HashMap::new();
+    let mut steps = 0;
+    while !run.is_empty() {
+        if steps == 3 {
+            run.admit(&mut rt, vec![(2, req(2))]).unwrap();
+        }
+        for (tag, a) in run.step(&mut rt, |_, _| {}, |_| false).unwrap() {
+            answers.insert(tag, a.token_ids);
+        }
+        steps += 1;
+    }
+    for (i, l) in lone.iter().enumerate() {
+        assert_eq!(&answers[&i], l, "row {i} answered differently in the fused batch");
+    }
+    // The whole batch through generate_mixed too.
+    let reqs: Vec<Request> = (0..3).map(req).collect();
+    let got: Vec<Vec<u32>> = rt.generate_mixed(&reqs, |_, _| {}).unwrap().into_iter().map(|a| a.token_ids).collect();
+    assert_eq!(got, lone);
+    println!("fused batch: 3 rows (one admitted mid-decode, two leaving early) answered as lone runs");
 }

@@ -317,8 +317,19 @@ fn a_question_too_long_for_the_model_fails_alone() {
 /// one a lone request gets.
 #[test]
 fn requests_join_a_running_batch_and_answer_as_alone() {
+    join_a_running_batch(false);
+}
+
+/// [`requests_join_a_running_batch_and_answer_as_alone`] on a `--fused` export: rows in their own
+/// slots of in-place cache buffers.
+#[test]
+fn requests_join_a_running_fused_batch_and_answer_as_alone() {
+    join_a_running_batch(true);
+}
+
+fn join_a_running_batch(fused: bool) {
     let case = "bunny_f32_bpe";
-    let (tmp, dir) = exported(case);
+    let (tmp, dir) = common::exported_variant(case, fused);
     let (server, url) = start(&dir, Config { max_new_tokens: 400, ..Config::default() });
     let chat_url = Arc::new(format!("{url}/v1/chat/completions"));
     let long_q = "Describe the quality of this image.";

@@ -24,6 +24,11 @@ pub fn run() -> Command {
 
 /// Exports a fixture's checkpoint (f32) into `out`.
 pub fn export(case: &str, out: &Path) {
+    export_variant(case, out, false);
+}
+
+/// Exports a fixture's checkpoint (f32, standard or `--fused` graphs) into `out`.
+pub fn export_variant(case: &str, out: &Path, fused: bool) {
     let opts = exporter::ExportOptions {
         model: fixtures().join(case).join("model"),
         stage1: None,
@@ -35,16 +40,21 @@ pub fn export(case: &str, out: &Path) {
         ort_lib: None,
         tolerance: 1e-4,
         quant: None,
-        fused: false,
+        fused,
     };
     exporter::export(&opts, |_, _, _| {}).unwrap();
 }
 
 /// A fixture exported (f32) into a fresh temporary directory: the directory's guard and the export.
 pub fn exported(case: &str) -> (tempfile::TempDir, PathBuf) {
+    exported_variant(case, false)
+}
+
+/// [`exported`], standard or `--fused` graphs.
+pub fn exported_variant(case: &str, fused: bool) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join(case);
-    export(case, &dir);
+    export_variant(case, &dir, fused);
     (tmp, dir)
 }
 
