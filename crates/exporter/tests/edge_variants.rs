@@ -141,6 +141,8 @@ fn int4_and_int8_exports_report_accuracy_and_serve() {
         (8u8, vec!["--quantize", "int8"]),
         (4, vec!["--quantize", "int4"]),
         (4, vec!["--quantize", "int4", "--keep-lm-head", "--block-size", "16", "--quantize-vision"]),
+        (4, vec!["--fused", "--quantize", "int4"]),
+        (8, vec!["--fused", "--quantize", "int8"]),
     ] {
         let dir = tmp.path().join(extra.join("_"));
         let s = export(&model, &dir, &extra);
@@ -152,8 +154,10 @@ fn int4_and_int8_exports_report_accuracy_and_serve() {
         assert!(cos >= bound.logit_cosine_mean && agree >= bound.top1_agreement, "{extra:?}: {r}");
         assert_eq!(r["positions"], 96);
         let keep = extra.contains(&"--keep-lm-head");
-        // Six linears per phi layer (q, k, v, dense, fc1, fc2), two layers, and lm_head unless kept.
-        let want = 12 + usize::from(!keep);
+        let fused = extra.contains(&"--fused");
+        // Six linears per phi layer (q, k, v, dense, fc1, fc2; four when q, k and v are packed into
+        // one), two layers, and lm_head unless kept.
+        let want = if fused { 8 } else { 12 } + usize::from(!keep);
         assert_eq!(count_nodes(&dir.join("decoder.onnx"), "MatMulNBits"), want, "{extra:?}");
         assert_eq!(r["vision_cosine"].is_null(), !extra.contains(&"--quantize-vision"));
         assert!(dec_bytes(&dir) < dec_bytes(&f32_dir), "{extra:?}: the quantized decoder is not smaller");
@@ -161,7 +165,7 @@ fn int4_and_int8_exports_report_accuracy_and_serve() {
             serde_json::from_str(&std::fs::read_to_string(dir.join("qadapt.json")).unwrap()).unwrap();
         assert_eq!(m["quantization"]["bits"], bits);
         assert_eq!(m["quantization"]["lm_head"], !keep);
-        assert_eq!(m["variant"], "standard");
+        assert_eq!(m["variant"], if fused { "fused" } else { "standard" });
         // The runtime serves it without flags; on a random tiny model the answer may differ from
         // the f32 export's, but it is a full answer and a valid score.
         let (ids, score) = answer(&dir);
@@ -277,4 +281,13 @@ fn f16_exports_survive_attention_scores_beyond_f16() {
     let rel = exporter::verify::rel_err(&la, &lb);
     println!("f16 export vs f32 export, prefill logits: max relative error {rel:.2e}");
     assert!(rel < 2e-2, "f16 export vs f32: max relative error {rel:e}");
+    // The fused f16 graph: its GroupQueryAttention takes q and k in f16 and must not overflow either.
+    let fused_dir = tmp.path().join("f16-fused");
+    export(&model, &fused_dir, &["--dtype", "f16", "--fused"]);
+    let mut c = Runtime::open(&fused_dir, Ep::Cpu, 0, false, None).unwrap();
+    let lc = last_logits(&mut c, &img);
+    assert!(lc.iter().all(|x| x.is_finite()), "fused f16 export logits are not finite");
+    let rel = exporter::verify::rel_err(&lc, &lb);
+    println!("fused f16 export vs f32 export, prefill logits: max relative error {rel:.2e}");
+    assert!(rel < 2e-2, "fused f16 export vs f32: max relative error {rel:e}");
 }
