@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Edge decode on CPU, peers in the same run: our standard f32, int8 and int4 exports (qadapt-run's
-# bench example) against onnxruntime-genai's phi builder (fp32 and int4) on the SAME phi weights:
+# Edge decode on CPU, peers in the same run: our standard and fused (--fused) f32, int8 and int4
+# exports (qadapt-run's bench example) against onnxruntime-genai's phi builder (fp32 and int4) on the SAME phi weights:
 # a random Q-Adapt at bench-small shapes (configs/bench-small-qadapt.json: phi 1024×8, 16 heads,
 # vocab 50,295) and the phi part of it converted to a plain HF PhiForCausalLM (bench/phi_from_bunny.py).
 # Greedy, 32 new tokens, batch 1 and 4, medians of REPS. Our prompt is the image (256 features) and
@@ -24,8 +24,12 @@ R=target/release
 [ -d "$W/phi" ] || "$PY" bench/phi_from_bunny.py "$W/base" "$W/phi" >/dev/null
 IMG=$(ls "$W"/data/images/*.png | head -1)
 Q="Describe the quality of this image."
-for V in f32 int8 int4; do
-  case $V in f32) X=();; int8) X=(--quantize int8);; int4) X=(--quantize int4);; esac
+VARIANTS="f32 int8 int4 fused-f32 fused-int8 fused-int4"
+for V in $VARIANTS; do
+  case $V in
+    f32) X=();; int8) X=(--quantize int8);; int4) X=(--quantize int4);;
+    fused-f32) X=(--fused);; fused-int8) X=(--fused --quantize int8);; fused-int4) X=(--fused --quantize int4);;
+  esac
   [ -d "$W/export-$V" ] || "$R/qadapt-export" --model "$W/base" --out "$W/export-$V" --json "${X[@]}" > "$W/export-$V.json"
   for B in 1 4; do
     /usr/bin/time -f %M -o "$W/ours-$V-$B.rss" "$R/examples/bench_run" "$W/export-$V" "$IMG" "$Q" "$NEW" "$REPS" "$B" > "$W/ours-$V-$B.json"
@@ -37,9 +41,9 @@ for P in fp32 int4; do
     "$PY" bench/peer_genai.py --hf "$W/phi" --precision $P --work "$W/genai" --prompt-len "$PLEN" --new "$NEW" --batch $B --reps "$REPS" > "$W/genai-$P-$B.json" 2>"$W/genai-$P-$B.log"
   done
 done
-"$PY" - "$W" "$(nproc)" <<'PY'
+"$PY" - "$W" "$(nproc)" "$VARIANTS" <<'PY'
 import json, os, sys
-w, cores = sys.argv[1], sys.argv[2]
+w, cores, variants = sys.argv[1], sys.argv[2], sys.argv[3].split()
 def size(d, names=None):
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
                if (names is None or f.split('.')[0] in names) and (f.endswith('.onnx') or f.endswith('.data')))
@@ -48,13 +52,14 @@ print(f"CPU ({cores} cores), random Q-Adapt at bench-small shapes (phi 1024×8, 
 print("| engine | variant | batch | TTFT ms | decoder prefill ms | decode ms/token | decoder bytes | peak RSS MB |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 rows = {}
-for v in ("f32", "int8", "int4"):
+for v in variants:
     for b in (1, 4):
         o = json.load(open(f"{w}/ours-{v}-{b}.json"))
         rss = int(open(f"{w}/ours-{v}-{b}.rss").read().split()[-1]) / 1024
         dec = size(f"{w}/export-{v}", {"decoder", "embed"})
         rows[("ours", v, b)] = o
-        print(f"| qadapt-run | standard {v} | {b} | {o['ttft_ms']:.0f} | {o['ttft_ms'] - o['vision_ms']:.0f} | "
+        name = v.replace("fused-", "fused ") if v.startswith("fused") else f"standard {v}"
+        print(f"| qadapt-run | {name} | {b} | {o['ttft_ms']:.0f} | {o['ttft_ms'] - o['vision_ms']:.0f} | "
               f"{o['decode_ms_per_token']:.2f} | {dec/1e6:.0f} MB | {rss:.0f} |")
 for p in ("fp32", "int4"):
     for b in (1, 4):
@@ -62,13 +67,16 @@ for p in ("fp32", "int4"):
         rows[("genai", p, b)] = g
         print(f"| onnxruntime-genai {g['version']} | {p} | {b} | {g['ttft_ms']:.0f} | {g['ttft_ms']:.0f} | "
               f"{g['decode_ms_per_token']:.2f} | {g['model_bytes']/1e6:.0f} MB | {g['peak_rss_mb']:.0f} |")
+dec = lambda k: rows[k]["decode_ms_per_token"]
 for b in (1, 4):
-    o4, g4 = rows[("ours", "int4", b)], rows[("genai", "int4", b)]
-    o32, g32 = rows[("ours", "f32", b)], rows[("genai", "fp32", b)]
-    print(f"batch {b}: int4 decode ours/genai **{o4['decode_ms_per_token']/g4['decode_ms_per_token']:.2f}** (goal ≤ 0.8); "
-          f"f32 decode ours/genai {o32['decode_ms_per_token']/g32['decode_ms_per_token']:.2f}; "
-          f"int4 decoder prefill ours/genai {(o4['ttft_ms']-o4['vision_ms'])/g4['ttft_ms']:.2f}")
-for v in ("int8", "int4"):
+    g4, g32 = rows[("genai", "int4", b)], rows[("genai", "fp32", b)]
+    f4, s4 = rows[("ours", "fused-int4", b)], rows[("ours", "int4", b)]
+    print(f"batch {b}: fused int4 decode ours/genai **{dec(('ours', 'fused-int4', b))/dec(('genai', 'int4', b)):.2f}** (goal ≤ 0.8; "
+          f"standard int4 {dec(('ours', 'int4', b))/dec(('genai', 'int4', b)):.2f}); "
+          f"fused f32 / standard f32 **{dec(('ours', 'fused-f32', b))/dec(('ours', 'f32', b)):.2f}** (goal ≤ 1); "
+          f"f32 decode ours/genai: standard {dec(('ours', 'f32', b))/dec(('genai', 'fp32', b)):.2f}, fused {dec(('ours', 'fused-f32', b))/dec(('genai', 'fp32', b)):.2f}; "
+          f"int4 decoder prefill ours/genai: fused {(f4['ttft_ms']-f4['vision_ms'])/g4['ttft_ms']:.2f}, standard {(s4['ttft_ms']-s4['vision_ms'])/g4['ttft_ms']:.2f}")
+for v in ("int8", "int4", "fused-int8", "fused-int4"):
     q = json.load(open(f"{w}/export-{v}.json"))["quant"]
     print(f"{v} export accuracy vs f32 (random weights): logit cosine {q['logit_cosine_mean']:.5f}, "
           f"greedy agreement {q['top1_agreement']:.3f}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # qadapt-run generation on a GPU: time to first token (image → first token) and decode ms/token at
-# batch 1 and 8, greedy, on a random export at the real Bunny-3B shapes in f16, next to HF transformers
+# batch 1 and 8, greedy, on a random export at the real Bunny-3B shapes in f16 (standard graphs, and the
+# fused f16 and fused int4 variants), next to HF transformers
 # fp16 (eager, and with its compiled static cache) in the same run, with the physical floors
 # (LLM weight bytes / measured copy bandwidth; prefill FLOPs / measured matmul rate).
 #
@@ -37,11 +38,22 @@ t0=$(date +%s)
 "$TRAIN" synth --out "$W/data" --n 4 --size 384 >/dev/null 2>&1
 "$TRAIN" init --config "$CONFIG" --out "$W/base" --tokenizer tests/fixtures/bunny_bf16_sharded/model >/dev/null
 "$EXPORT" --model "$W/base" --out "$W/export" --dtype "$( [ "$DTYPE" = f32 ] && echo f32 || echo f16 )" --no-verify --json > "$W/export.json"
+FT=$( [ "$DTYPE" = f32 ] && echo f32 || echo f16 )
+# The edge variants (issue 13): fused graphs (GroupQueryAttention, in-place cache) in the float type and
+# with int4 weights. VARIANTS="" skips them.
+VARIANTS=${VARIANTS:-fused fused-int4}
+for V in $VARIANTS; do
+  case $V in fused) X=(--fused);; fused-int4) X=(--fused --quantize int4);; *) echo "unknown variant $V" >&2; exit 1;; esac
+  "$EXPORT" --model "$W/base" --out "$W/export-$V" --dtype "$FT" --no-verify --json "${X[@]}" > "$W/export-$V.json"
+done
 echo "model and export ready in $(( $(date +%s) - t0 )) s" >&2
 IMG=$(ls "$W"/data/images/*.png | head -1)
 Q="Describe the quality of this image."
 for B in $BATCHES; do
   QADAPT_BENCH_DUMP="$W/inputs.json" "$RUN" "$W/export" "$IMG" "$Q" "$NEW" "$REPS" "$B" "$EP" > "$W/ours$B.json"
+  for V in $VARIANTS; do
+    "$RUN" "$W/export-$V" "$IMG" "$Q" "$NEW" "$REPS" "$B" "$EP" > "$W/ours-$V-$B.json" || echo '{"error": "run failed"}' > "$W/ours-$V-$B.json"
+  done
   ptok=$("$PYTHON" -c "import json;print(len(json.load(open('$W/inputs.json'))['prompt_ids']))")
   floors=$([ "$B" = "$(echo $BATCHES | cut -d' ' -f1)" ] && echo --floors || true)
   "$PYTHON" bench/peer_hf_gen.py --config "$CONFIG" --batch "$B" --prompt-tokens "$ptok" --new "$NEW" --reps "$REPS" \
@@ -51,9 +63,10 @@ for B in $BATCHES; do
       --device "$DEVICE" --dtype "$DTYPE" --cache static > "$W/static$B.json" || echo '{"error": "static cache failed"}' > "$W/static$B.json"
   fi
 done
-"$PYTHON" - "$W" "$CONFIG" "$EP" "$BATCHES" <<'PY'
+"$PYTHON" - "$W" "$CONFIG" "$EP" "$BATCHES" "$VARIANTS" <<'PY'
 import json, os, sys
 w, config, ep, batches = sys.argv[1], sys.argv[2], sys.argv[3], [int(b) for b in sys.argv[4].split()]
+variants = sys.argv[5].split()
 load = lambda f: json.load(open(f)) if os.path.exists(f) else None
 fl = load(f"{w}/eager{batches[0]}.json")
 print(f"generation, {config}, random weights, EP {ep}; HF {fl['dtype']} on torch {fl['torch']}")
@@ -64,6 +77,13 @@ print("|---:|---|---:|---:|---:|---:|")
 for b in batches:
     o = load(f"{w}/ours{b}.json")
     print(f"| {b} | qadapt-run ({o['ep']}) | {o['ttft_ms']:.1f} | {o['decode_ms_per_token']:.2f} | {o['decode_ms_per_token']/fl['decode_floor_ms']:.2f} | |")
+    for v in variants:
+        f = load(f"{w}/ours-{v}-{b}.json")
+        if not f or "error" in f:
+            print(f"| {b} | qadapt-run {v} | failed | | | |")
+            continue
+        print(f"| {b} | qadapt-run {v} ({f['ep']}) | {f['ttft_ms']:.1f} | {f['decode_ms_per_token']:.2f} | "
+              f"{f['decode_ms_per_token']/fl['decode_floor_ms']:.2f} | vs standard: {f['ttft_ms']/o['ttft_ms']:.2f}, {f['decode_ms_per_token']/o['decode_ms_per_token']:.2f} |")
     for name in ("eager", "static"):
         p = load(f"{w}/{name}{b}.json")
         if not p or "error" in p:

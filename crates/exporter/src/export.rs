@@ -51,7 +51,8 @@ pub fn decoder(model: &Bunny, ft: FloatType, quant: Option<Quant>, fused: bool) 
     let kept = if fused { Keep::At(&keep) } else { Keep::Last(&keep) };
     let (logits, present) = model.llm.forward(&mut g, &embeds, &mask, &pos, Some(&past), Some(kept))?;
     let uses_positions = g.fused.as_ref().is_none_or(|f| f.uses_positions);
-    let (past_len, total_len) = if fused { ("cache_sequence", "cache_sequence") } else { ("past_sequence", "total_sequence") };
+    let (past_len, total_len) =
+        if fused { ("cache_sequence", "cache_sequence") } else { ("past_sequence", "total_sequence") };
     g.output_f32(&logits, "logits");
     for (i, (k, v)) in present.iter().enumerate() {
         g.output(k, &format!("present.{i}.key"));
@@ -171,11 +172,15 @@ pub fn embed(model: &Bunny, ft: FloatType) -> Result<Traced> {
 /// features the decoder reads: SigLIP, the prompt module and the connector in one graph.
 /// With `quant` and its `vision` set, the linears of SigLIP, the prompt module and the connector are
 /// `MatMulNBits` (the patch convolution stays float).
-pub fn vision(model: &Bunny, ft: FloatType, quant: Option<Quant>) -> Result<Traced> {
+/// `fused`: SigLIP's attention, GELU and residual LayerNorms as contrib ops ([`crate::fused`]).
+pub fn vision(model: &Bunny, ft: FloatType, quant: Option<Quant>, fused: bool) -> Result<Traced> {
     let c = &model.config;
     let s = c.vision_config.image_size as i64;
     let mut g = Graph::new(ft);
     g.quant = quant.filter(|q| q.vision);
+    if fused {
+        g.fused = Some(crate::fused::Fused::new(c.max_position_embeddings));
+    }
     let pixels = g.input("pixel_values", 4);
     let mut inputs = vec![Io::new("pixel_values", ft.onnx(), vec![B, Dim::Fixed(3), Dim::Fixed(s), Dim::Fixed(s)])];
     let feats = if model.is_qadapt() {
@@ -238,8 +243,7 @@ pub fn manifest(
             hidden_size: c.hidden_size,
             vocab_size: c.vocab_size,
             max_positions: c.max_position_embeddings,
-            cache_head_dim: Some(crate::fused::cache_head_dim(c.head_dim()))
-                .filter(|&d| fused && d != c.head_dim()),
+            cache_head_dim: Some(crate::fused::cache_head_dim(c.head_dim())).filter(|&d| fused && d != c.head_dim()),
         },
         tokens: TokenSpec { bos: Some(c.bos_token_id), eos: c.eos_token_id, pad: c.pad_token_id, levels: level_ids },
         template: Some(TemplateSpec::current()),

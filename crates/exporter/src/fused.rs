@@ -6,7 +6,10 @@
 //!   `past_*` and `present_*` (each row's keys are the first `seqlens_k + 1` slots of its buffer,
 //!   so batches are right-padded: see `runtime_ort`);
 //! - the residual sum and the next LayerNorm are one `SkipLayerNormalization`;
-//! - tanh-GELU is one `FastGelu`.
+//! - tanh-GELU is one `FastGelu`;
+//! - in the vision graph, SigLIP's attention is one `MultiHeadAttention` and its residual sums
+//!   with the LayerNorms after them `SkipLayerNormalization` (the prompt module and connector are
+//!   unchanged).
 //!
 //! `GroupQueryAttention` takes heads whose size is a multiple of 8, and rotates inside only when
 //! the head size is a multiple of 16 and the rotary tables' width (rotary dims / 2) a multiple of
@@ -17,7 +20,7 @@ use candle_core::Tensor;
 use models::ops::{Ops, Param, SelfAttention};
 use models::{Error, Result};
 
-use crate::graph::{attr_float, attr_int, Graph, V, MS_DOMAIN};
+use crate::graph::{attr_float, attr_int, Graph, MS_DOMAIN, V};
 use crate::onnx_pb::tensor_proto::DataType;
 
 /// What the layers of a fused decoder share.
@@ -50,9 +53,15 @@ struct Ctx {
 #[derive(Debug, Clone)]
 enum Rotary {
     /// `cos_cache` / `sin_cache` initializers [max_positions, rotary/2] for the op.
-    Inside { cos: String, sin: String },
+    Inside {
+        cos: String,
+        sin: String,
+    },
     /// Tables [B, S, 1, rotary] from `position_ids`, applied to q and k before the op.
-    Outside { cos: V, sin: V },
+    Outside {
+        cos: V,
+        sin: V,
+    },
     None,
 }
 
@@ -220,6 +229,13 @@ impl Graph {
             (Some(normed), Some(sum)) => Ok((sum.clone(), normed.clone())),
             _ => Err(Error::Input("SkipLayerNormalization node without its outputs".into())),
         }
+    }
+
+    /// Bidirectional unmasked attention of [B, N, D] projections as one `MultiHeadAttention`.
+    pub(crate) fn multi_head_attention(&mut self, q: &V, k: &V, v: &V, heads: usize, scale: f64) -> V {
+        let (qn, kn, vn) = (self.name(q), self.name(k), self.name(v));
+        let attrs = vec![attr_int("num_heads", heads as i64), attr_float("scale", scale as f32)];
+        self.ms_node("MultiHeadAttention", &[&qn, &kn, &vn], attrs, 3)
     }
 
     /// tanh-GELU as one `FastGelu`.

@@ -12,8 +12,8 @@ use candle_core::Tensor;
 use models::ops::{Ops, Param};
 use models::{Error, Result};
 
-use crate::onnx_pb::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
 use crate::fused::Fused;
+use crate::onnx_pb::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
 use crate::quant::Quant;
 
 /// ONNX Runtime's contrib-op domain.
@@ -107,7 +107,15 @@ pub(crate) fn attr_float(name: &str, v: f32) -> AttributeProto {
 impl Graph {
     /// An empty graph exporting floats as `ft`.
     pub fn new(ft: FloatType) -> Self {
-        Self { ft, quant: None, fused: None, nodes: Vec::new(), inits: Vec::new(), registered: HashMap::new(), counter: 0 }
+        Self {
+            ft,
+            quant: None,
+            fused: None,
+            nodes: Vec::new(),
+            inits: Vec::new(),
+            registered: HashMap::new(),
+            counter: 0,
+        }
     }
 
     /// A graph input value (its declaration is the writer's business).
@@ -632,6 +640,12 @@ impl Ops for Graph {
             return Ok(None);
         }
         self.group_query_attention(a).map(Some)
+    }
+    fn fused_mha(&mut self, q: &V, k: &V, v: &V, heads: usize, scale: f64) -> Result<Option<V>> {
+        if self.fused.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.multi_head_attention(q, k, v, heads, scale)))
     }
     fn residual_layer_norm(&mut self, x: &V, delta: &V, w: &V, b: &V, eps: f64) -> Result<(V, V)> {
         if self.fused.is_some() {

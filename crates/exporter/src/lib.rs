@@ -168,7 +168,7 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
     let mut quant_report = None;
     qadapt_core::files::write_dir_atomic(&opts.out, |dir: &Path| -> Result<()> {
         let graphs_to_write = [
-            export::vision(&model, opts.ft, opts.quant)?,
+            export::vision(&model, opts.ft, opts.quant, opts.fused)?,
             export::embed(&model, opts.ft)?,
             export::decoder(&model, opts.ft, opts.quant, opts.fused)?,
             export::cache_join(&model, opts.ft, opts.fused)?,

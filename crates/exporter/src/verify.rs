@@ -137,7 +137,8 @@ pub fn verify(
     // Logits of the last 2 of the 3 positions: the slice is checked too.
     let keep = 2i64;
     let keep_t = Tensor::new(keep, &dev)?;
-    let (logits, present) = model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, Some(&past), Some(models::phi::Keep::Last(&keep_t)))?;
+    let (logits, present) =
+        model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, Some(&past), Some(models::phi::Keep::Last(&keep_t)))?;
     let mut inputs: Vec<(String, Input)> = vec![
         ("inputs_embeds".into(), Input::F(embeds)),
         ("attention_mask".into(), Input::I(vec![b, p + s], mask)),
@@ -176,7 +177,8 @@ fn verify_fused_decoder(
     let hdp = crate::fused::cache_head_dim(c.head_dim());
     let (lens, s, slots) = ([5usize, 3], 5usize, 8usize);
     let mut randn = |shape: &[usize]| -> Result<Tensor> {
-        let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| models::train_source::normal(rng) as f32).collect();
+        let v: Vec<f32> =
+            (0..shape.iter().product::<usize>()).map(|_| models::train_source::normal(rng) as f32).collect();
         Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?)
     };
     let rows: Vec<Tensor> = lens.iter().map(|&l| randn(&[1, l, d])).collect::<Result<_>>()?;
@@ -187,11 +189,13 @@ fn verify_fused_decoder(
         let one = Tensor::new(1i64, &dev)?;
         let mask = Tensor::ones((1, l), DType::I64, &dev)?;
         let pos = Tensor::arange(0i64, l as i64, &dev)?.unsqueeze(0)?;
-        let (lg, present) = model.llm.forward(&mut o, &rows[r], &mask, &pos, None, Some(models::phi::Keep::Last(&one)))?;
+        let (lg, present) =
+            model.llm.forward(&mut o, &rows[r], &mask, &pos, None, Some(models::phi::Keep::Last(&one)))?;
         want_pre.extend(flat(&lg)?);
         let mask = Tensor::ones((1, l + 1), DType::I64, &dev)?;
         let pos = Tensor::new(&[[l as i64]], &dev)?;
-        let (lg, _) = model.llm.forward(&mut o, &next[r], &mask, &pos, Some(&present), Some(models::phi::Keep::Last(&one)))?;
+        let (lg, _) =
+            model.llm.forward(&mut o, &next[r], &mask, &pos, Some(&present), Some(models::phi::Keep::Last(&one)))?;
         want_dec.extend(flat(&lg)?);
     }
     // ONNX Runtime: both rows in one right-padded batch.
@@ -227,7 +231,10 @@ fn verify_fused_decoder(
     let pre = got.remove(0);
     let mut inputs: Vec<(String, Input)> = vec![
         ("inputs_embeds".into(), Input::F(Tensor::cat(&next, 0)?)),
-        ("attention_mask".into(), Input::I(vec![2, s + 1], lens.iter().flat_map(|&l| (0..=s).map(move |j| i64::from(j <= l))).collect())),
+        (
+            "attention_mask".into(),
+            Input::I(vec![2, s + 1], lens.iter().flat_map(|&l| (0..=s).map(move |j| i64::from(j <= l))).collect()),
+        ),
         ("position_ids".into(), Input::I(vec![2, 1], lens.iter().map(|&l| l as i64).collect())),
         ("logits_positions".into(), Input::I(vec![2, 1], vec![0, 0])),
     ];
@@ -239,7 +246,10 @@ fn verify_fused_decoder(
     if pre.len() != 2 * vocab || dec.len() != 2 * vocab {
         return Err(ExportError::Mismatch(format!("fused decoder logits: {} and {} values", pre.len(), dec.len())));
     }
-    Ok(vec![("logits (prefill)".into(), rel_err(&pre, &want_pre)), ("logits (decode)".into(), rel_err(&dec, &want_dec))])
+    Ok(vec![
+        ("logits (prefill)".into(), rel_err(&pre, &want_pre)),
+        ("logits (decode)".into(), rel_err(&dec, &want_dec)),
+    ])
 }
 
 /// The embed and vision graphs (see [`verify`]).
@@ -397,7 +407,8 @@ pub fn quant_report(
     let mask_t = Tensor::from_vec(mask.clone(), (b, l), &dev)?;
     let pos_t = Tensor::from_vec(pos.clone(), (b, l), &dev)?;
     let keep_t = Tensor::new(l as i64, &dev)?;
-    let (want, _) = model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, None, Some(models::phi::Keep::Last(&keep_t)))?;
+    let (want, _) =
+        model.llm.forward(&mut o, &embeds, &mask_t, &pos_t, None, Some(models::phi::Keep::Last(&keep_t)))?;
     let want = flat(&want)?;
     let mut inputs: Vec<(String, Input)> = vec![
         ("inputs_embeds".into(), Input::F(embeds)),

@@ -397,7 +397,8 @@ fn fused_exports_of_every_fixture_match_hf_through_onnx_runtime() {
     for case in CASES {
         let dir = tmp.path().join(case);
         export(case, &dir, &["--fused"]);
-        let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("qadapt.json")).unwrap()).unwrap();
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("qadapt.json")).unwrap()).unwrap();
         assert_eq!(m["variant"], "fused");
         let g = graph_of(&dir.join("decoder.onnx"));
         let count = |op: &str| g.node.iter().filter(|n| n.op_type == op).count();
@@ -406,6 +407,15 @@ fn fused_exports_of_every_fixture_match_hf_through_onnx_runtime() {
         assert_eq!(count("SkipLayerNormalization"), layers, "{case}: residual + LayerNorm fused per layer");
         assert_eq!(count("FastGelu"), layers);
         assert_eq!(count("Softmax"), 0, "{case}: no composed attention left");
+        // SigLIP's layers (the vision tower runs all but its last): one MultiHeadAttention each.
+        let v = graph_of(&dir.join("vision.onnx"));
+        let vcount = |op: &str| v.node.iter().filter(|n| n.op_type == op).count();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join(case).join("model/config.json")).unwrap())
+                .unwrap();
+        let siglip = cfg["vision_config"]["num_hidden_layers"].as_u64().unwrap() as usize - 1;
+        assert_eq!(vcount("MultiHeadAttention"), siglip, "{case}: vision attention ops");
+        assert_eq!(vcount("SkipLayerNormalization"), 2 * siglip - 1, "{case}: vision residual LayerNorms");
         let (worst, dscore) = run_case(case, &dir);
         println!("{case:<22} fused: greedy ids equal HF's, max rel err {worst:.1e}, |Δscore| {dscore:.1e}");
         assert!(worst < 1e-4, "{case}: fused max rel err {worst} vs HF");
@@ -479,11 +489,13 @@ fn rotary_inside_the_attention_op_matches_the_standard_graphs() {
     run(&["--fused"], &fused_dir);
     let g = graph_of(&fused_dir.join("decoder.onnx"));
     assert!(!g.input.iter().any(|i| i.name == "position_ids"), "the rotary should run inside the op");
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fused_dir.join("qadapt.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fused_dir.join("qadapt.json")).unwrap()).unwrap();
     assert!(m["decoder"].get("cache_head_dim").is_none(), "heads of 16 need no padding");
     let gqa = g.node.iter().find(|n| n.op_type == "GroupQueryAttention").unwrap();
     assert!(gqa.attribute.iter().any(|a| a.name == "do_rotary" && a.i == 1));
-    let exp = candle_core::safetensors::load(fixtures().join("bunny_f32_bpe/expected.safetensors"), &Device::Cpu).unwrap();
+    let exp =
+        candle_core::safetensors::load(fixtures().join("bunny_f32_bpe/expected.safetensors"), &Device::Cpu).unwrap();
     let ids = exp["ask.input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
     let (mut s, mut f) = (open(&std_dir), open(&fused_dir));
     let feats = s.features_from_pixels(pixels(&exp["pixel_values"]), None).unwrap();

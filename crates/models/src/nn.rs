@@ -72,4 +72,12 @@ impl LayerNorm {
         let b = o.param(&self.bias)?;
         o.layer_norm(x, &w, &b, self.eps)
     }
+
+    /// `(x + delta, self(x + delta))`: a residual sum and this norm of it, in one op where the
+    /// interpreter fuses them ([`Ops::residual_layer_norm`]).
+    pub fn residual<O: Ops>(&self, o: &mut O, x: &O::T, delta: &O::T) -> Result<(O::T, O::T)> {
+        let w = o.param(&self.weight)?;
+        let b = o.param(&self.bias)?;
+        o.residual_layer_norm(x, delta, &w, &b, self.eps)
+    }
 }

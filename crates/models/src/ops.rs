@@ -135,7 +135,24 @@ pub trait Ops {
     /// the output projection) and the present (K, V). `None` (the default) makes the model compose
     /// it from the ops above.
     #[allow(clippy::type_complexity)]
-    fn fused_self_attention(&mut self, _a: &SelfAttention<'_, Self::T>) -> Result<Option<(Self::T, (Self::T, Self::T))>> {
+    fn fused_self_attention(
+        &mut self,
+        _a: &SelfAttention<'_, Self::T>,
+    ) -> Result<Option<(Self::T, (Self::T, Self::T))>> {
+        Ok(None)
+    }
+
+    /// Bidirectional multi-head attention without a mask, handed whole to an interpreter with a
+    /// fused kernel: q, k, v [B, N, D] (projected, heads not split) → [B, N, D] heads merged.
+    /// `None` (the default) makes the model compose it.
+    fn fused_mha(
+        &mut self,
+        _q: &Self::T,
+        _k: &Self::T,
+        _v: &Self::T,
+        _heads: usize,
+        _scale: f64,
+    ) -> Result<Option<Self::T>> {
         Ok(None)
     }
 

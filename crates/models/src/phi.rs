@@ -143,7 +143,9 @@ impl Phi {
                 return Err(Error::Input(format!("past has {} layers, the model {}", p.len(), self.layers.len())));
             }
         }
-        let Some(first) = self.layers.first() else { return Ok((self.final_layernorm.forward(o, embeds)?, Vec::new())) };
+        let Some(first) = self.layers.first() else {
+            return Ok((self.final_layernorm.forward(o, embeds)?, Vec::new()));
+        };
         let mut x = embeds.clone();
         let mut h = first.input_layernorm.forward(o, &x)?;
         let mut shared = Shared::default();
@@ -158,8 +160,7 @@ impl Phi {
             // HF's order: (attn + mlp) + residual, then the next block's (or the final) LayerNorm.
             let delta = o.add(&a, &m)?;
             let next = self.layers.get(i + 1).map_or(&self.final_layernorm, |l| &l.input_layernorm);
-            let (w, b) = (o.param(&next.weight)?, o.param(&next.bias)?);
-            (x, h) = o.residual_layer_norm(&x, &delta, &w, &b, next.eps)?;
+            (x, h) = next.residual(o, &x, &delta)?;
             present.push(kv);
         }
         Ok((h, present))
@@ -196,7 +197,8 @@ impl Phi {
             }
         }
         if shared.rope.is_none() {
-            shared.rope = Some(o.rope_tables(position_ids, self.rotary_dims, self.rope_theta)?); // [B, 1, S, rot]
+            shared.rope = Some(o.rope_tables(position_ids, self.rotary_dims, self.rope_theta)?);
+            // [B, 1, S, rot]
         }
         let Some((cos, sin)) = shared.rope.clone() else { unreachable!("set above") };
         let q = q.forward(o, h)?;

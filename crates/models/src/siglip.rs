@@ -33,19 +33,25 @@ impl SelfAttention {
     fn forward<O: Ops>(&self, o: &mut O, x: &O::T) -> Result<O::T> {
         let (_, d) = self.q_proj.dims();
         let scale = 1.0 / ((d / self.heads) as f64).sqrt();
-        let q = self.q_proj.forward(o, x)?;
-        let q = o.split_heads(&q, self.heads)?; // [B, H, N, Dh]
+        let q = self.q_proj.forward(o, x)?; // [B, N, D]
         let k = self.k_proj.forward(o, x)?;
-        let k = o.split_heads(&k, self.heads)?;
         let v = self.v_proj.forward(o, x)?;
-        let v = o.split_heads(&v, self.heads)?;
-        let y = attention(o, &q, &k, &v, None, scale)?;
-        let y = o.merge_heads(&y)?; // [B, N, D]
+        let y = match o.fused_mha(&q, &k, &v, self.heads, scale)? {
+            Some(y) => y,
+            None => {
+                let q = o.split_heads(&q, self.heads)?; // [B, H, N, Dh]
+                let k = o.split_heads(&k, self.heads)?;
+                let v = o.split_heads(&v, self.heads)?;
+                let y = attention(o, &q, &k, &v, None, scale)?;
+                o.merge_heads(&y)? // [B, N, D]
+            }
+        };
         self.out_proj.forward(o, &y)
     }
 }
 
-/// One pre-LN encoder layer: `x += attn(ln1 x); x += mlp(ln2 x)`.
+/// One pre-LN encoder layer: `x += attn(ln1 x); x += mlp(ln2 x)` (run by [`SiglipVision::forward`],
+/// which pairs each residual sum with the LayerNorm that follows it).
 #[derive(Debug, Clone)]
 pub struct EncoderLayer {
     pub layer_norm1: LayerNorm,
@@ -67,15 +73,11 @@ impl EncoderLayer {
         })
     }
 
-    fn forward<O: Ops>(&self, o: &mut O, x: &O::T) -> Result<O::T> {
-        let h = self.layer_norm1.forward(o, x)?;
-        let h = self.self_attn.forward(o, &h)?;
-        let x = o.add(x, &h)?;
-        let h = self.layer_norm2.forward(o, &x)?;
-        let h = self.fc1.forward(o, &h)?;
+    /// The MLP branch of `h` (the second norm's output).
+    fn mlp<O: Ops>(&self, o: &mut O, h: &O::T) -> Result<O::T> {
+        let h = self.fc1.forward(o, h)?;
         let h = o.gelu_tanh(&h)?;
-        let h = self.fc2.forward(o, &h)?;
-        o.add(&x, &h)
+        self.fc2.forward(o, &h)
     }
 }
 
@@ -117,8 +119,16 @@ impl SiglipVision {
         let mut x = o.patchify(pixels, &w, &b, self.patch_size)?; // [B, N, D]
         let pos = o.param(&self.position_embedding)?; // [N, D]
         x = o.add(&x, &pos)?;
-        for layer in &self.layers {
-            x = layer.forward(o, &x)?;
+        let Some(first) = self.layers.first() else { return Ok(x) };
+        let mut h = first.layer_norm1.forward(o, &x)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.self_attn.forward(o, &h)?;
+            let (mid, h2) = layer.layer_norm2.residual(o, &x, &a)?;
+            let m = layer.mlp(o, &h2)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = next.layer_norm1.residual(o, &mid, &m)?,
+                None => x = o.add(&mid, &m)?,
+            }
         }
         Ok(x)
     }

@@ -218,6 +218,17 @@ impl Runtime {
         let keep_input = decoder.inputs().iter().any(|i| i.name() == "num_logits_to_keep");
         let positions_input = decoder.inputs().iter().any(|i| i.name() == "position_ids");
         let fused = manifest.fused();
+        // A manifest that names the wrong variant would bind inputs the graph does not have.
+        if fused != decoder.inputs().iter().any(|i| i.name() == "logits_positions") {
+            return Err(RunError::Export {
+                path: dir.join(&manifest.graphs.decoder),
+                msg: format!(
+                    "qadapt.json says variant {:?}, but this decoder is the {} graph",
+                    manifest.variant.as_deref().unwrap_or("standard"),
+                    if fused { "standard" } else { "fused" }
+                ),
+            });
+        }
         Ok(Self {
             manifest,
             tokenizer,
@@ -588,8 +599,10 @@ impl Runtime {
         if options.is_empty() {
             return Err(RunError::Input("no options to choose from".into()));
         }
-        let tokenized =
-            options.iter().map(|o| Ok(self.tokenizer.encode(&format!(" {o}{END_OF_TEXT}"))?)).collect::<Result<Vec<_>>>()?;
+        let tokenized = options
+            .iter()
+            .map(|o| Ok(self.tokenizer.encode(&format!(" {o}{END_OF_TEXT}"))?))
+            .collect::<Result<Vec<_>>>()?;
         let room = tokenized.iter().map(Vec::len).max().unwrap_or(0);
         let (first, cache) = self.prefill(&[img], question, None, room)?;
         let mut out = Vec::with_capacity(options.len());

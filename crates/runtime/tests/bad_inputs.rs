@@ -97,6 +97,10 @@ fn damaged_manifests_are_refused_naming_the_field() {
         ("eos out of vocab", Box::new(|m| m["tokens"]["eos"] = 10_000_000.into()), "tokens.eos"),
         ("path out of the export", Box::new(|m| m["graphs"]["decoder"] = "../decoder.onnx".into()), "graphs.decoder"),
         ("image tokens too many", Box::new(|m| m["image"]["tokens"] = 1_000_000.into()), "image.tokens"),
+        ("unknown variant", Box::new(|m| m["variant"] = "turbo".into()), "variant: \"turbo\""),
+        ("variant of a wrong type", Box::new(|m| m["variant"] = 3.into()), "variant: invalid type"),
+        ("variant mislabelled", Box::new(|m| m["variant"] = "fused".into()), "this decoder is the standard graph"),
+        ("cache head below head", Box::new(|m| m["decoder"]["cache_head_dim"] = 1.into()), "decoder.cache_head_dim"),
     ];
     for (what, patch, needle) in cases {
         let d = tmp.path().join(what.replace(' ', "-"));

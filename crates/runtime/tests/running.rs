@@ -93,7 +93,11 @@ fn fused_rows_join_leave_and_answer_as_alone() {
     assert_eq!(rt.manifest.variant.as_deref(), Some("fused"));
     let img = qadapt_core::image::load_image(&fixtures().join("bunny_f32_bpe/image.png")).unwrap();
     let opts = |n| GenerateOptions { max_new_tokens: n, ..Default::default() };
-    let qs = [("Describe the quality of this image in detail: sharpness, noise and colour.", 20), ("Sharp?", 4), ("Is the exposure right?", 9)];
+    let qs = [
+        ("Describe the quality of this image in detail: sharpness, noise and colour.", 20),
+        ("Sharp?", 4),
+        ("Is the exposure right?", 9),
+    ];
     let lone: Vec<Vec<u32>> =
         qs.iter().map(|&(q, n)| rt.generate(&img, q, &opts(n), |_| {}).unwrap().token_ids).collect();
     let req = |i: usize| Request { image: &img, question: qs[i].0, history: &[], opts: opts(qs[i].1), cancel: None };
