@@ -7,13 +7,14 @@
 //! same code the candle engine uses. No HTTP, no plots, no candle: the exporter links this crate to
 //! verify its graphs, the `runtime` app builds its commands and server on it.
 
+mod cache;
 mod manifest;
 mod model;
 mod running;
-mod slots;
 
+pub use cache::Cache;
 pub use manifest::{trt_profiles, DecoderSpec, Graphs, ImageSpec, Manifest, QFormerSpec, TokenSpec, FORMAT};
-pub use model::{Cache, Choice, Request, Runtime};
+pub use model::{Choice, Request, Runtime};
 pub use qadapt_core::sampling::GenerateOptions;
 pub use running::Running;
 

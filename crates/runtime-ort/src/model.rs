@@ -3,7 +3,7 @@
 //! features, prefill, batched decoding, the Q-Align score and option likelihoods.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use image::RgbImage;
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
@@ -16,67 +16,9 @@ use qadapt_core::tokenizer::END_OF_TEXT;
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
 
 use crate::{
-    candidates, dispatch, environment, float_value, int_value, ints, ort_err, out_f32, Ep, Manifest, Placement, Result,
-    RunError,
+    candidates, dispatch, environment, float_value, int_value, ints, ort_err, out_f32, Cache, Ep, Manifest, Placement,
+    Result, RunError,
 };
-
-/// The KV cache of a batch after `len` positions: each layer's key and value as the decoder
-/// returned them, left where the execution provider computed them (device memory on CUDA), so a
-/// decoding step copies only the new token's embedding in and its logits out.
-///
-/// Standard exports grow it by concatenation (a step returns new tensors; rows are left-padded).
-/// Fused exports hold one buffer of `slots` positions per row that every step writes in place
-/// (row `r` in slots `0..len − pad[r]`, right-padded): a cache grown from another shares its
-/// buffers, so continuations of one prefill must run one after the other (as `choices` does).
-pub struct Cache {
-    pub(crate) kv: Arc<Mutex<Vec<DynValue>>>,
-    pub(crate) len: usize,
-    /// Per row (its length is the batch size), `len` minus the row's own length. Standard: left
-    /// padding, the first `pad[r]` positions masked out, positions counted from the first real
-    /// token. Fused: the slots after the row's end.
-    pub(crate) pad: Vec<usize>,
-    /// Fused exports: positions each row's buffer holds; 0 for a cache that grows.
-    pub(crate) slots: usize,
-}
-
-impl Cache {
-    /// A cache made of `kv`.
-    pub(crate) fn new(kv: Vec<DynValue>, len: usize, pad: Vec<usize>, slots: usize) -> Self {
-        Self { kv: Arc::new(Mutex::new(kv)), len, pad, slots }
-    }
-
-    /// The cached tensors, locked for one step.
-    pub(crate) fn tensors(&self) -> Result<std::sync::MutexGuard<'_, Vec<DynValue>>> {
-        self.kv.lock().map_err(|_| RunError::Ort("a KV cache was poisoned by a failed step".into()))
-    }
-
-    /// Cached positions (padding included).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Positions each row's in-place buffer holds (fused exports), or 0.
-    pub fn slots(&self) -> usize {
-        self.slots
-    }
-
-    /// Host addresses of the cached tensors' data (CPU caches): a fused decode step leaves them
-    /// unchanged, a standard one replaces every tensor.
-    pub fn addresses(&self) -> Result<Vec<usize>> {
-        self.tensors()?
-            .iter()
-            .map(|v| match v.try_extract_tensor::<f32>() {
-                Ok((_, d)) => Ok(d.as_ptr() as usize),
-                Err(_) => Ok(v.try_extract_tensor::<half::f16>().map_err(ort_err("cache"))?.1.as_ptr() as usize),
-            })
-            .collect()
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
 
 /// One row of a mixed batch: an image, its question and its generation settings.
 #[derive(Debug, Clone, Copy)]
@@ -124,8 +66,8 @@ pub struct Runtime {
     vision: Session,
     embed: Session,
     pub(crate) decoder: Session,
-    cache_join: Option<Session>,
-    cache_select: Option<Session>,
+    pub(crate) cache_join: Option<Session>,
+    pub(crate) cache_select: Option<Session>,
     pub(crate) f16: bool,
     /// The `fused` variant: caches are in-place buffers, batches right-padded (see [`Cache`]).
     pub(crate) fused: bool,
@@ -299,19 +241,11 @@ impl Runtime {
     }
 
     /// Embeddings [B·L·D] of `ids` laid out [B, L].
-    fn embed(&mut self, ids: &[u32], b: usize) -> Result<Vec<f32>> {
+    pub(crate) fn embed(&mut self, ids: &[u32], b: usize) -> Result<Vec<f32>> {
         let v: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
         let shape = vec![b as i64, (v.len() / b) as i64];
         let out = self.embed.run(vec![("input_ids".to_string(), ints(shape, v)?)]).map_err(ort_err("embed"))?;
         out_f32(out.get("inputs_embeds").ok_or_else(|| RunError::Ort("embed output inputs_embeds missing".into()))?)
-    }
-
-    /// An empty cache for a batch of `batch` rows.
-    fn empty_cache(&self, pad: Vec<usize>) -> Result<Cache> {
-        let d = &self.manifest.decoder;
-        let shape = vec![pad.len() as i64, d.heads as i64, 0, d.head_dim as i64];
-        let kv = (0..2 * d.layers).map(|_| float_value(shape.clone(), Vec::new(), self.f16)).collect::<Result<_>>()?;
-        Ok(Cache::new(kv, 0, pad, 0))
     }
 
     /// One decoder pass over `embeds` [B, S, D] after the cached positions. Returns the logits
@@ -485,78 +419,6 @@ impl Runtime {
         self.step(e, cache, false)
     }
 
-    /// Whether this export can admit rows into a running batch and drop finished ones.
-    pub fn can_regroup(&self) -> bool {
-        self.cache_join.is_some() && self.cache_select.is_some()
-    }
-
-    /// Runs a cache graph: the named caches in, `kv.*` out on the cache's device.
-    fn cache_op(
-        &mut self,
-        join: bool,
-        feeds: Vec<(String, &DynValue)>,
-        extra: Vec<(&str, DynValue)>,
-    ) -> Result<Vec<DynValue>> {
-        let layers = self.manifest.decoder.layers;
-        let e = |w: &'static str| ort_err(format!("cache {w}"));
-        let session = if join { self.cache_join.as_mut() } else { self.cache_select.as_mut() };
-        let session =
-            session.ok_or_else(|| RunError::Input("this export has no cache graphs (re-export it)".into()))?;
-        let mut bind = session.create_binding().map_err(e("binding"))?;
-        for (name, v) in feeds {
-            bind.bind_input(name, v).map_err(e("input"))?;
-        }
-        for (name, v) in &extra {
-            bind.bind_input(*name, v).map_err(e("input"))?;
-        }
-        for i in 0..layers {
-            for p in ["key", "value"] {
-                bind.bind_output_to_device(format!("kv.{i}.{p}"), &self.kv_mem).map_err(e("output"))?;
-            }
-        }
-        let mut out = session.run_binding(&bind).map_err(e("run"))?;
-        let mut kv = Vec::with_capacity(2 * layers);
-        for i in 0..layers {
-            for p in ["key", "value"] {
-                kv.push(out.remove(format!("kv.{i}.{p}")).ok_or_else(|| RunError::Ort("cache output missing".into()))?);
-            }
-        }
-        Ok(kv)
-    }
-
-    /// The rows of `a`, then those of `b`, in one cache; the shorter is left-padded (masked).
-    /// Fused exports: the rows keep their slots; the shorter buffers are padded at their end.
-    pub(crate) fn join(&mut self, a: &Cache, b: &Cache) -> Result<Cache> {
-        let (ka, kb) = (a.tensors()?, b.tensors()?);
-        let feeds = ka
-            .iter()
-            .enumerate()
-            .map(|(j, v)| (kv_name("a", j), v))
-            .chain(kb.iter().enumerate().map(|(j, v)| (kv_name("b", j), v)))
-            .collect();
-        let kv = self.cache_op(true, feeds, Vec::new())?;
-        let len = a.len.max(b.len);
-        let pad =
-            a.pad.iter().map(|p| p + len - a.len).chain(b.pad.iter().map(|p| p + len - b.len)).collect::<Vec<_>>();
-        Ok(Cache::new(kv, len, pad, a.slots.max(b.slots)))
-    }
-
-    /// The cache of the rows `keep` of `c`, without the padding they all share (the batch gets
-    /// shorter when its longest prompt leaves).
-    pub(crate) fn select(&mut self, c: &Cache, keep: &[usize]) -> Result<Cache> {
-        let kc = c.tensors()?;
-        let feeds = kc.iter().enumerate().map(|(j, v)| (kv_name("in", j), v)).collect();
-        let shared = keep.iter().map(|&r| c.pad[r]).min().unwrap_or(0);
-        let rows = int_value(vec![keep.len() as i64], keep.iter().map(|&r| r as i64).collect())?;
-        let mut extra = vec![("rows", rows)];
-        // A fused cache's rows all start at slot 0: nothing to cut.
-        if !self.fused {
-            extra.push(("start", int_value(vec![], vec![shared as i64])?));
-        }
-        let kv = self.cache_op(false, feeds, extra)?;
-        Ok(Cache::new(kv, c.len - shared, keep.iter().map(|&r| c.pad[r] - shared).collect(), c.slots))
-    }
-
     /// The Q-Align 1–5 score with its level probabilities, for each image of a batch.
     pub fn score_batch(&mut self, imgs: &[&RgbImage]) -> Result<Vec<(f32, LevelProbs)>> {
         let logits = self.prefill(imgs, template::SCORE_QUESTION, Some(template::SCORE_ANSWER_PREFIX), 0)?.0;
@@ -650,9 +512,4 @@ fn last_rows(v: &DynValue, b: usize, s: usize) -> Result<Vec<f32>> {
 /// on, which names the provider library and the dependency that is missing.
 fn ep_reason(msg: &str) -> String {
     msg.find("Failed to load library").map_or(msg, |i| &msg[i..]).trim().to_string()
-}
-
-/// The name of cache value `j` (layer `j / 2`, key then value) under `prefix`.
-fn kv_name(prefix: &str, j: usize) -> String {
-    format!("{prefix}.{}.{}", j / 2, if j.is_multiple_of(2) { "key" } else { "value" })
 }
