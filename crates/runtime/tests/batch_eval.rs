@@ -16,59 +16,65 @@ fn log_softmax_at(logits: &[f32], id: u32) -> f64 {
 }
 
 /// Each option's log-probability equals the candle engine's, computed token by token from the
-/// logits after the prompt with the option's prefix as the begun answer.
+/// logits after the prompt with the option's prefix as the begun answer; on the standard and the
+/// fused export (where each option overwrites the cache slots after the prompt).
 #[test]
 fn choices_match_the_candle_engine() {
     let case = "qadapt_f32_sharded";
-    let (_tmp, dir) = exported(case);
     let fx = fixtures().join(case);
     let img = fx.join("image.png");
     let q = "How is the sharpness?";
     let opts = ["good", "bad quality", "fair"];
-    let got = ok(
-        run()
-            .args([
-                "--model",
-                dir.to_str().unwrap(),
-                "--image",
-                img.to_str().unwrap(),
-                "--ask",
-                q,
-                "--choices",
-                &opts.join("|"),
-                "--json",
-            ])
-            .output()
-            .unwrap(),
-        "choices",
-    );
     let engine =
         models::Engine::load(&fx.join("model"), None, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
-    let tok = qadapt_core::TextTokenizer::from_dir(&dir).unwrap();
+    let tok = qadapt_core::TextTokenizer::from_dir(&fx.join("model")).unwrap();
     let picture = qadapt_core::image::load_image(&img).unwrap();
     let eos = common::expected(case)["eos_token_id"].as_u64().unwrap() as u32;
-    let mut best = (f64::MAX, "");
-    for (i, opt) in opts.iter().enumerate() {
+    let mut want = Vec::new();
+    for opt in opts {
         let mut ids = tok.encode(&format!(" {opt}")).unwrap();
         ids.push(eos);
-        let mut want = 0.0;
+        let mut lp = 0.0;
         for k in 0..ids.len() {
             let prefix = (k > 0).then(|| tok.decode(&ids[..k]).unwrap().trim_start().to_string());
             let logits = engine.first_step_logits(&picture, q, prefix.as_deref()).unwrap();
-            want += log_softmax_at(&logits, ids[k]);
+            lp += log_softmax_at(&logits, ids[k]);
         }
-        let c = &got["choices"][i];
-        let lp = c["log_prob"].as_f64().unwrap();
-        println!("{opt:<12} log-prob {lp:.5} (candle {want:.5}), {} tokens", c["tokens"]);
-        assert_eq!(c["option"], *opt);
-        assert_eq!(c["tokens"].as_u64().unwrap() as usize, ids.len());
-        assert!((lp - want).abs() < 1e-3, "{opt}: {lp} vs candle {want}");
-        let loss = -want / ids.len() as f64;
-        if loss < best.0 {
-            best = (loss, opt);
-        }
+        want.push((lp, ids.len()));
     }
-    assert_eq!(got["answer"], best.1, "the lowest-loss option is the answer");
+    let best =
+        (0..opts.len())
+            .fold(0, |b, i| if -want[i].0 / (want[i].1 as f64) < -want[b].0 / (want[b].1 as f64) { i } else { b });
+    for fused in [false, true] {
+        let (_tmp, dir) = common::exported_variant(case, fused);
+        let got = ok(
+            run()
+                .args([
+                    "--model",
+                    dir.to_str().unwrap(),
+                    "--image",
+                    img.to_str().unwrap(),
+                    "--ask",
+                    q,
+                    "--choices",
+                    &opts.join("|"),
+                    "--json",
+                ])
+                .output()
+                .unwrap(),
+            "choices",
+        );
+        for (i, opt) in opts.iter().enumerate() {
+            let c = &got["choices"][i];
+            let lp = c["log_prob"].as_f64().unwrap();
+            println!("fused {fused}: {opt:<12} log-prob {lp:.5} (candle {:.5}), {} tokens", want[i].0, c["tokens"]);
+            assert_eq!(c["option"], *opt);
+            assert_eq!(c["tokens"].as_u64().unwrap() as usize, want[i].1);
+            assert!((lp - want[i].0).abs() < 1e-3, "fused {fused}, {opt}: {lp} vs candle {}", want[i].0);
+        }
+        assert_eq!(got["answer"], opts[best], "the lowest-loss option is the answer");
+    }
+    let (_tmp, dir) = exported(case);
     let one = run()
         .args(["--model", dir.to_str().unwrap(), "--image", img.to_str().unwrap(), "--ask", q, "--choices", "good"])
         .output()
