@@ -160,16 +160,17 @@ impl Runtime {
     pub(crate) fn empty_slots(&self, rows: usize, slots: usize) -> Result<Cache> {
         let d = &self.manifest.decoder;
         let shape = [rows, d.heads, slots, d.cache_head_dim()];
-        let alloc = if self.kv_mem == self.host_mem {
+        let host = self.kv_mem == self.host_mem;
+        let alloc = if host {
             Allocator::default()
         } else {
             Allocator::new(&self.decoder, self.kv_mem.clone()).map_err(ort_err("cache allocator"))?
         };
-        let host = self.kv_mem == self.host_mem;
         let mut kv = Vec::with_capacity(2 * d.layers);
         for _ in 0..2 * d.layers {
             // Slots past a row's end are never read; host buffers are zeroed all the same, so that
-            // no uninitialised memory is ever multiplied by a zero attention weight.
+            // no uninitialised memory is ever multiplied by a zero attention weight. Device buffers
+            // are left as allocated (the CUDA kernels read each row's own length only).
             let v: DynValue = if self.f16 {
                 let mut t = Tensor::<half::f16>::new(&alloc, shape).map_err(ort_err("cache buffer"))?;
                 if host {
