@@ -9,7 +9,7 @@ use qadapt_core::Manifest;
 
 use models::phi::Keep;
 
-use crate::graph::{FloatType, Graph};
+use crate::graph::{attr_int, FloatType, Fused, Graph, V};
 use crate::onnx_pb::tensor_proto::DataType;
 use crate::quant::Quant;
 use crate::write::{Dim, Io, OPSET};
@@ -39,7 +39,7 @@ pub fn decoder(model: &Bunny, ft: FloatType, quant: Option<Quant>, fused: bool) 
     let mut g = Graph::new(ft);
     g.quant = quant;
     if fused {
-        g.fused = Some(crate::fused::Fused::new(c.max_position_embeddings));
+        g.fused = Some(Fused::new(c.max_position_embeddings));
     }
     let embeds = g.input("inputs_embeds", 3);
     let mask = g.input("attention_mask", 2);
@@ -106,7 +106,7 @@ pub fn cache_select(model: &Bunny, ft: FloatType, fused: bool) -> Result<Traced>
         let (kv, rows) = (g.input(&format!("in.{i}.{part}"), 4), g.input("rows", 1));
         if fused {
             let (kn, rn) = (g.name(&kv), g.name(&rows));
-            return g.node("Gather", &[&kn, &rn], vec![crate::graph::attr_int("axis", 0)], 4);
+            return g.node("Gather", &[&kn, &rn], vec![attr_int("axis", 0)], 4);
         }
         let start = g.input("start", 0);
         g.take_rows(&kv, &rows, &start, 2)
@@ -179,7 +179,7 @@ pub fn vision(model: &Bunny, ft: FloatType, quant: Option<Quant>, fused: bool) -
     let mut g = Graph::new(ft);
     g.quant = quant.filter(|q| q.vision);
     if fused {
-        g.fused = Some(crate::fused::Fused::new(c.max_position_embeddings));
+        g.fused = Some(Fused::new(c.max_position_embeddings));
     }
     let pixels = g.input("pixel_values", 4);
     let mut inputs = vec![Io::new("pixel_values", ft.onnx(), vec![B, Dim::Fixed(3), Dim::Fixed(s), Dim::Fixed(s)])];
@@ -262,5 +262,48 @@ pub fn manifest(
             lm_head: q.lm_head,
             vision: q.vision,
         }),
+    }
+}
+
+/// The two cache graphs' ops.
+impl Graph {
+    /// `a` [Ba, …, La, …] and `b` [Bb, …, Lb, …] stacked along axis 0, the shorter first padded
+    /// with zeros along `axis` to the longer's length (at its start, or its end when `at_end`): two
+    /// KV caches made one.
+    fn pad_and_stack(&mut self, a: &V, b: &V, axis: i64, at_end: bool) -> V {
+        let (la, lb) = (self.dim(a, axis), self.dim(b, axis));
+        let longest = self.node("Max", &[&la.name, &lb.name], vec![], 0);
+        let rank = a.rank;
+        // Pad's pads: the begin of every axis, then the end of every axis.
+        let at = if at_end { rank + axis as usize } else { axis as usize };
+        let mut padded = Vec::new();
+        for (x, l) in [(a, &la), (b, &lb)] {
+            let short = self.node("Sub", &[&longest.name, &l.name], vec![], 0);
+            let short = self.unsqueeze(&short, &[0]);
+            let mut parts = Vec::new();
+            if at > 0 {
+                parts.push(self.ints(&vec![0; at]));
+            }
+            parts.push(short.name.clone());
+            if at + 1 < 2 * rank {
+                parts.push(self.ints(&vec![0; 2 * rank - at - 1]));
+            }
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            let pads = self.concat(&refs, 0, 1);
+            let n = self.name(x);
+            padded.push(self.node("Pad", &[&n, &pads.name], vec![], rank));
+        }
+        self.concat(&[&padded[0].name, &padded[1].name], 0, rank)
+    }
+
+    /// Rows `rows` (int64 [K]) of `x` along axis 0, from position `start` (int64 scalar) on along
+    /// `axis`: the rows of a KV cache that go on, without the padding they all share.
+    fn take_rows(&mut self, x: &V, rows: &V, start: &V, axis: i64) -> V {
+        let (n, r, st) = (self.name(x), self.name(rows), self.name(start));
+        let kept = self.node("Gather", &[&n, &r], vec![attr_int("axis", 0)], x.rank);
+        let zero = self.ints(&[0]);
+        let st = self.node("Unsqueeze", &[&st, &zero], vec![], 1);
+        let (end, ax) = (self.ints(&[i64::MAX]), self.ints(&[axis]));
+        self.node("Slice", &[&kept.name, &st.name, &end, &ax], vec![], x.rank)
     }
 }

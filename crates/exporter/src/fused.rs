@@ -20,50 +20,8 @@ use candle_core::Tensor;
 use models::ops::{Ops, Param, SelfAttention};
 use models::{Error, Result};
 
-use crate::graph::{attr_float, attr_int, Graph, MS_DOMAIN, V};
+use crate::graph::{attr_float, attr_int, Ctx, Graph, Rotary, MS_DOMAIN, V};
 use crate::onnx_pb::tensor_proto::DataType;
-
-/// What the layers of a fused decoder share.
-#[derive(Debug, Clone)]
-pub struct Fused {
-    /// Rows of the rotary tables: the longest cache buffer the graph accepts.
-    pub max_positions: usize,
-    /// Whether the graph reads `position_ids` (rotary applied before the attention op).
-    pub uses_positions: bool,
-    ctx: Option<Ctx>,
-}
-
-impl Fused {
-    /// A fused decoder whose caches hold at most `max_positions`.
-    pub fn new(max_positions: usize) -> Self {
-        Self { max_positions, uses_positions: false, ctx: None }
-    }
-}
-
-/// Per-step values derived once from the graph inputs.
-#[derive(Debug, Clone)]
-struct Ctx {
-    /// int32 [B]: each row's keys after this step, minus one.
-    seqlens_k: String,
-    /// int32 scalar: the longest row's.
-    total: String,
-    rotary: Rotary,
-}
-
-#[derive(Debug, Clone)]
-enum Rotary {
-    /// `cos_cache` / `sin_cache` initializers [max_positions, rotary/2] for the op.
-    Inside {
-        cos: String,
-        sin: String,
-    },
-    /// Tables [B, S, 1, rotary] from `position_ids`, applied to q and k before the op.
-    Outside {
-        cos: V,
-        sin: V,
-    },
-    None,
-}
 
 /// The last dim of a fused export's cache for heads of `head_dim`: the next multiple of 8.
 pub fn cache_head_dim(head_dim: usize) -> usize {

@@ -12,7 +12,6 @@ use candle_core::Tensor;
 use models::ops::{Ops, Param};
 use models::{Error, Result};
 
-use crate::fused::Fused;
 use crate::onnx_pb::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
 use crate::quant::Quant;
 
@@ -77,6 +76,49 @@ pub enum InitData {
 pub struct Init {
     pub name: String,
     pub data: InitData,
+}
+
+/// What the layers of a `--fused` graph share (the ops themselves are recorded by
+/// [`crate::fused`]).
+#[derive(Debug, Clone)]
+pub struct Fused {
+    /// Rows of the rotary tables: the longest cache buffer the graph accepts.
+    pub max_positions: usize,
+    /// Whether the graph reads `position_ids` (rotary applied before the attention op).
+    pub uses_positions: bool,
+    pub(crate) ctx: Option<Ctx>,
+}
+
+impl Fused {
+    /// A fused decoder whose caches hold at most `max_positions`.
+    pub fn new(max_positions: usize) -> Self {
+        Self { max_positions, uses_positions: false, ctx: None }
+    }
+}
+
+/// Per-step values derived once from the graph inputs.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    /// int32 [B]: each row's keys after this step, minus one.
+    pub(crate) seqlens_k: String,
+    /// int32 scalar: the longest row's.
+    pub(crate) total: String,
+    pub(crate) rotary: Rotary,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Rotary {
+    /// `cos_cache` / `sin_cache` initializers [max_positions, rotary/2] for the op.
+    Inside {
+        cos: String,
+        sin: String,
+    },
+    /// Tables [B, S, 1, rotary] from `position_ids`, applied to q and k before the op.
+    Outside {
+        cos: V,
+        sin: V,
+    },
+    None,
 }
 
 /// Records a forward pass as ONNX nodes.
@@ -192,46 +234,6 @@ impl Graph {
             ..Default::default()
         });
         outs
-    }
-
-    /// `a` [Ba, …, La, …] and `b` [Bb, …, Lb, …] stacked along axis 0, the shorter first padded
-    /// with zeros along `axis` to the longer's length (at its start, or its end when `at_end`): two
-    /// KV caches made one.
-    pub fn pad_and_stack(&mut self, a: &V, b: &V, axis: i64, at_end: bool) -> V {
-        let (la, lb) = (self.dim(a, axis), self.dim(b, axis));
-        let longest = self.node("Max", &[&la.name, &lb.name], vec![], 0);
-        let rank = a.rank;
-        // Pad's pads: the begin of every axis, then the end of every axis.
-        let at = if at_end { rank + axis as usize } else { axis as usize };
-        let mut padded = Vec::new();
-        for (x, l) in [(a, &la), (b, &lb)] {
-            let short = self.node("Sub", &[&longest.name, &l.name], vec![], 0);
-            let short = self.unsqueeze(&short, &[0]);
-            let mut parts = Vec::new();
-            if at > 0 {
-                parts.push(self.ints(&vec![0; at]));
-            }
-            parts.push(short.name.clone());
-            if at + 1 < 2 * rank {
-                parts.push(self.ints(&vec![0; 2 * rank - at - 1]));
-            }
-            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-            let pads = self.concat(&refs, 0, 1);
-            let n = self.name(x);
-            padded.push(self.node("Pad", &[&n, &pads.name], vec![], rank));
-        }
-        self.concat(&[&padded[0].name, &padded[1].name], 0, rank)
-    }
-
-    /// Rows `rows` (int64 [K]) of `x` along axis 0, from position `start` (int64 scalar) on along
-    /// `axis`: the rows of a KV cache that go on, without the padding they all share.
-    pub fn take_rows(&mut self, x: &V, rows: &V, start: &V, axis: i64) -> V {
-        let (n, r, st) = (self.name(x), self.name(rows), self.name(start));
-        let kept = self.node("Gather", &[&n, &r], vec![attr_int("axis", 0)], x.rank);
-        let zero = self.ints(&[0]);
-        let st = self.node("Unsqueeze", &[&st, &zero], vec![], 1);
-        let (end, ax) = (self.ints(&[i64::MAX]), self.ints(&[axis]));
-        self.node("Slice", &[&kept.name, &st.name, &end, &ax], vec![], x.rank)
     }
 
     /// Renames `v` as a graph output (an Identity node).

@@ -1,6 +1,6 @@
-//! [`Cache`]: a batch's KV cache, and what the runtime does with it besides stepping the decoder:
-//! empty caches, and the `cache_join` / `cache_select` graphs that let rows join and leave a running
-//! batch without the cache leaving the device.
+//! What the runtime does with a batch's KV cache ([`Cache`]) besides the standard decoder step:
+//! empty caches, the `cache_join` / `cache_select` graphs that let rows join and leave a running
+//! batch without the cache leaving the device, and the fused export's in-place step.
 //!
 //! Standard exports grow the cache by concatenation: every step returns new tensors, and rows of
 //! one batch are left-padded. Fused exports hold each row's keys and values in its own slots of
@@ -10,70 +10,10 @@
 //! buffer (`seqlens_k` = the row's `attention_mask` sum − 1), so there rows are right-padded: row
 //! `r` occupies slots `0..len − pad[r]`, and a step appends at its own end.
 
-use std::sync::{Arc, Mutex};
-
 use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
-use crate::{float_value, int_value, ort_err, out_f32, Result, RunError, Runtime};
-
-/// The KV cache of a batch after `len` positions: each layer's key and value as the decoder
-/// returned them, left where the execution provider computed them (device memory on CUDA), so a
-/// decoding step copies only the new token's embedding in and its logits out.
-///
-/// Standard exports grow it by concatenation (a step returns new tensors; rows are left-padded).
-/// Fused exports hold one buffer of `slots` positions per row that every step writes in place
-/// (row `r` in slots `0..len − pad[r]`, right-padded): a cache grown from another shares its
-/// buffers, so continuations of one prefill must run one after the other (as `choices` does).
-pub struct Cache {
-    pub(crate) kv: Arc<Mutex<Vec<DynValue>>>,
-    pub(crate) len: usize,
-    /// Per row (its length is the batch size), `len` minus the row's own length. Standard: left
-    /// padding, the first `pad[r]` positions masked out, positions counted from the first real
-    /// token. Fused: the slots after the row's end.
-    pub(crate) pad: Vec<usize>,
-    /// Fused exports: positions each row's buffer holds; 0 for a cache that grows.
-    pub(crate) slots: usize,
-}
-
-impl Cache {
-    /// A cache made of `kv`.
-    pub(crate) fn new(kv: Vec<DynValue>, len: usize, pad: Vec<usize>, slots: usize) -> Self {
-        Self { kv: Arc::new(Mutex::new(kv)), len, pad, slots }
-    }
-
-    /// The cached tensors, locked for one step.
-    pub(crate) fn tensors(&self) -> Result<std::sync::MutexGuard<'_, Vec<DynValue>>> {
-        self.kv.lock().map_err(|_| RunError::Ort("a KV cache was poisoned by a failed step".into()))
-    }
-
-    /// Cached positions (padding included).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Positions each row's in-place buffer holds (fused exports), or 0.
-    pub fn slots(&self) -> usize {
-        self.slots
-    }
-
-    /// Host addresses of the cached tensors' data (CPU caches): a fused decode step leaves them
-    /// unchanged, a standard one replaces every tensor.
-    pub fn addresses(&self) -> Result<Vec<usize>> {
-        self.tensors()?
-            .iter()
-            .map(|v| match v.try_extract_tensor::<f32>() {
-                Ok((_, d)) => Ok(d.as_ptr() as usize),
-                Err(_) => Ok(v.try_extract_tensor::<half::f16>().map_err(ort_err("cache"))?.1.as_ptr() as usize),
-            })
-            .collect()
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
+use crate::{float_value, int_value, ort_err, out_f32, Cache, Result, RunError, Runtime};
 
 impl Runtime {
     /// An empty cache for a batch of `batch` rows.

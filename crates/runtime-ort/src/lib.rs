@@ -12,9 +12,8 @@ mod manifest;
 mod model;
 mod running;
 
-pub use cache::Cache;
 pub use manifest::{trt_profiles, DecoderSpec, Graphs, ImageSpec, Manifest, QFormerSpec, TokenSpec, FORMAT};
-pub use model::{Choice, Request, Runtime};
+pub use model::{Cache, Choice, Request, Runtime};
 pub use qadapt_core::sampling::GenerateOptions;
 pub use running::Running;
 
