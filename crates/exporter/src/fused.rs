@@ -16,12 +16,12 @@
 //! 8 (ONNX Runtime's `group_query_attention_helper.h`; phi-2: head 80, width 16). Other shapes (the
 //! tiny test fixtures) get zero-padded heads and/or the rotary applied before the op.
 
-use candle_core::Tensor;
-use models::ops::{Ops, Param, SelfAttention};
+use models::ops::{Ops, SelfAttention};
 use models::{Error, Result};
 
 use crate::graph::{attr_float, attr_int, Ctx, Graph, Rotary, MS_DOMAIN, V};
 use crate::onnx_pb::tensor_proto::DataType;
+use crate::weights::{Part, Weight};
 
 /// The last dim of a fused export's cache for heads of `head_dim`: the next multiple of 8.
 pub fn cache_head_dim(head_dim: usize) -> usize {
@@ -34,22 +34,6 @@ pub fn rotary_inside(head_dim: usize, rotary_dims: usize) -> bool {
     head_dim.is_multiple_of(16) && width > 0 && width.is_multiple_of(8) && width <= head_dim / 16 * 8
 }
 
-/// `t` [H·hd, …] with each head's rows zero-padded to `dp`.
-fn pad_heads(t: &Tensor, heads: usize, hd: usize, dp: usize) -> Result<Tensor> {
-    if dp == hd {
-        return Ok(t.clone());
-    }
-    let rest: Vec<usize> = t.dims()[1..].to_vec();
-    let mut shape = vec![heads, hd];
-    shape.extend(&rest);
-    let x = t.reshape(shape.clone())?;
-    shape[1] = dp - hd;
-    let z = Tensor::zeros(shape.as_slice(), t.dtype(), t.device())?;
-    let mut out = vec![heads * dp];
-    out.extend(&rest);
-    Ok(Tensor::cat(&[&x, &z], 1)?.reshape(out)?)
-}
-
 impl Graph {
     /// One `GroupQueryAttention` layer (see the module docs): the heads merged [B, S, H·hd] and the
     /// present buffers.
@@ -59,21 +43,21 @@ impl Graph {
         let hd = wq.dims()[0] / heads;
         let dp = cache_head_dim(hd);
         let inside = dp == hd && rotary_inside(hd, a.rotary_dims);
-        // Packed projection: q, k and v weights (and biases) stacked, each head padded to dp.
+        // Packed projection: q, k and v weights (and biases) stacked, each head padded to dp; built
+        // when written (see `crate::weights`).
         let mut ws = Vec::new();
         let mut bs = Vec::new();
         for (w, b) in [(wq, bq), (wk, bk), (wv, bv)] {
-            ws.push(pad_heads(&w.t, heads, hd, dp)?);
-            let b = match b {
-                Some(b) => b.t.clone(),
-                None => Tensor::zeros(w.dims()[0], w.t.dtype(), w.t.device())?,
-            };
-            bs.push(pad_heads(&b, heads, hd, dp)?);
+            ws.push(Part::Param(w.clone()));
+            bs.push(match b {
+                Some(b) => Part::Param(b.clone()),
+                None => Part::Zeros { rows: w.dims()[0], dtype: w.t.dtype() },
+            });
         }
         let key = wq.key.replace("q_proj", "qkv_proj");
         let bkey = key.replace(".weight", ".bias");
-        let w = self.param(&Param::new(key, Tensor::cat(&ws, 0)?))?;
-        let b = self.param(&Param::new(bkey, Tensor::cat(&bs, 0)?))?;
+        let w = self.weight(Weight::Packed { key, parts: ws, heads, hd, dp });
+        let b = self.weight(Weight::Packed { key: bkey, parts: bs, heads, hd, dp });
         let qkv = self.linear(a.x, &w, Some(&b))?; // [B, S, 3·H·dp]
 
         let ctx = self.fused_ctx(a, inside)?;
@@ -128,10 +112,13 @@ impl Graph {
 
     /// The per-step values every layer reads, built by the first layer.
     fn fused_ctx(&mut self, a: &SelfAttention<'_, V>, inside: bool) -> Result<Ctx> {
-        let Some(f) = self.fused.clone() else { return Err(Error::Input("not a fused graph".into())) };
-        if let Some(c) = f.ctx {
-            return Ok(c);
-        }
+        let max_positions = match &self.fused {
+            Some(f) => match &f.ctx {
+                Some(c) => return Ok(c.clone()),
+                None => f.max_positions,
+            },
+            None => return Err(Error::Input("not a fused graph".into())),
+        };
         // seqlens_k = Σ mask − 1 and the total length, as int32 (the op's type for both).
         let mask = self.name(a.mask2d);
         let axes = self.ints(&[1]);
@@ -150,14 +137,14 @@ impl Graph {
             let inv: Vec<f32> =
                 (0..half).map(|i| (1.0 / a.rope_theta.powf(2.0 * i as f64 / rot as f64)) as f32).collect();
             let (mut c, mut s) = (Vec::new(), Vec::new());
-            for p in 0..f.max_positions {
+            for p in 0..max_positions {
                 for f in &inv {
                     let angle = p as f32 * f;
                     c.push(angle.cos());
                     s.push(angle.sin());
                 }
             }
-            let dims = [f.max_positions as i64, half as i64];
+            let dims = [max_positions as i64, half as i64];
             Rotary::Inside { cos: self.floats(&c, &dims, false), sin: self.floats(&s, &dims, false) }
         } else {
             let (cos, sin) = self.rope_tables(a.position_ids, rot, a.rope_theta)?; // [B, 1, S, rot]

@@ -2,18 +2,19 @@
 //! nodes (opset 17, standard domain only), so that the exported graphs are the very forward passes
 //! that train and run in candle.
 //!
-//! Weights stay candle tensors until the model is written ([`crate::write`]): a `param` is only
-//! registered as an initializer when an op consumes it, and a weight consumed by `linear` is stored
-//! transposed ([in, out]) so that the graph needs no Transpose node in front of every MatMul.
+//! Weights stay [`Weight`]s (usually placeholders, see [`crate::weights`]) until the model is written
+//! ([`crate::write`]): a `param` is only registered as an initializer when an op consumes it, and a
+//! weight consumed by `linear` is stored transposed ([in, out]) so that the graph needs no Transpose
+//! node in front of every MatMul.
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
 use models::ops::{Ops, Param};
 use models::{Error, Result};
 
 use crate::onnx_pb::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
 use crate::quant::Quant;
+use crate::weights::Weight;
 
 /// ONNX Runtime's contrib-op domain.
 pub const MS_DOMAIN: &str = "com.microsoft";
@@ -56,19 +57,19 @@ pub struct V {
     pub name: String,
     pub rank: usize,
     /// A weight not yet registered as an initializer (see the module docs).
-    param: Option<Param>,
+    param: Option<Weight>,
 }
 
 /// What an initializer holds until it is written.
 #[derive(Debug, Clone)]
 pub enum InitData {
     /// A checkpoint weight, converted to the export type when written (transposed if asked).
-    Weight { t: Tensor, transpose: bool },
+    Weight { w: Weight, transpose: bool },
     /// A small constant already encoded.
     Raw { dtype: DataType, dims: Vec<i64>, bytes: Vec<u8> },
     /// One input of a `MatMulNBits` made from a torch-layout weight [N, K]: the packed blocks
     /// (`scales: false`) or their scales. Quantized when written, one tensor at a time.
-    Quantized { t: Tensor, q: Quant, scales: bool },
+    Quantized { w: Weight, q: Quant, scales: bool },
 }
 
 /// A named initializer.
@@ -160,6 +161,11 @@ impl Graph {
         }
     }
 
+    /// A weight as a value, registered as an initializer when an op consumes it.
+    pub fn weight(&mut self, w: Weight) -> V {
+        V { name: w.key().to_string(), rank: w.dims().len(), param: Some(w) }
+    }
+
     /// A graph input value (its declaration is the writer's business).
     pub fn input(&self, name: &str, rank: usize) -> V {
         V { name: name.into(), rank, param: None }
@@ -172,8 +178,8 @@ impl Graph {
 
     /// The name of `v`, registering it as an initializer first if it is a pending weight.
     pub(crate) fn name(&mut self, v: &V) -> String {
-        if let Some(p) = &v.param {
-            self.register(&p.key, InitData::Weight { t: p.t.clone(), transpose: false });
+        if let Some(w) = &v.param {
+            self.register(w.key(), InitData::Weight { w: w.clone(), transpose: false });
         }
         v.name.clone()
     }
@@ -382,16 +388,15 @@ impl Ops for Graph {
     type T = V;
 
     fn param(&mut self, p: &Param) -> Result<V> {
-        Ok(V { name: p.key.clone(), rank: p.dims().len(), param: Some(p.clone()) })
+        Ok(self.weight(Weight::Param(p.clone())))
     }
 
     fn linear(&mut self, x: &V, w: &V, b: Option<&V>) -> Result<V> {
         if let (Some(q), Some(p)) = (self.quant, &w.param) {
-            if q.applies(&p.key) && p.dims().len() == 2 {
-                let (n, k) = (p.dims()[0], p.dims()[1]);
-                let (bn, sn) = (format!("{}^q{}", p.key, q.bits), format!("{}^scales", p.key));
-                self.register(&bn, InitData::Quantized { t: p.t.clone(), q, scales: false });
-                self.register(&sn, InitData::Quantized { t: p.t.clone(), q, scales: true });
+            if let (true, &[n, k]) = (q.applies(p.key()), p.dims().as_slice()) {
+                let (bn, sn) = (format!("{}^q{}", p.key(), q.bits), format!("{}^scales", p.key()));
+                self.register(&bn, InitData::Quantized { w: p.clone(), q, scales: false });
+                self.register(&sn, InitData::Quantized { w: p.clone(), q, scales: true });
                 let xn = self.name(x);
                 let y = self.ms_node(
                     "MatMulNBits",
@@ -413,8 +418,8 @@ impl Ops for Graph {
         }
         let wn = match &w.param {
             Some(p) => {
-                let name = format!("{}^T", p.key);
-                self.register(&name, InitData::Weight { t: p.t.clone(), transpose: true });
+                let name = format!("{}^T", p.key());
+                self.register(&name, InitData::Weight { w: p.clone(), transpose: true });
                 name
             }
             None => {

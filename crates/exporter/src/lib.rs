@@ -11,6 +11,7 @@ pub mod graph;
 pub mod onnx_pb;
 pub mod quant;
 pub mod verify;
+pub mod weights;
 pub mod write;
 
 use std::path::{Path, PathBuf};
@@ -114,16 +115,20 @@ pub struct ExportSummary {
 /// a 3B f16 export's peak RSS to 1.34× its weight bytes).
 const EXTERNAL_ABOVE: u64 = 128 * 1024 * 1024;
 
-/// The base model with stage 1's LoRA merged and stage 2's tensors over it, as `qadapt-train merge`
-/// writes them, but in memory. A stage-2 run carries its own config.json (the prompt module's shape).
-fn load(opts: &ExportOptions, dtype: DType) -> Result<Bunny> {
-    let dev = Device::Cpu;
-    let stage2 = opts.stage2.as_deref().map(adapter_dir);
-    let config_path = match &stage2 {
+/// The config of the model an export writes: a stage-2 run carries its own (the prompt module's
+/// shape).
+fn config(opts: &ExportOptions) -> Result<BunnyConfig> {
+    let config_path = match opts.stage2.as_deref().map(adapter_dir) {
         Some(d) if d.join("config.json").is_file() => d.join("config.json"),
         _ => opts.model.join("config.json"),
     };
-    let config = BunnyConfig::from_file(&config_path)?;
+    Ok(BunnyConfig::from_file(&config_path)?)
+}
+
+/// Runs `f` over the weights of the base model with stage 1's LoRA merged and stage 2's tensors over
+/// it, as `qadapt-train merge` writes them but per tensor, when asked for.
+fn with_weights<R>(opts: &ExportOptions, dtype: DType, f: impl FnOnce(&dyn WeightSource) -> Result<R>) -> Result<R> {
+    let dev = Device::Cpu;
     let ck = Checkpoint::open(&opts.model, &dev, dtype)?;
     let s1 = match &opts.stage1 {
         Some(r) => Some(AdaptedSource::open(&ck, &adapter_dir(r), &dev, dtype)?),
@@ -133,15 +138,14 @@ fn load(opts: &ExportOptions, dtype: DType) -> Result<Bunny> {
         Some(s) => s,
         None => &ck,
     };
-    let s2 = match &stage2 {
-        Some(d) => Some(AdaptedSource::open(base, d, &dev, dtype)?),
+    let s2 = match opts.stage2.as_deref().map(adapter_dir) {
+        Some(d) => Some(AdaptedSource::open(base, &d, &dev, dtype)?),
         None => None,
     };
-    let src: &dyn WeightSource = match &s2 {
+    f(match &s2 {
         Some(s) => s,
         None => base,
-    };
-    Ok(Bunny::new(src, config)?)
+    })
 }
 
 /// Exports a model; `progress(graph, done, total)` is called per written tensor. The directory
@@ -153,7 +157,7 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
     }
     // Start ONNX Runtime first: a missing library should fail before minutes of tracing.
     let env = if opts.verify { Some(verify::environment(opts.ort_lib.as_deref())?) } else { None };
-    // Weights are held in the export type: an f16 export of a 3B model never holds an f32 copy.
+    // Weights load in the export type: an f16 export of a 3B model never holds an f32 copy.
     let dtype = match opts.ft {
         FloatType::F32 => DType::F32,
         FloatType::F16 => DType::F16,
@@ -161,80 +165,89 @@ pub fn export(opts: &ExportOptions, mut progress: impl FnMut(&str, usize, usize)
     if let Some(q) = &opts.quant {
         q.validate().map_err(|e| ExportError::Io(format!("--quantize: {e}")))?;
     }
-    let model = load(opts, dtype)?;
+    let config = config(opts)?;
     let tokenizer = qadapt_core::TextTokenizer::from_dir(&opts.model)?;
     let level_ids = qadapt_core::sampling::level_token_ids(&tokenizer)?;
     let mut graphs = Vec::new();
     let mut quant_report = None;
-    qadapt_core::files::write_dir_atomic(&opts.out, |dir: &Path| -> Result<()> {
-        let graphs_to_write = [
-            export::vision(&model, opts.ft, opts.quant, opts.fused)?,
-            export::embed(&model, opts.ft)?,
-            export::decoder(&model, opts.ft, opts.quant, opts.fused)?,
-            export::cache_join(&model, opts.ft, opts.fused)?,
-            export::cache_select(&model, opts.ft, opts.fused)?,
-        ];
-        // Quantized graphs differ from the float model by design: their accuracy report decides.
-        let mut quantized = Vec::new();
-        for traced in graphs_to_write {
-            if traced.graph.quant.is_some() {
-                quantized.push(traced.file);
+    with_weights(opts, dtype, |src| {
+        // Traced over placeholders: each weight is loaded when it is written (see `weights`).
+        let model = Bunny::new(&weights::Deferred::new(src, dtype), config.clone())?;
+        qadapt_core::files::write_dir_atomic(&opts.out, |dir: &Path| -> Result<()> {
+            let graphs_to_write = [
+                export::vision(&model, opts.ft, opts.quant, opts.fused)?,
+                export::embed(&model, opts.ft)?,
+                export::decoder(&model, opts.ft, opts.quant, opts.fused)?,
+                export::cache_join(&model, opts.ft, opts.fused)?,
+                export::cache_select(&model, opts.ft, opts.fused)?,
+            ];
+            // Quantized graphs differ from the float model by design: their accuracy report decides.
+            let mut quantized = Vec::new();
+            for traced in graphs_to_write {
+                if traced.graph.quant.is_some() {
+                    quantized.push(traced.file);
+                }
+                let total = traced.graph.inits.len();
+                let external = opts.external_data || write::weight_bytes(&traced.graph) > EXTERNAL_ABOVE;
+                let mut done = 0;
+                let bytes = write::write_model(
+                    &traced.graph,
+                    src,
+                    &traced.inputs,
+                    &traced.outputs,
+                    &dir.join(traced.file),
+                    external,
+                    "qadapt-export",
+                    || {
+                        done += 1;
+                        progress(traced.file, done, total);
+                    },
+                )?;
+                graphs.push(GraphSummary {
+                    file: traced.file.into(),
+                    nodes: traced.graph.nodes.len(),
+                    initializers: total,
+                    bytes,
+                    external_data: external,
+                    max_rel_err: None,
+                });
             }
-            let total = traced.graph.inits.len();
-            let external = opts.external_data || write::weight_bytes(&traced.graph) > EXTERNAL_ABOVE;
-            let mut done = 0;
-            let bytes = write::write_model(
-                &traced.graph,
-                &traced.inputs,
-                &traced.outputs,
-                &dir.join(traced.file),
-                external,
-                "qadapt-export",
-                || {
-                    done += 1;
-                    progress(traced.file, done, total);
-                },
-            )?;
-            graphs.push(GraphSummary {
-                file: traced.file.into(),
-                nodes: traced.graph.nodes.len(),
-                initializers: total,
-                bytes,
-                external_data: external,
-                max_rel_err: None,
-            });
-        }
-        qadapt_core::files::copy_tokenizers(&opts.model, dir)?;
-        let manifest = export::manifest(&model, &opts.model, opts.ft, opts.quant, opts.fused, level_ids);
-        let text = serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Io(format!("qadapt.json: {e}")))?;
-        std::fs::write(dir.join("qadapt.json"), text)?;
-        if let Some(env) = &env {
-            let mut failures = Vec::new();
-            for (file, report) in verify::verify(env, &model, dir, opts.ft, dtype, opts.fused, 0)? {
-                let worst = report.iter().map(|(_, e)| *e).fold(0.0f32, f32::max);
-                for (name, err) in &report {
-                    tracing::debug!(graph = %file, output = %name, rel_err = err, "verified");
-                    // NaN fails too.
-                    if err.is_nan() || (*err > opts.tolerance && !quantized.contains(&file.as_str())) {
-                        failures.push(format!("{file} {name}: max relative error {err:.2e} > {:.0e}", opts.tolerance));
+            qadapt_core::files::copy_tokenizers(&opts.model, dir)?;
+            let manifest = export::manifest(&model, &opts.model, opts.ft, opts.quant, opts.fused, level_ids);
+            let text =
+                serde_json::to_string_pretty(&manifest).map_err(|e| ExportError::Io(format!("qadapt.json: {e}")))?;
+            std::fs::write(dir.join("qadapt.json"), text)?;
+            if let Some(env) = &env {
+                // Verification runs candle on the real weights.
+                let model = Bunny::new(src, config.clone())?;
+                let mut failures = Vec::new();
+                for (file, report) in verify::verify(env, &model, dir, opts.ft, dtype, opts.fused, 0)? {
+                    let worst = report.iter().map(|(_, e)| *e).fold(0.0f32, f32::max);
+                    for (name, err) in &report {
+                        tracing::debug!(graph = %file, output = %name, rel_err = err, "verified");
+                        // NaN fails too.
+                        if err.is_nan() || (*err > opts.tolerance && !quantized.contains(&file.as_str())) {
+                            failures
+                                .push(format!("{file} {name}: max relative error {err:.2e} > {:.0e}", opts.tolerance));
+                        }
+                    }
+                    if let Some(g) = graphs.iter_mut().find(|g| g.file == file) {
+                        g.max_rel_err = Some(worst);
                     }
                 }
-                if let Some(g) = graphs.iter_mut().find(|g| g.file == file) {
-                    g.max_rel_err = Some(worst);
+                if let Some(q) = opts.quant {
+                    let report = verify::quant_report(env, &model, dir, opts.ft, dtype, q.vision, opts.fused)?;
+                    if let Some(miss) = verify::QuantBounds::of(q.bits).check(&report) {
+                        failures.push(format!("{} export below its accuracy bound: {miss}", q.name()));
+                    }
+                    quant_report = Some(report);
+                }
+                if !failures.is_empty() {
+                    return Err(ExportError::Mismatch(failures.join("; ")));
                 }
             }
-            if let Some(q) = opts.quant {
-                let report = verify::quant_report(env, &model, dir, opts.ft, dtype, q.vision, opts.fused)?;
-                if let Some(miss) = verify::QuantBounds::of(q.bits).check(&report) {
-                    failures.push(format!("{} export below its accuracy bound: {miss}", q.name()));
-                }
-                quant_report = Some(report);
-            }
-            if !failures.is_empty() {
-                return Err(ExportError::Mismatch(failures.join("; ")));
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     })?;
     Ok(ExportSummary { out: opts.out.clone(), graphs, verified: opts.verify, quant: quant_report })
 }

@@ -1,11 +1,13 @@
-//! Serialises a recorded [`Graph`] as an ONNX model file. Weights are converted one tensor at a time;
-//! with external data they stream to `<graph>.onnx.data` and never sit in memory together, which is
-//! what keeps a 3B export's peak memory near the size of one copy of the weights.
+//! Serialises a recorded [`Graph`] as an ONNX model file. Weights are loaded from the source and
+//! converted one tensor at a time (see [`crate::weights`]); with external data they stream to
+//! `<graph>.onnx.data` and never sit in memory together, which keeps a 3B export's peak memory
+//! below the size of its output.
 
 use std::io::Write;
 use std::path::Path;
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
+use models::loader::WeightSource;
 use prost::Message;
 
 use crate::graph::{FloatType, Graph, InitData, MS_DOMAIN};
@@ -72,12 +74,22 @@ impl Io {
     }
 }
 
+/// The last weight loaded for a `MatMulNBits`: its packed blocks and its scales are two
+/// initializers made from one tensor, written one after the other.
+type Loaded = Option<(String, Tensor)>;
+
 /// Bytes of one initializer in the export type.
-fn encode(data: &InitData, ft: FloatType) -> Result<(DataType, Vec<i64>, Vec<u8>)> {
+fn encode(
+    data: &InitData,
+    ft: FloatType,
+    src: &dyn WeightSource,
+    last: &mut Loaded,
+) -> Result<(DataType, Vec<i64>, Vec<u8>)> {
     match data {
         InitData::Raw { dtype, dims, bytes } => Ok((*dtype, dims.clone(), bytes.clone())),
-        InitData::Weight { t, transpose } => {
-            let t = if *transpose { t.t()?.contiguous()? } else { t.clone() };
+        InitData::Weight { w, transpose } => {
+            let t = w.load(src)?;
+            let t = if *transpose { t.t()?.contiguous()? } else { t };
             let dims = t.dims().iter().map(|&d| d as i64).collect();
             let bytes = match ft {
                 FloatType::F32 => t
@@ -97,14 +109,19 @@ fn encode(data: &InitData, ft: FloatType) -> Result<(DataType, Vec<i64>, Vec<u8>
             };
             Ok((ft.onnx(), dims, bytes))
         }
-        InitData::Quantized { t, q, scales } => {
+        InitData::Quantized { w, q, scales } => {
+            let t = match last.take() {
+                Some((key, t)) if key == w.key() => t,
+                _ => w.load(src)?,
+            };
             let (n, k) = t.dims2()?;
-            let w = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let kb = q.k_blocks(k) as i64;
             if *scales {
-                Ok((ft.onnx(), vec![n as i64 * kb], ft.encode(&q.scales(&w, n, k))))
+                Ok((ft.onnx(), vec![n as i64 * kb], ft.encode(&q.scales(&v, n, k))))
             } else {
-                Ok((DataType::Uint8, vec![n as i64, kb, q.blob_bytes() as i64], q.pack(&w, n, k)))
+                *last = Some((w.key().to_string(), t));
+                Ok((DataType::Uint8, vec![n as i64, kb, q.blob_bytes() as i64], q.pack(&v, n, k)))
             }
         }
     }
@@ -120,20 +137,23 @@ pub fn weight_bytes(g: &Graph) -> u64 {
         .iter()
         .map(|i| match &i.data {
             InitData::Raw { bytes, .. } => bytes.len() as u64,
-            InitData::Weight { t, .. } => (t.elem_count() * per) as u64,
-            InitData::Quantized { t, q, scales } => match t.dims() {
-                [n, k] if *scales => (n * q.k_blocks(*k) * per) as u64,
-                [n, k] => (n * q.k_blocks(*k) * q.blob_bytes()) as u64,
+            InitData::Weight { w, .. } => (w.dims().iter().product::<usize>() * per) as u64,
+            InitData::Quantized { w, q, scales } => match w.dims()[..] {
+                [n, k] if *scales => (n * q.k_blocks(k) * per) as u64,
+                [n, k] => (n * q.k_blocks(k) * q.blob_bytes()) as u64,
                 _ => 0,
             },
         })
         .sum()
 }
 
-/// Writes `g` to `path` (and its weights to `path` + `.data` when `external`); `on_tensor` is called
-/// after each initializer (for a progress bar). Returns the bytes written.
+/// Writes `g` to `path` (and its weights to `path` + `.data` when `external`), loading placeholder
+/// weights from `src`; `on_tensor` is called after each initializer (for a progress bar). Returns the
+/// bytes written.
+#[allow(clippy::too_many_arguments)]
 pub fn write_model(
     g: &Graph,
+    src: &dyn WeightSource,
     inputs: &[Io],
     outputs: &[Io],
     path: &Path,
@@ -157,8 +177,9 @@ pub fn write_model(
     };
     let mut offset = 0u64;
     let mut initializer = Vec::with_capacity(g.inits.len());
+    let mut last = None;
     for init in &g.inits {
-        let (dtype, dims, bytes) = encode(&init.data, g.ft)?;
+        let (dtype, dims, bytes) = encode(&init.data, g.ft, src, &mut last)?;
         let mut t = TensorProto { name: init.name.clone(), data_type: dtype as i32, dims, ..Default::default() };
         match data_file.as_mut() {
             Some(f) if bytes.len() >= INLINE_BYTES => {

@@ -67,6 +67,7 @@ fn matmul_nbits_reads_the_packing_as_the_spec_states() {
         let path = dir.path().join(format!("q{bits}_{block}.onnx"));
         write_model(
             &g,
+            &exporter::weights::InMemory,
             &[Io::new(
                 "x",
                 exporter::onnx_pb::tensor_proto::DataType::Float,
