@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # qadapt-run generation on a GPU: time to first token (image → first token) and decode ms/token at
 # batch 1 and 8, greedy, on a random export at the real Bunny-3B shapes in f16 (standard graphs, and the
-# fused f16 and fused int4 variants), next to HF transformers
+# fused f16 and fused int4 variants, each also with its decode steps replayed as CUDA graphs:
+# bench_run's `cuda-graph` mode, qadapt-run --cuda-graph), next to HF transformers
 # fp16 (eager, and with its compiled static cache) in the same run, with the physical floors
 # (LLM weight bytes / measured copy bandwidth; prefill FLOPs / measured matmul rate).
 #
@@ -51,8 +52,12 @@ IMG=$(ls "$W"/data/images/*.png | head -1)
 Q="Describe the quality of this image."
 for B in $BATCHES; do
   QADAPT_BENCH_DUMP="$W/inputs.json" "$RUN" "$W/export" "$IMG" "$Q" "$NEW" "$REPS" "$B" "$EP" > "$W/ours$B.json"
+  # Fixed-shape steps: CUDA graphs on the CUDA provider; on the CPU the same steps run eagerly.
+  GMODE=$( [ "$EP" = cuda ] && echo cuda-graph || echo cpu-fixed )
   for V in $VARIANTS; do
     "$RUN" "$W/export-$V" "$IMG" "$Q" "$NEW" "$REPS" "$B" "$EP" > "$W/ours-$V-$B.json" || echo '{"error": "run failed"}' > "$W/ours-$V-$B.json"
+    "$RUN" "$W/export-$V" "$IMG" "$Q" "$NEW" "$REPS" "$B" "$GMODE" > "$W/ours-$V-graph-$B.json" \
+      || echo '{"error": "run failed"}' > "$W/ours-$V-graph-$B.json"
   done
   ptok=$("$PYTHON" -c "import json;print(len(json.load(open('$W/inputs.json'))['prompt_ids']))")
   floors=$([ "$B" = "$(echo $BATCHES | cut -d' ' -f1)" ] && echo --floors || true)
@@ -66,7 +71,7 @@ done
 "$PYTHON" - "$W" "$CONFIG" "$EP" "$BATCHES" "$VARIANTS" <<'PY'
 import json, os, sys
 w, config, ep, batches = sys.argv[1], sys.argv[2], sys.argv[3], [int(b) for b in sys.argv[4].split()]
-variants = sys.argv[5].split()
+variants = [x for v in sys.argv[5].split() for x in (v, v + "-graph")]
 load = lambda f: json.load(open(f)) if os.path.exists(f) else None
 fl = load(f"{w}/eager{batches[0]}.json")
 print(f"generation, {config}, random weights, EP {ep}; HF {fl['dtype']} on torch {fl['torch']}")

@@ -10,7 +10,6 @@
 //! buffer (`seqlens_k` = the row's `attention_mask` sum − 1), so there rows are right-padded: row
 //! `r` occupies slots `0..len − pad[r]`, and a step appends at its own end.
 
-use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
 use crate::{float_value, int_value, ort_err, out_f32, Cache, Result, RunError, Runtime};
@@ -101,11 +100,7 @@ impl Runtime {
         let d = &self.manifest.decoder;
         let shape = [rows, d.heads, slots, d.cache_head_dim()];
         let host = self.kv_mem == self.host_mem;
-        let alloc = if host {
-            Allocator::default()
-        } else {
-            Allocator::new(&self.decoder, self.kv_mem.clone()).map_err(ort_err("cache allocator"))?
-        };
+        let alloc = self.decoder_allocator()?;
         let mut kv = Vec::with_capacity(2 * d.layers);
         for _ in 0..2 * d.layers {
             // Slots past a row's end are never read; host buffers are zeroed all the same, so that
@@ -146,6 +141,10 @@ impl Runtime {
             return Err(RunError::Input(format!("a fused step of {b} rows on a cache of {}", cache.pad.len())));
         }
         let s = embeds.len() / (b * d.hidden_size);
+        if let Some(i) = self.fixed_set(cache, s, new, all) {
+            return self.step_fixed(i, embeds, cache);
+        }
+        let d = &self.manifest.decoder;
         let ends: Vec<usize> = (0..b).map(|r| cache.len - cache.pad[r] + new[r]).collect();
         let total = ends.iter().copied().max().unwrap_or(0);
         // The op would write past the buffer: refuse before running it.
@@ -187,7 +186,7 @@ impl Runtime {
             bind.bind_output(format!("present.{layer}.{part}"), &mut *v).map_err(e("present"))?;
         }
         bind.bind_output_to_device("logits", &self.host_mem).map_err(e("logits"))?;
-        let out = self.decoder.run_binding(&bind).map_err(e("run"))?;
+        let out = self.run_decoder(&bind, -1)?;
         drop(kv);
         let logits = out_f32(out.get("logits").ok_or_else(|| RunError::Ort("decoder output logits missing".into()))?)?;
         let pad = ends.iter().map(|&end| total - end).collect();

@@ -8,12 +8,15 @@
 //! verify its graphs, the `runtime` app builds its commands and server on it.
 
 mod cache;
+mod choices;
 mod manifest;
 mod model;
+mod replay;
 mod running;
 
+pub use choices::Choice;
 pub use manifest::{trt_profiles, DecoderSpec, Graphs, ImageSpec, Manifest, QFormerSpec, TokenSpec, FORMAT};
-pub use model::{Cache, Choice, Request, Runtime};
+pub use model::{Cache, Request, Runtime};
 pub use qadapt_core::sampling::GenerateOptions;
 pub use running::Running;
 
@@ -111,11 +114,24 @@ pub struct Placement {
     pub max_batch: usize,
     /// TensorRT engine and timing cache (default: `EXPORT/trt-cache`).
     pub trt_cache: Option<PathBuf>,
+    /// Replay decode steps as CUDA graphs (CUDA provider, fused exports; see the `replay` module).
+    pub cuda_graph: bool,
+    /// The fixed-shape decode steps of `cuda_graph`, run eagerly: on any provider, so that the
+    /// path is testable without a GPU. Implied by `cuda_graph`.
+    pub fixed_steps: bool,
 }
 
 impl Default for Placement {
     fn default() -> Self {
-        Self { ep: Ep::Cpu, device_id: 0, fp16: false, max_batch: 8, trt_cache: None }
+        Self {
+            ep: Ep::Cpu,
+            device_id: 0,
+            fp16: false,
+            max_batch: 8,
+            trt_cache: None,
+            cuda_graph: false,
+            fixed_steps: false,
+        }
     }
 }
 
@@ -184,7 +200,12 @@ fn candidates(ep: Ep) -> Vec<Ep> {
 fn dispatch(ep: Ep, p: &Placement, graph: &str, m: &Manifest, cache: &Path) -> Vec<ort::ep::ExecutionProviderDispatch> {
     match ep {
         Ep::Cpu | Ep::Auto => vec![],
-        Ep::Cuda => vec![ort::ep::CUDA::default().with_device_id(p.device_id).build().error_on_failure()],
+        Ep::Cuda => {
+            // Only the decoder replays graphs: the other sessions' shapes change every run.
+            let graphs = p.cuda_graph && graph == m.graphs.decoder;
+            let cuda = ort::ep::CUDA::default().with_device_id(p.device_id).with_cuda_graph(graphs);
+            vec![cuda.build().error_on_failure()]
+        }
         Ep::Tensorrt => {
             let mut t = ort::ep::TensorRT::default()
                 .with_device_id(p.device_id)

@@ -1,6 +1,7 @@
 //! [`Runtime`]: the five graphs of an export (vision, embed, decoder; `cache_join` / `cache_select`
 //! for continuous batching) on one execution provider, and what is computed with them — image
-//! features, prefill, batched decoding, the Q-Align score and option likelihoods.
+//! features, prefill, batched decoding and the Q-Align score (option likelihoods: `choices.rs`; fixed-shape
+//! steps for CUDA graphs: `replay.rs`).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -8,11 +9,10 @@ use std::sync::{Arc, Mutex};
 use image::RgbImage;
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::DynValue;
+use ort::value::{DynTensor, DynValue};
 use qadapt_core::image::{pixel_values, PreprocessConfig};
-use qadapt_core::sampling::{log_prob, quality_score, AnswerJson, GenerateOptions, LevelProbs, LEVELS};
+use qadapt_core::sampling::{quality_score, AnswerJson, GenerateOptions, LevelProbs, LEVELS};
 use qadapt_core::template::{self, PromptIds};
-use qadapt_core::tokenizer::END_OF_TEXT;
 use qadapt_core::{QFormerTokenizer, TextTokenizer};
 
 use crate::{
@@ -94,19 +94,6 @@ pub struct Request<'a> {
     pub opts: GenerateOptions,
 }
 
-/// One option of [`Runtime::choices`] with its likelihood as the complete answer.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Choice {
-    /// The option text.
-    pub option: String,
-    /// Σ log p over the option's tokens and the closing `<|endoftext|>`.
-    pub log_prob: f64,
-    /// Tokens scored (the option's and `<|endoftext|>`).
-    pub tokens: usize,
-    /// Mean negative log-likelihood per token: the "option loss" the choice is made by.
-    pub loss: f64,
-}
-
 /// An opened export directory.
 pub struct Runtime {
     /// The export's `qadapt.json`.
@@ -138,6 +125,29 @@ pub struct Runtime {
     /// Where the decoder leaves the cache (the EP's device) and the logits (host).
     pub(crate) kv_mem: MemoryInfo<'static>,
     pub(crate) host_mem: MemoryInfo<'static>,
+    /// The decoder session replays CUDA graphs: every run names its graph (see [`crate::replay`]).
+    pub(crate) cuda_graph: bool,
+    /// Pooled caches and fixed-shape decode steps (`--cuda-graph`, or [`Placement::fixed_steps`]).
+    pub(crate) replay: Option<Replay>,
+}
+
+/// The pooled buffers and fixed step inputs of fixed-shape decode steps (run by `crate::replay`).
+#[derive(Default)]
+pub(crate) struct Replay {
+    pub(crate) sets: Vec<Set>,
+    /// Steps run on a pooled set so far.
+    pub(crate) steps: usize,
+}
+
+/// One batch size's cache buffers and the step inputs and output bound with them.
+pub(crate) struct Set {
+    pub(crate) rows: usize,
+    pub(crate) kv: Arc<Mutex<Vec<DynValue>>>,
+    pub(crate) embeds: DynTensor,
+    pub(crate) mask: DynTensor,
+    pub(crate) positions: Option<DynTensor>,
+    pub(crate) logits_positions: DynTensor,
+    pub(crate) logits: DynTensor,
 }
 
 impl Runtime {
@@ -158,6 +168,22 @@ impl Runtime {
             msg: format!("{e} (not a qadapt-export directory?)"),
         })?;
         let manifest = Manifest::parse(&text).map_err(|msg| RunError::Export { path: mpath.clone(), msg })?;
+        if place.cuda_graph && place.ep != Ep::Cuda {
+            return Err(RunError::Ep {
+                ep: place.ep.name().into(),
+                msg: "--cuda-graph needs the CUDA provider (--ep cuda): CUDA graphs are a feature of ONNX Runtime's \
+                      CUDA execution provider"
+                    .into(),
+            });
+        }
+        if (place.cuda_graph || place.fixed_steps) && !manifest.fused() {
+            return Err(RunError::Export {
+                path: mpath.clone(),
+                msg: "--cuda-graph needs a --fused export (variant \"fused\"): the standard graphs' cache grows \
+                      every step, so no decode step has fixed shapes"
+                    .into(),
+            });
+        }
         let env = environment(ort_lib)?;
         let cache = place.trt_cache.clone().unwrap_or_else(|| dir.join("trt-cache"));
         let open = |ep: Ep, file: &str| -> Result<Session> {
@@ -247,6 +273,8 @@ impl Runtime {
             keep_input,
             kv_mem,
             host_mem,
+            cuda_graph: place.cuda_graph,
+            replay: (place.cuda_graph || place.fixed_steps).then(Replay::default),
         })
     }
 
@@ -309,7 +337,7 @@ impl Runtime {
     /// One decoder pass over `embeds` [B, S, D] after the cached positions. Returns the logits
     /// [B·V] of the last position, or [B·S·V] of every position when `all`, and the grown cache.
     /// `cache` is only read, so several continuations can start from one prefill.
-    fn step(&mut self, embeds: Vec<f32>, cache: &Cache, all: bool) -> Result<(Vec<f32>, Cache)> {
+    pub(crate) fn step(&mut self, embeds: Vec<f32>, cache: &Cache, all: bool) -> Result<(Vec<f32>, Cache)> {
         let d = &self.manifest.decoder;
         let b = cache.pad.len();
         let s = embeds.len() / (b * d.hidden_size);
@@ -390,7 +418,7 @@ impl Runtime {
     /// Prefill of one question (and answer prefix) over a batch of images: every row has the same
     /// prompt, so no row is padded. Returns the last position's logits [B·V] and the cache, with
     /// room for `room` more positions per row.
-    fn prefill(
+    pub(crate) fn prefill(
         &mut self,
         imgs: &[&RgbImage],
         question: &str,
@@ -461,7 +489,10 @@ impl Runtime {
         }
         if self.fused {
             let slots = longest.saturating_add(room).min(self.manifest.decoder.max_positions);
-            let empty = self.empty_slots(b, slots)?;
+            let empty = match self.pooled_slots(b)? {
+                Some(pooled) => pooled,
+                None => self.empty_slots(b, slots)?,
+            };
             return self.step_fused(embeds, &empty, &lens, false);
         }
         let empty = self.empty_cache(lens.iter().map(|&l| longest - l).collect())?;
@@ -510,47 +541,6 @@ impl Runtime {
             level_probs: Some(probs),
             logprobs: None,
         }
-    }
-
-    /// Multiple choice by likelihood: each option scored as the complete answer to `question`
-    /// (its tokens as training renders an answer, `" {option}<|endoftext|>"`), all continuing one
-    /// prefill. The best option has the lowest loss (mean negative log-likelihood per token).
-    pub fn choices(&mut self, img: &RgbImage, question: &str, options: &[&str]) -> Result<Vec<Choice>> {
-        if options.is_empty() {
-            return Err(RunError::Input("no options to choose from".into()));
-        }
-        let tokenized = options
-            .iter()
-            .map(|o| Ok(self.tokenizer.encode(&format!(" {o}{END_OF_TEXT}"))?))
-            .collect::<Result<Vec<_>>>()?;
-        let room = tokenized.iter().map(Vec::len).max().unwrap_or(0);
-        let (first, cache) = self.prefill(&[img], question, None, room)?;
-        let mut out = Vec::with_capacity(options.len());
-        for (opt, ids) in options.iter().zip(tokenized) {
-            if cache.len + ids.len() > self.manifest.decoder.max_positions {
-                return Err(RunError::Input(format!("option {opt:?} does not fit in the model's positions")));
-            }
-            let mut lp = log_prob(&first, ids[0]);
-            if ids.len() > 1 {
-                let e = self.embed(&ids[..ids.len() - 1], 1)?;
-                // On a fused export each option overwrites the slots after the prompt.
-                let (logits, _) = if self.fused {
-                    self.step_fused(e, &cache, &[ids.len() - 1], true)?
-                } else {
-                    self.step(e, &cache, true)?
-                };
-                let v = logits.len() / (ids.len() - 1);
-                lp +=
-                    ids[1..].iter().enumerate().map(|(i, &id)| log_prob(&logits[i * v..(i + 1) * v], id)).sum::<f64>();
-            }
-            out.push(Choice { option: opt.to_string(), log_prob: lp, tokens: ids.len(), loss: -lp / ids.len() as f64 });
-        }
-        Ok(out)
-    }
-
-    /// The index of the best choice (lowest loss; the first wins ties).
-    pub fn best_choice(choices: &[Choice]) -> usize {
-        qadapt_core::qbench::best_choice(&choices.iter().map(|c| c.loss).collect::<Vec<_>>())
     }
 }
 

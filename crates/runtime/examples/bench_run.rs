@@ -1,7 +1,7 @@
 //! Times the runtime's generation loop: image → first token (TTFT) and decode ms/token at batch
 //! `B`, greedy, as `bench/cpu_run.sh` and `bench/gpu.sh` report it. Prints one JSON line.
 //!
-//!   bench_run EXPORT IMAGE QUESTION NEW_TOKENS REPS BATCH [cpu|cuda|tensorrt]
+//!   bench_run EXPORT IMAGE QUESTION NEW_TOKENS REPS BATCH [cpu|cpu-fixed|cuda|cuda-graph|tensorrt]
 
 use std::time::Instant;
 
@@ -9,17 +9,29 @@ use runtime::{Ep, GenerateOptions, Placement, Runtime};
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() >= 7, "usage: bench_run EXPORT IMAGE QUESTION NEW_TOKENS REPS BATCH [cpu|cuda|tensorrt]");
+    anyhow::ensure!(
+        a.len() >= 7,
+        "usage: bench_run EXPORT IMAGE QUESTION NEW_TOKENS REPS BATCH [cpu|cpu-fixed|cuda|cuda-graph|tensorrt]"
+    );
     let (new, reps, batch): (usize, usize, usize) = (a[4].parse()?, a[5].parse()?, a[6].parse()?);
-    let ep = match a.get(7).map(String::as_str) {
-        Some("cuda") => Ep::Cuda,
+    // `cuda-graph`: CUDA with decode steps replayed as CUDA graphs; `cpu-fixed`: the same
+    // fixed-shape steps run eagerly on the CPU (what the graphs cost without their launch savings).
+    let mode = a.get(7).map(String::as_str);
+    let ep = match mode {
+        Some("cuda" | "cuda-graph") => Ep::Cuda,
         Some("tensorrt") => Ep::Tensorrt,
         _ => Ep::Cpu,
     };
     let t_open = Instant::now();
     let mut rt = Runtime::open_with(
         std::path::Path::new(&a[1]),
-        &Placement { ep, max_batch: batch, ..Default::default() },
+        &Placement {
+            ep,
+            max_batch: batch,
+            cuda_graph: mode == Some("cuda-graph"),
+            fixed_steps: mode == Some("cpu-fixed"),
+            ..Default::default()
+        },
         None,
     )?;
     let open_s = t_open.elapsed().as_secs_f64();
@@ -74,7 +86,7 @@ fn main() -> anyhow::Result<()> {
     let steps = ids.len().saturating_sub(1).max(1);
     println!(
         "{}",
-        serde_json::json!({"ep": rt.ep, "batch": batch, "ttft_ms": t1, "decode_ms_per_token": (tn - t1) / steps as f64, "tokens": ids.len(), "ids": ids, "open_s": open_s, "preprocess_ms": preprocess_ms, "vision_ms": tv, "prompt_tokens": prompt_tokens})
+        serde_json::json!({"ep": rt.ep, "batch": batch, "ttft_ms": t1, "decode_ms_per_token": (tn - t1) / steps as f64, "tokens": ids.len(), "ids": ids, "open_s": open_s, "preprocess_ms": preprocess_ms, "vision_ms": tv, "prompt_tokens": prompt_tokens, "fixed_steps": rt.fixed_steps_run()})
     );
     Ok(())
 }

@@ -53,6 +53,10 @@ struct ModelArgs {
     /// TensorRT engine and timing cache directory (default: EXPORT/trt-cache).
     #[arg(long)]
     trt_cache: Option<PathBuf>,
+    /// Replay decode steps as CUDA graphs (needs --ep cuda and a --fused export): one-token steps
+    /// run on pooled cache buffers of max_positions slots per batch size, at fixed addresses.
+    #[arg(long)]
+    cuda_graph: bool,
 }
 
 impl ModelArgs {
@@ -63,6 +67,8 @@ impl ModelArgs {
             fp16: self.fp16,
             max_batch,
             trt_cache: self.trt_cache.clone(),
+            cuda_graph: self.cuda_graph,
+            fixed_steps: false,
         };
         let rt = Runtime::open_with(&self.model, &place, self.ort_lib.as_deref())
             .with_context(|| format!("opening {}", self.model.display()))?;

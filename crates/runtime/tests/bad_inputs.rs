@@ -136,3 +136,27 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// `--cuda-graph` where no CUDA graph can run: on the CPU or TensorRT provider, and on a standard
+/// export (whose cache grows every step, so no step has fixed shapes) — one clear line, exit 1,
+/// before any session opens.
+#[test]
+fn cuda_graphs_are_refused_where_they_cannot_run() {
+    let (_t1, standard) = exported("bunny_f32_bpe");
+    let (_t2, fused) = common::exported_variant("bunny_f32_bpe", true);
+    let img = fixtures().join("bunny_f32_bpe/image.png");
+    let img = img.to_str().unwrap();
+    let cases = [
+        ("on the CPU", fused.as_path(), "cpu", "--cuda-graph needs the CUDA provider (--ep cuda)"),
+        ("on TensorRT", fused.as_path(), "tensorrt", "--cuda-graph needs the CUDA provider (--ep cuda)"),
+        ("a standard export", standard.as_path(), "cuda", "--cuda-graph needs a --fused export"),
+    ];
+    for (what, dir, ep, needle) in cases {
+        let o = run_capped(&["--model", dir.to_str().unwrap(), "--image", img, "--score", "--ep", ep, "--cuda-graph"]);
+        let line = clear_error(&o, what, needle);
+        if ep == "cuda" {
+            assert!(line.contains("qadapt.json"), "{what}: {line}");
+        }
+        println!("{what:<18} {line}");
+    }
+}
