@@ -10,6 +10,7 @@ pub mod graph;
 #[allow(clippy::all, missing_docs)]
 pub mod onnx_pb;
 pub mod quant;
+pub mod record;
 pub mod verify;
 pub mod weights;
 pub mod write;

@@ -57,8 +57,25 @@ fn run_ort(
     outputs: &[&str],
     ft: FloatType,
 ) -> Result<Vec<Vec<f32>>> {
+    let mut session = open_session(env, graph)?;
+    run_session(&mut session, graph, inputs, outputs, ft)
+}
+
+/// A CPU session of `graph`.
+fn open_session(env: &ort::environment::Environment, graph: &Path) -> Result<Session> {
     let what = graph.display().to_string();
-    let mut session = Session::builder(env).map_err(ort_err(&what))?.commit_from_file(graph).map_err(ort_err(&what))?;
+    Session::builder(env).map_err(ort_err(&what))?.commit_from_file(graph).map_err(ort_err(&what))
+}
+
+/// One run of an opened session of `graph` (see [`run_ort`]).
+fn run_session(
+    session: &mut Session,
+    graph: &Path,
+    inputs: &[(&str, &Input)],
+    outputs: &[&str],
+    ft: FloatType,
+) -> Result<Vec<Vec<f32>>> {
+    let what = graph.display().to_string();
     // Callers offer what either variant reads; a graph gets the inputs it declares.
     let declared: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
     let mut feed = Vec::with_capacity(inputs.len());
@@ -222,10 +239,11 @@ fn verify_fused_decoder(
         }
     }
     let graph = dir.join("decoder.onnx");
-    let run = |inputs: &[(String, Input)]| {
+    let mut session = open_session(env, &graph)?;
+    let mut run = |inputs: &[(String, Input)]| {
         let ins: Vec<(&str, &Input)> = inputs.iter().map(|(n, x)| (n.as_str(), x)).collect();
         let outs: Vec<&str> = names.iter().map(String::as_str).collect();
-        run_ort(env, &graph, &ins, &outs, ft)
+        run_session(&mut session, &graph, &ins, &outs, ft)
     };
     let mut got = run(&inputs)?;
     let pre = got.remove(0);

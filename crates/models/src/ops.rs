@@ -166,9 +166,7 @@ pub trait Ops {
         b: &Self::T,
         eps: f64,
     ) -> Result<(Self::T, Self::T)> {
-        let sum = self.add(x, delta)?;
-        let normed = self.layer_norm(&sum, w, b, eps)?;
-        Ok((sum, normed))
+        composite_residual_layer_norm(self, x, delta, w, b, eps)
     }
 
     /// Scaled dot-product attention over split heads: `softmax(q kᵀ · scale + bias) v`, q [B, H, Lq, Dh],
@@ -192,6 +190,21 @@ pub trait Ops {
 /// Scaled dot-product attention over split heads (see [`Ops::attention`]).
 pub fn attention<O: Ops>(o: &mut O, q: &O::T, k: &O::T, v: &O::T, bias: Option<&O::T>, scale: f64) -> Result<O::T> {
     o.attention(q, k, v, bias, scale)
+}
+
+/// `(x + delta, LayerNorm(x + delta))` from the basic ops: the default of
+/// [`Ops::residual_layer_norm`], for interpreters that fuse it only sometimes.
+pub fn composite_residual_layer_norm<O: Ops + ?Sized>(
+    o: &mut O,
+    x: &O::T,
+    delta: &O::T,
+    w: &O::T,
+    b: &O::T,
+    eps: f64,
+) -> Result<(O::T, O::T)> {
+    let sum = o.add(x, delta)?;
+    let normed = o.layer_norm(&sum, w, b, eps)?;
+    Ok((sum, normed))
 }
 
 /// [`Ops::attention`] from the elementary ops, scores in the compute type: the default, and what

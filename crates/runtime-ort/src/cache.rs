@@ -101,25 +101,27 @@ impl Runtime {
         let shape = [rows, d.heads, slots, d.cache_head_dim()];
         let host = self.kv_mem == self.host_mem;
         let alloc = self.decoder_allocator()?;
+        // Slots past a row's end are never read; host buffers are zeroed all the same, so that no
+        // uninitialised memory is ever multiplied by a zero attention weight. Device buffers are
+        // left as allocated (the CUDA kernels read each row's own length only).
+        fn buffer<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Copy>(
+            alloc: &ort::memory::Allocator,
+            shape: [usize; 4],
+            zero: Option<T>,
+        ) -> Result<DynValue> {
+            let mut t = Tensor::<T>::new(alloc, shape).map_err(ort_err("cache buffer"))?;
+            if let Some(z) = zero {
+                t.extract_tensor_mut().1.fill(z);
+            }
+            Ok(t.into_dyn())
+        }
         let mut kv = Vec::with_capacity(2 * d.layers);
         for _ in 0..2 * d.layers {
-            // Slots past a row's end are never read; host buffers are zeroed all the same, so that
-            // no uninitialised memory is ever multiplied by a zero attention weight. Device buffers
-            // are left as allocated (the CUDA kernels read each row's own length only).
-            let v: DynValue = if self.f16 {
-                let mut t = Tensor::<half::f16>::new(&alloc, shape).map_err(ort_err("cache buffer"))?;
-                if host {
-                    t.extract_tensor_mut().1.fill(half::f16::ZERO);
-                }
-                t.into_dyn()
+            kv.push(if self.f16 {
+                buffer(&alloc, shape, host.then_some(half::f16::ZERO))?
             } else {
-                let mut t = Tensor::<f32>::new(&alloc, shape).map_err(ort_err("cache buffer"))?;
-                if host {
-                    t.extract_tensor_mut().1.fill(0.0);
-                }
-                t.into_dyn()
-            };
-            kv.push(v);
+                buffer(&alloc, shape, host.then_some(0f32))?
+            });
         }
         Ok(Cache::new(kv, 0, vec![0; rows], slots))
     }
