@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod bunny;
+mod checkpoint;
 pub mod engine;
 pub mod error;
 pub mod loader;
@@ -21,5 +22,5 @@ pub mod train_source;
 pub use bunny::{Bunny, ImageFeatures, QFormerText};
 pub use engine::Engine;
 pub use error::{Error, Result};
-pub use ops::{Candle, Ops, Param};
+pub use ops::{Block, Candle, Ops, Param, SideGrads};
 pub use qadapt_core::sampling::GenerateOptions;

@@ -6,7 +6,10 @@
 //! honest: forwards never read a batch or sequence length into a Rust integer and never branch on
 //! tensor values; every op here has a direct ONNX lowering.
 
-use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor, TensorId, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -156,6 +159,21 @@ pub trait Ops {
         Ok(None)
     }
 
+    /// Whether [`Ops::checkpoint`] checkpoints (then layers run as blocks and no cache is returned).
+    fn checkpointing(&self) -> bool {
+        false
+    }
+
+    /// Runs `block` on `inputs` (activations that get gradients) and `ctx` (masks, positions: no
+    /// gradient). The candle interpreter checkpoints it when training asks for it (see
+    /// [`Candle::checkpoint`]); every other interpreter just runs it.
+    fn checkpoint<B: Block>(&mut self, block: B, inputs: &[Self::T], ctx: &[Self::T]) -> Result<Vec<Self::T>>
+    where
+        Self: Sized,
+    {
+        block.forward(self, inputs, ctx)
+    }
+
     /// `(x + delta, LayerNorm(x + delta))`: a residual stream and the next block's normed input
     /// (one `SkipLayerNormalization` in fused graphs).
     fn residual_layer_norm(
@@ -249,6 +267,37 @@ fn attention_f32_scores(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
+/// A piece of a forward pass (a layer) that gradient checkpointing may run twice: unrecorded in the
+/// forward pass, then again, recorded, in the backward pass. It owns what it needs (cheap clones of
+/// the layer's parameters), because the backward pass runs it after the forward has returned.
+pub trait Block: Send + Sync + 'static {
+    /// The block's outputs from `inputs` (activations) and `ctx` (no gradient).
+    fn forward<O: Ops>(&self, o: &mut O, inputs: &[O::T], ctx: &[O::T]) -> Result<Vec<O::T>>;
+}
+
+/// The gradients of parameters used inside checkpointed blocks: the backward pass computes them while
+/// it recomputes the blocks, outside the gradient store `backward()` returns.
+#[derive(Debug, Clone, Default)]
+pub struct SideGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+
+impl SideGrads {
+    /// Removes and returns the gradient accumulated for `t`.
+    pub fn take(&self, t: &Tensor) -> Option<Tensor> {
+        self.0.lock().ok()?.remove(&t.id())
+    }
+
+    /// Adds `g` to the gradient of `t`.
+    pub(crate) fn add(&self, t: &Tensor, g: Tensor) -> Result<()> {
+        let mut m = self.0.lock().map_err(|_| crate::Error::Input("checkpoint gradients poisoned".into()))?;
+        let g = match m.remove(&t.id()) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        m.insert(t.id(), g);
+        Ok(())
+    }
+}
+
 /// The candle interpreter: runs the ops on tensors.
 #[derive(Debug, Clone)]
 pub struct Candle {
@@ -260,17 +309,25 @@ pub struct Candle {
     /// reproducible, and every op keeps its backward; `None` (inference) makes dropout the identity
     /// and allows fused kernels without gradients.
     pub dropout_rng: Option<StdRng>,
+    /// Gradient checkpointing (training): [`Ops::checkpoint`] blocks keep only their inputs, and the
+    /// gradients of the parameters inside them arrive here during `backward()`.
+    pub checkpointing: Option<SideGrads>,
+    /// A block's unrecorded forward: parameters are handed out detached.
+    pub(crate) quiet: bool,
+    /// A block's forward or recomputation: the parameters it used (which train; whose gradients to
+    /// collect).
+    pub(crate) used: Option<Arc<Mutex<Vec<Tensor>>>>,
 }
 
 impl Candle {
     /// An inference interpreter computing in `dtype` on `device`.
     pub fn new(device: Device, dtype: DType) -> Self {
-        Self { device, dtype, dropout_rng: None }
+        Self { device, dtype, dropout_rng: None, checkpointing: None, quiet: false, used: None }
     }
 
     /// A training interpreter whose dropout masks derive from `seed`.
     pub fn training(device: Device, dtype: DType, seed: u64) -> Self {
-        Self { device, dtype, dropout_rng: Some(StdRng::seed_from_u64(seed)) }
+        Self { dropout_rng: Some(StdRng::seed_from_u64(seed)), ..Self::new(device, dtype) }
     }
 }
 
@@ -278,7 +335,23 @@ impl Ops for Candle {
     type T = Tensor;
 
     fn param(&mut self, p: &Param) -> Result<Tensor> {
-        Ok(p.t.clone())
+        if let Some(used) = &self.used {
+            used.lock().map_err(|_| crate::Error::Input("checkpoint parameters poisoned".into()))?.push(p.t.clone());
+        }
+        Ok(if self.quiet { p.t.detach() } else { p.t.clone() })
+    }
+    fn checkpointing(&self) -> bool {
+        self.checkpointing.is_some()
+    }
+    fn checkpoint<B: Block>(&mut self, block: B, inputs: &[Tensor], ctx: &[Tensor]) -> Result<Vec<Tensor>> {
+        if self.checkpointing.is_none() {
+            return block.forward(self, inputs, ctx);
+        }
+        self.checkpointed(
+            Arc::new(move |o: &mut Candle, x: &[Tensor], c: &[Tensor]| block.forward(o, x, c)),
+            inputs,
+            ctx,
+        )
     }
     fn linear(&mut self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         // One [rows, in] × [in, out] product: broadcasting the weight over the batch instead makes

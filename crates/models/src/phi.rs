@@ -2,11 +2,13 @@
 //! past) → (logits, present)` — exactly the `decoder.onnx` signature, so the request owns its cache.
 //! Keys: `model.embed_tokens`, `model.layers.N`, `model.final_layernorm`, `lm_head` (Bunny: no bias).
 
+use std::sync::Arc;
+
 use qadapt_core::BunnyConfig;
 
 use crate::loader::Vb;
 use crate::nn::{LayerNorm, Linear};
-use crate::ops::{attention, Ops, Param, SelfAttention};
+use crate::ops::{attention, Block, Ops, Param, SelfAttention};
 use crate::{Error, Result};
 
 /// One decoder layer. Parallel block: `h = ln(x); x = x + attn(h) + mlp(h)`.
@@ -148,22 +150,53 @@ impl Phi {
         };
         let mut x = embeds.clone();
         let mut h = first.input_layernorm.forward(o, &x)?;
+        if past.is_none() && o.checkpointing() {
+            // Training with gradient checkpointing: each layer a block that keeps only (x, h).
+            let phi = Arc::new(self.clone());
+            let ctx = [mask2d.clone(), position_ids.clone()];
+            for i in 0..self.layers.len() {
+                let out = o.checkpoint(LayerBlock { phi: phi.clone(), i }, &[x, h], &ctx)?;
+                let [nx, nh]: [O::T; 2] =
+                    out.try_into().map_err(|_| Error::Input("a phi layer block returns (x, h)".into()))?;
+                (x, h) = (nx, nh);
+            }
+            return Ok((h, Vec::new()));
+        }
         let mut shared = Shared::default();
         let mut present = Vec::with_capacity(self.layers.len());
-        for (i, layer) in self.layers.iter().enumerate() {
-            let cache = past.map(|p| &p[i]);
-            let (a, kv) = self.attention(o, layer, &h, cache, mask2d, position_ids, &mut shared)?; // [B, S, D]
-            let a = layer.dense.forward(o, &a)?;
-            let m = layer.fc1.forward(o, &h)?;
-            let m = o.gelu_tanh(&m)?;
-            let m = layer.fc2.forward(o, &m)?;
-            // HF's order: (attn + mlp) + residual, then the next block's (or the final) LayerNorm.
-            let delta = o.add(&a, &m)?;
-            let next = self.layers.get(i + 1).map_or(&self.final_layernorm, |l| &l.input_layernorm);
-            (x, h) = next.residual(o, &x, &delta)?;
+        for i in 0..self.layers.len() {
+            let kv;
+            (x, h, kv) = self.layer(o, i, &x, &h, past.map(|p| &p[i]), mask2d, position_ids, &mut shared)?;
             present.push(kv);
         }
         Ok((h, present))
+    }
+
+    /// Layer `i`: the residual stream `x` and its normed form `h` → the next layer's (x, h) (its
+    /// LayerNorm, or the final one, applied) and this layer's present (K, V).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn layer<O: Ops>(
+        &self,
+        o: &mut O,
+        i: usize,
+        x: &O::T,
+        h: &O::T,
+        past: Option<&KvPair<O::T>>,
+        mask2d: &O::T,
+        position_ids: &O::T,
+        shared: &mut Shared<O::T>,
+    ) -> Result<(O::T, O::T, KvPair<O::T>)> {
+        let layer = &self.layers[i];
+        let (a, kv) = self.attention(o, layer, h, past, mask2d, position_ids, shared)?; // [B, S, D]
+        let a = layer.dense.forward(o, &a)?;
+        let m = layer.fc1.forward(o, h)?;
+        let m = o.gelu_tanh(&m)?;
+        let m = layer.fc2.forward(o, &m)?;
+        // HF's order: (attn + mlp) + residual, then the next block's (or the final) LayerNorm.
+        let delta = o.add(&a, &m)?;
+        let next = self.layers.get(i + 1).map_or(&self.final_layernorm, |l| &l.input_layernorm);
+        let (x, h) = next.residual(o, x, &delta)?;
+        Ok((x, h, kv))
     }
 
     /// One layer's self-attention over its cache: the fused kernel when the interpreter has one,
@@ -219,6 +252,22 @@ impl Phi {
         let head_dim = layer.q_proj.dims().1 / self.heads;
         let a = attention(o, &q, &k, &v, shared.bias.as_ref(), 1.0 / (head_dim as f64).sqrt())?;
         Ok((o.merge_heads(&a)?, (k, v)))
+    }
+}
+
+/// Layer `i` of a phi model as a checkpointable block: inputs (x, h), ctx (mask2d, position_ids).
+struct LayerBlock {
+    phi: Arc<Phi>,
+    i: usize,
+}
+
+impl Block for LayerBlock {
+    fn forward<O: Ops>(&self, o: &mut O, inputs: &[O::T], ctx: &[O::T]) -> Result<Vec<O::T>> {
+        let ([x, h], [mask2d, position_ids]) = (inputs, ctx) else {
+            return Err(Error::Input("a phi layer block takes (x, h) and (mask2d, position_ids)".into()));
+        };
+        let (x, h, _) = self.phi.layer(o, self.i, x, h, None, mask2d, position_ids, &mut Shared::default())?;
+        Ok(vec![x, h])
     }
 }
 

@@ -1,11 +1,13 @@
 //! SigLIP vision tower (HF `SiglipVisionModel`), run to the second-to-last layer as Bunny does.
 //! Keys under `model.vision_tower.vision_tower.vision_model`.
 
+use std::sync::Arc;
+
 use qadapt_core::VisionConfig;
 
 use crate::loader::Vb;
 use crate::nn::{LayerNorm, Linear};
-use crate::ops::{attention, Ops, Param};
+use crate::ops::{attention, Block, Ops, Param};
 use crate::{Error, Result};
 
 /// Multi-head self-attention of one encoder layer.
@@ -120,16 +122,50 @@ impl SiglipVision {
         let pos = o.param(&self.position_embedding)?; // [N, D]
         x = o.add(&x, &pos)?;
         let Some(first) = self.layers.first() else { return Ok(x) };
-        let mut h = first.layer_norm1.forward(o, &x)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.self_attn.forward(o, &h)?;
-            let (mid, h2) = layer.layer_norm2.residual(o, &x, &a)?;
-            let m = layer.mlp(o, &h2)?;
-            match self.layers.get(i + 1) {
-                Some(next) => (x, h) = next.layer_norm1.residual(o, &mid, &m)?,
-                None => x = o.add(&mid, &m)?,
-            }
+        let h = first.layer_norm1.forward(o, &x)?;
+        let tower = o.checkpointing().then(|| Arc::new(self.clone()));
+        let mut xh = vec![x, h];
+        for i in 0..self.layers.len() {
+            let [x, h] = xh.as_slice() else {
+                return Err(Error::Input(format!("SigLIP layer {i} got {} inputs, not (x, h)", xh.len())));
+            };
+            xh = match &tower {
+                // Gradient checkpointing: each layer a block that keeps only (x, h).
+                Some(t) => o.checkpoint(LayerBlock { tower: t.clone(), i }, &xh, &[])?,
+                None => self.layer(o, i, x, h)?,
+            };
         }
-        Ok(x)
+        xh.into_iter().next().ok_or_else(|| Error::Input("the last SigLIP layer returned nothing".into()))
+    }
+
+    /// Layer `i`: the residual stream `x` and its normed form `h` → the next layer's `[x, h]` (its
+    /// first LayerNorm applied), or `[x]` after the last layer.
+    fn layer<O: Ops>(&self, o: &mut O, i: usize, x: &O::T, h: &O::T) -> Result<Vec<O::T>> {
+        let layer = &self.layers[i];
+        let a = layer.self_attn.forward(o, h)?;
+        let (mid, h2) = layer.layer_norm2.residual(o, x, &a)?;
+        let m = layer.mlp(o, &h2)?;
+        Ok(match self.layers.get(i + 1) {
+            Some(next) => {
+                let (x, h) = next.layer_norm1.residual(o, &mid, &m)?;
+                vec![x, h]
+            }
+            None => vec![o.add(&mid, &m)?],
+        })
+    }
+}
+
+/// Layer `i` of the tower as a checkpointable block: inputs (x, h), no ctx.
+struct LayerBlock {
+    tower: Arc<SiglipVision>,
+    i: usize,
+}
+
+impl Block for LayerBlock {
+    fn forward<O: Ops>(&self, o: &mut O, inputs: &[O::T], _ctx: &[O::T]) -> Result<Vec<O::T>> {
+        let [x, h] = inputs else {
+            return Err(Error::Input("a SigLIP layer block takes (x, h)".into()));
+        };
+        self.tower.layer(o, self.i, x, h)
     }
 }

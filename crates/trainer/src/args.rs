@@ -185,6 +185,10 @@ pub struct TrainSettings {
     /// Compute dtype (trainable weights keep f32 master copies).
     #[arg(long, default_value = "f32", value_parser = dtype_parser())]
     pub dtype: Dtype,
+    /// Keep only each SigLIP and phi layer's inputs in the forward pass and recompute the layer in
+    /// the backward pass (same dropout masks): less activation memory, one more forward per step.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 impl TrainSettings {

@@ -60,6 +60,7 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
                 dtype: a.settings.dtype,
                 random_weights: a.random_weights,
                 modules: Some(modules),
+                gradient_checkpointing: a.settings.gradient_checkpointing,
             };
             (cfg, false)
         }

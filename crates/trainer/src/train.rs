@@ -59,6 +59,9 @@ pub struct TrainConfig {
     /// What trains; absent in configs written before `--train` existed: the stage's default.
     #[serde(default)]
     pub modules: Option<Modules>,
+    /// Recompute each SigLIP and phi layer in the backward pass instead of keeping its activations.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl TrainConfig {
@@ -384,6 +387,7 @@ impl Loop<'_> {
             let ts = Instant::now();
             let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64);
             let mut o = Candle::training(self.device.clone(), self.dtype, seed);
+            o.checkpointing = cfg.gradient_checkpointing.then(models::SideGrads::default);
             let mut grads: HashMap<String, Tensor> = HashMap::new();
             let mut loss_sum = 0f32;
             for micro in 0..cfg.grad_accum {
@@ -409,7 +413,13 @@ impl Loop<'_> {
                     "micro-batch"
                 );
                 for (k, var) in &self.trainee.vars {
-                    if let Some(gr) = g.get(var.as_tensor()) {
+                    // Parameters inside checkpointed layers get their gradients on the side.
+                    let side = o.checkpointing.as_ref().and_then(|s| s.take(var.as_tensor()));
+                    let gr = match (g.get(var.as_tensor()), side) {
+                        (Some(a), Some(b)) => Some((a + b)?),
+                        (a, b) => a.cloned().or(b),
+                    };
+                    if let Some(gr) = gr {
                         let gr = gr.to_dtype(DType::F32)?;
                         let acc = match grads.remove(k) {
                             Some(a) => (a + gr)?,

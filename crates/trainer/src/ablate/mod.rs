@@ -251,6 +251,7 @@ fn run_one(
                 dtype: s.dtype,
                 random_weights: false,
                 modules: Some(st.modules),
+                gradient_checkpointing: s.gradient_checkpointing,
             };
             let resume = crate::checkpoint::latest_checkpoint(&run).is_some();
             let before = bar.position();
