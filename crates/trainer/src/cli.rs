@@ -67,8 +67,9 @@ pub fn train(a: &TrainArgs, stage: Stage) -> anyhow::Result<()> {
     };
     let s = crate::train::run(&cfg, resume)?;
     eprintln!(
-        "{:?} done: {} steps, {} samples in {:.1} s ({:.2} samples/s); loss {:.4} → {:.4} (mean of last 10: {:.4}); {} trainable parameters; adapter in {}",
-        s.stage, s.steps, s.samples, s.seconds, s.samples_per_s, s.first_loss, s.final_loss, s.mean_last10_loss, s.trainable_params, s.adapter_dir.display()
+        "{:?} done: {} steps, {} samples in {:.1} s ({:.2} samples/s); loss {:.4} → {:.4} (mean of last 10: {:.4}); {} trainable parameters; peak RSS {}; adapter in {}",
+        s.stage, s.steps, s.samples, s.seconds, s.samples_per_s, s.first_loss, s.final_loss, s.mean_last10_loss, s.trainable_params,
+        s.peak_rss_mb.map_or("unknown".to_string(), |m| format!("{m:.0} MB")), s.adapter_dir.display()
     );
     Ok(())
 }

@@ -15,6 +15,18 @@ pub struct Metric {
     pub lr: f64,
     pub grad_norm: f64,
     pub samples_per_s: f64,
+    /// Peak resident memory of the training process so far, in MB (Linux; absent elsewhere and in
+    /// runs written before it was logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Peak resident memory of this process so far (`VmHWM` of `/proc/self/status`), in MB; `None`
+/// where the kernel does not report it.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim();
+    Some(kb.parse::<f64>().ok()? / 1024.0)
 }
 
 /// Reads the metrics of `path` (none if it does not exist).

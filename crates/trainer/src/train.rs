@@ -102,6 +102,8 @@ pub struct Summary {
     /// Mean text tokens per sample and image tokens per sample (the sequence is their sum).
     pub mean_text_tokens: f64,
     pub image_tokens: usize,
+    /// Peak resident memory of the process at the end of the run, in MB (Linux).
+    pub peak_rss_mb: Option<f64>,
     pub truncated_samples: usize,
     pub randomly_initialised: usize,
     pub adapter_dir: PathBuf,
@@ -445,6 +447,7 @@ impl Loop<'_> {
                 lr: cfg.lr * mult,
                 grad_norm,
                 samples_per_s: sps,
+                peak_rss_mb: metrics::peak_rss_mb(),
             };
             metrics::append(&metrics_path, &m)?;
             metrics.push(m);
@@ -531,6 +534,7 @@ fn summarize(
         step_ms_median: step_ms.get(step_ms.len() / 2).copied().unwrap_or(f64::NAN),
         mean_text_tokens: encoded.iter().map(|e| e.prompt.ids.len()).sum::<usize>() as f64 / encoded.len() as f64,
         image_tokens: setup.n_img,
+        peak_rss_mb: metrics::peak_rss_mb(),
         truncated_samples: data.truncated,
         randomly_initialised: t.randomised,
         adapter_dir,

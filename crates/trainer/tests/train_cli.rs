@@ -367,6 +367,16 @@ fn gradient_checkpointing_changes_no_bit() {
     };
     let (a, b) = (metrics(&plain), metrics(&ckpt));
     assert_eq!(a.len(), 4);
+    // The trainer logs its own peak memory, per step and in the summary.
+    for r in [&plain, &ckpt] {
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(r.join("summary.json")).unwrap()).unwrap();
+        let peak = summary["peak_rss_mb"].as_f64().unwrap_or(0.0);
+        assert!(peak > 1.0, "{}: peak_rss_mb {peak}", r.display());
+        let last = std::fs::read_to_string(r.join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+        assert!(last["peak_rss_mb"].as_f64().is_some_and(|m| m > 1.0 && m <= peak), "{last}");
+    }
     assert_eq!(a, b, "losses / gradient norms differ with gradient checkpointing");
     // Identical gradients give identical updates: every trained tensor equal bit for bit.
     for f in ["final/adapter_model.safetensors", "final/non_lora_trainables.safetensors"] {
