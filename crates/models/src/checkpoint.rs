@@ -7,7 +7,7 @@
 //!
 //! The recomputation starts from the dropout RNG state the forward pass had, so both passes draw the
 //! same masks and run the same ops on the same values: losses and gradients equal an uncheckpointed
-//! run's bit for bit (tested by the trainer).
+//! run's bit for bit (tested below per parameter, and end to end by the trainer).
 
 use std::sync::{Arc, Mutex};
 
@@ -181,23 +181,17 @@ mod tests {
     use crate::loader::Checkpoint;
     use crate::ops::{Candle, SideGrads};
     use crate::train_source::{LoraSpec, TrainSource};
-    use crate::Bunny;
+    use crate::{Bunny, QFormerText};
 
-    /// Per-parameter gradients of a loss over the vision tower and the LLM, with LoRA (dropout on)
-    /// in both, computed plainly and with every layer checkpointed: equal bit for bit.
-    #[test]
-    fn checkpointed_gradients_equal_plain_ones() {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bunny_f32_bpe/model");
+    /// Per-parameter gradients and the loss of a run over `fixture`, plain or with every layer
+    /// checkpointed: the image features (through the prompt module, for a Q-Adapt fixture) and the
+    /// LLM's hidden states, weighted into one loss.
+    fn gradients(fixture: &str, lora: Option<LoraSpec>, checkpoint: bool) -> (f32, Vec<(String, Vec<f32>)>) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(fixture).join("model");
         let dev = Device::Cpu;
         let ck = Checkpoint::open(&dir, &dev, DType::F32).unwrap();
-        let lora = LoraSpec {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.1,
-            targets: ["q_proj", "k_proj", "v_proj", "dense", "out_proj", "fc1", "fc2"].map(String::from).to_vec(),
-            scopes: vec!["model.layers.".into(), format!("{}.encoder.layers.", crate::bunny::VISION_PREFIX)],
-        };
-        let src = TrainSource::new(&ck, |k| k.starts_with("model.mm_projector"), Some(lora), &dev, DType::F32, 7);
+        let trainable = |k: &str| k.starts_with("model.mm_projector") || k.starts_with("model.vlm_");
+        let src = TrainSource::new(&ck, trainable, lora, &dev, DType::F32, 7);
         let config = qadapt_core::BunnyConfig::from_file(&dir.join("config.json")).unwrap();
         let model = Bunny::new(&src, config).unwrap();
         let vars = src.vars();
@@ -208,30 +202,37 @@ mod tests {
         }
         let s = model.config.vision_config.image_size;
         let pixels = Tensor::randn(0f32, 1.0, (2, 3, s, s), &dev).unwrap();
-        let run = |checkpoint: bool| {
-            let mut o = Candle::training(dev.clone(), DType::F32, 11);
-            o.checkpointing = checkpoint.then(SideGrads::default);
-            let feats = model.image_features(&mut o, &pixels, None).unwrap().projected; // [2, N, D]
-            let n = feats.dim(1).unwrap();
-            let mask = Tensor::ones((2, n), DType::I64, &dev).unwrap();
-            let pos = Tensor::arange(0i64, n as i64, &dev).unwrap().unsqueeze(0).unwrap().repeat((2, 1)).unwrap();
-            let (h, _) = model.llm.hidden(&mut o, &feats, &mask, &pos, None).unwrap();
-            let w = Tensor::arange(0f32, h.elem_count() as f32, &dev).unwrap().reshape(h.shape()).unwrap();
-            let loss = (h * w.sin().unwrap()).unwrap().sum_all().unwrap();
-            let g = loss.backward().unwrap();
-            let grads: Vec<(String, Vec<f32>)> = vars
-                .iter()
-                .map(|(k, v)| {
-                    let side = o.checkpointing.as_ref().and_then(|s| s.take(v.as_tensor()));
-                    let gr = g.get(v.as_tensor()).cloned().or(side).unwrap_or_else(|| panic!("{k}: no gradient"));
-                    (k.clone(), gr.flatten_all().unwrap().to_vec1().unwrap())
-                })
-                .collect();
-            (loss.to_scalar::<f32>().unwrap(), grads)
-        };
-        let (plain_loss, plain) = run(false);
-        let (ckpt_loss, ckpt) = run(true);
-        assert_eq!(plain_loss.to_bits(), ckpt_loss.to_bits());
+        // A question for the prompt module: row 1 padded after 3 tokens.
+        let ids =
+            Tensor::new(&[[101u32, 7, 9, 12, 102], [101, 5, 102, 0, 0]], &dev).unwrap().to_dtype(DType::I64).unwrap();
+        let text_mask = Tensor::new(&[[1i64, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &dev).unwrap();
+        let mut o = Candle::training(dev.clone(), DType::F32, 11);
+        o.checkpointing = checkpoint.then(SideGrads::default);
+        let text = model.is_qadapt().then_some(QFormerText { input_ids: &ids, attention_mask: &text_mask });
+        let feats = model.image_features(&mut o, &pixels, text).unwrap().projected; // [2, N, D]
+        let n = feats.dim(1).unwrap();
+        let mask = Tensor::ones((2, n), DType::I64, &dev).unwrap();
+        let pos = Tensor::arange(0i64, n as i64, &dev).unwrap().unsqueeze(0).unwrap().repeat((2, 1)).unwrap();
+        let (h, _) = model.llm.hidden(&mut o, &feats, &mask, &pos, None).unwrap();
+        let w = Tensor::arange(0f32, h.elem_count() as f32, &dev).unwrap().reshape(h.shape()).unwrap();
+        let loss = (h * w.sin().unwrap()).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let grads = vars
+            .iter()
+            .map(|(k, v)| {
+                let side = o.checkpointing.as_ref().and_then(|s| s.take(v.as_tensor()));
+                let gr = g.get(v.as_tensor()).cloned().or(side).unwrap_or_else(|| panic!("{k}: no gradient"));
+                (k.clone(), gr.flatten_all().unwrap().to_vec1().unwrap())
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    }
+
+    /// Asserts that checkpointing changes no bit of the loss or of any gradient.
+    fn assert_checkpointing_changes_no_bit(fixture: &str, lora: Option<LoraSpec>, min_vars: usize) {
+        let (plain_loss, plain) = gradients(fixture, lora.clone(), false);
+        let (ckpt_loss, ckpt) = gradients(fixture, lora, true);
+        assert_eq!(plain_loss.to_bits(), ckpt_loss.to_bits(), "loss {plain_loss} vs {ckpt_loss}");
         let mut bad = Vec::new();
         for ((k, a), (_, b)) in plain.iter().zip(&ckpt) {
             let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
@@ -239,7 +240,27 @@ mod tests {
                 bad.push(format!("{k}: max |Δ| {d:e}"));
             }
         }
-        assert!(vars.len() > 10, "{} variables", vars.len());
-        assert!(bad.is_empty(), "{} of {} gradients differ:\n{}", bad.len(), vars.len(), bad.join("\n"));
+        assert!(plain.len() >= min_vars, "{} variables", plain.len());
+        assert!(bad.is_empty(), "{} of {} gradients differ:\n{}", bad.len(), plain.len(), bad.join("\n"));
+    }
+
+    /// Stage 1: LoRA (dropout on) in the vision tower and the LLM, and the connector.
+    #[test]
+    fn checkpointed_gradients_equal_plain_ones() {
+        let lora = LoraSpec {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: ["q_proj", "k_proj", "v_proj", "dense", "out_proj", "fc1", "fc2"].map(String::from).to_vec(),
+            scopes: vec!["model.layers.".into(), format!("{}.encoder.layers.", crate::bunny::VISION_PREFIX)],
+        };
+        assert_checkpointing_changes_no_bit("bunny_f32_bpe", Some(lora), 40);
+    }
+
+    /// Stage 2: the prompt module (Q-Former layers checkpointed, the image cross-attended on some)
+    /// and the connector train, behind the frozen vision tower and in front of the frozen LLM.
+    #[test]
+    fn checkpointed_stage2_gradients_equal_plain_ones() {
+        assert_checkpointing_changes_no_bit("qadapt_f32_sharded", None, 40);
     }
 }

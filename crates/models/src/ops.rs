@@ -361,7 +361,14 @@ impl Ops for Candle {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("linear input has at least one dim") = n;
-        let y = x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?;
+        let x2 = x.reshape((rows, k))?;
+        // Training through a frozen weight: no gradient for the weight (see `crate::frozen`).
+        let y = if self.dropout_rng.is_some() && x2.track_op() && !w.track_op() {
+            crate::frozen::frozen_matmul(&x2, w)?
+        } else {
+            x2.matmul(&w.t()?)?
+        };
+        let y = y.reshape(out_dims)?;
         Ok(match b {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -3,11 +3,13 @@
 //! on every `cross_attention_freq`-th layer the query rows alone cross-attend to the image; query rows
 //! and text rows have separate feed-forward weights (`*_query`). Post-LN residuals throughout.
 
+use std::sync::Arc;
+
 use qadapt_core::QFormerConfig;
 
 use crate::loader::Vb;
 use crate::nn::{LayerNorm, Linear};
-use crate::ops::{attention, Ops, Param};
+use crate::ops::{attention, Block, Ops, Param};
 use crate::{Error, Result};
 
 /// BERT attention + `output.dense` + post-LN residual (`attention` or `crossattention`).
@@ -34,14 +36,15 @@ impl BertAttention {
         })
     }
 
-    /// `LN(dense(attn(x, kv)) + x)`; x [B, L, D], kv [B, M, kv_dim], bias [B, 1, 1, M].
-    fn forward<O: Ops>(&self, o: &mut O, x: &O::T, kv: &O::T, bias: Option<&O::T>) -> Result<O::T> {
+    /// `LN(dense(attn(x, kv)) + x)`; x [B, L, D], kv [B, M, kv_dim] (the same values as `k_in` and
+    /// `v_in`, which gradient checkpointing keeps as two tensors), bias [B, 1, 1, M].
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::T, k_in: &O::T, v_in: &O::T, bias: Option<&O::T>) -> Result<O::T> {
         let d = self.query.dims().1;
         let q = self.query.forward(o, x)?;
         let q = o.split_heads(&q, self.heads)?;
-        let k = self.key.forward(o, kv)?;
+        let k = self.key.forward(o, k_in)?;
         let k = o.split_heads(&k, self.heads)?;
-        let v = self.value.forward(o, kv)?;
+        let v = self.value.forward(o, v_in)?;
         let v = o.split_heads(&v, self.heads)?;
         let a = attention(o, &q, &k, &v, bias, 1.0 / ((d / self.heads) as f64).sqrt())?;
         let a = o.merge_heads(&a)?;
@@ -153,18 +156,71 @@ impl QFormer {
         let mask = o.cat(&[query_mask, text_mask.clone()], 1)?;
         let bias = o.padding_bias(&mask, -10000.0)?; // BERT's additive mask, not −inf (DESIGN §7.5)
 
-        for layer in &self.layers {
-            x = layer.attention.forward(o, &x, &x, Some(&bias))?;
-            let q = o.narrow(&x, 1, 0, Some(nq))?; // [B, Nq, D]
-            let q = match &layer.crossattention {
-                Some(c) => c.forward(o, &q, image, None)?,
-                None => q,
+        let qformer = o.checkpointing().then(|| Arc::new(self.clone()));
+        for i in 0..self.layers.len() {
+            x = match &qformer {
+                // Gradient checkpointing: each layer a block that keeps only its inputs. The image
+                // goes in twice (key and value side), so that each copy's gradient is one term and
+                // the image's gradient sums its terms in the plain pass's order.
+                Some(q) => {
+                    let inputs = match self.layers[i].crossattention {
+                        Some(_) => vec![x, image.clone(), image.clone()],
+                        None => vec![x],
+                    };
+                    let out = o.checkpoint(LayerBlock { qformer: q.clone(), i, nq }, &inputs, &[bias.clone()])?;
+                    out.into_iter()
+                        .next()
+                        .ok_or_else(|| Error::Input(format!("Q-Former layer {i} returned nothing")))?
+                }
+                None => self.layer(o, i, &x, image, image, &bias, nq)?,
             };
-            let q = layer.ffn_query.forward(o, &q)?;
-            let t = o.narrow(&x, 1, nq, None)?; // [B, T, D]
-            let t = layer.ffn_text.forward(o, &t)?;
-            x = o.cat(&[q, t], 1)?;
         }
         o.narrow(&x, 1, 0, Some(nq))
+    }
+
+    /// Layer `i`: x [B, Nq+T, D] → the next x; `k_image` and `v_image` are the image (see
+    /// [`BertAttention::forward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn layer<O: Ops>(
+        &self,
+        o: &mut O,
+        i: usize,
+        x: &O::T,
+        k_image: &O::T,
+        v_image: &O::T,
+        bias: &O::T,
+        nq: usize,
+    ) -> Result<O::T> {
+        let layer = &self.layers[i];
+        let x = layer.attention.forward(o, x, x, x, Some(bias))?;
+        let q = o.narrow(&x, 1, 0, Some(nq))?; // [B, Nq, D]
+        let q = match &layer.crossattention {
+            Some(c) => c.forward(o, &q, k_image, v_image, None)?,
+            None => q,
+        };
+        let q = layer.ffn_query.forward(o, &q)?;
+        let t = o.narrow(&x, 1, nq, None)?; // [B, T, D]
+        let t = layer.ffn_text.forward(o, &t)?;
+        o.cat(&[q, t], 1)
+    }
+}
+
+/// Layer `i` of the Q-Former as a checkpointable block: inputs `[x]`, or `[x, image, image]` on a
+/// cross-attention layer; ctx `[bias]`.
+struct LayerBlock {
+    qformer: Arc<QFormer>,
+    i: usize,
+    nq: usize,
+}
+
+impl Block for LayerBlock {
+    fn forward<O: Ops>(&self, o: &mut O, inputs: &[O::T], ctx: &[O::T]) -> Result<Vec<O::T>> {
+        let (x, k_image, v_image) = match inputs {
+            [x] => (x, x, x),
+            [x, k, v] => (x, k, v),
+            _ => return Err(Error::Input("a Q-Former layer block takes [x] or [x, image, image]".into())),
+        };
+        let [bias] = ctx else { return Err(Error::Input("a Q-Former layer block takes [bias]".into())) };
+        Ok(vec![self.qformer.layer(o, self.i, x, k_image, v_image, bias, self.nq)?])
     }
 }

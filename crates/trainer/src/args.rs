@@ -31,6 +31,9 @@ pub enum Command {
     Synth(SynthArgs),
     /// Answer accuracy on held-out conversations and SROCC / PLCC of the score against labels.
     Eval(EvalArgs),
+    /// Expected peak memory of a training step, by part, per stage, before reading any weight
+    /// (takes the same settings as stage1 / stage2).
+    Plan(PlanArgs),
     /// Compare tuning recipes (the paper's joint / two-stage / progressive and its Table 8 rows) at
     /// equal budgets over several seeds: ablation.json, ablation.md and ablation.png.
     Ablate(AblateArgs),
@@ -202,6 +205,33 @@ impl TrainSettings {
             scopes: modules.lora_scopes(),
         })
     }
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// A model config: a config JSON file (`configs/*.json`) or a model directory.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Plan only this stage (1 or 2); both by default.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub stage: Option<u8>,
+    /// Answer tokens per sample, the rows the loss reads (default: every text token).
+    #[arg(long)]
+    pub answer_tokens: Option<usize>,
+    /// Stage 2: Q-Former question tokens per sample (default: the config's max_text_length).
+    #[arg(long)]
+    pub qformer_tokens: Option<usize>,
+    /// Leave the vision encoder without LoRA.
+    #[arg(long)]
+    pub no_vision_lora: bool,
+    /// Stage 2: train the whole Q-Former, not only its cross-attention.
+    #[arg(long)]
+    pub unfreeze_qformer: bool,
+    /// Print JSON (one object per stage, one per line) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub settings: TrainSettings,
 }
 
 #[derive(Debug, Args)]

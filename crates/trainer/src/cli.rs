@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 
-use crate::args::{AblateArgs, EvalArgs, InitArgs, MergeArgs, SynthArgs, TrainArgs};
+use crate::args::{AblateArgs, EvalArgs, InitArgs, MergeArgs, PlanArgs, SynthArgs, TrainArgs};
 use crate::data::Task;
 use crate::train::{Modules, Stage, TrainConfig};
 
@@ -178,5 +178,66 @@ pub fn ablate(a: &AblateArgs) -> anyhow::Result<()> {
     let out = cfg.out.join("ablation.md");
     print!("{}", std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?);
     eprintln!("{} runs; results in {} (ablation.json, ablation.md, ablation.png)", rows.len(), cfg.out.display());
+    Ok(())
+}
+
+/// `plan`: one table (or JSON line) per stage.
+pub fn plan(a: &PlanArgs) -> anyhow::Result<()> {
+    let config = crate::plan::read_config(&a.config)?;
+    let st = &a.settings;
+    let stages = match a.stage {
+        Some(1) => vec![Stage::Stage1],
+        Some(_) => vec![Stage::Stage2],
+        None => vec![Stage::Stage1, Stage::Stage2],
+    };
+    let gb = |b: usize| b as f64 / 1e9;
+    for stage in stages {
+        let modules = Modules::of_stage(stage, a.no_vision_lora);
+        let qformer_tokens =
+            a.qformer_tokens.unwrap_or_else(|| config.qformer_config.clone().unwrap_or_default().max_text_length);
+        let input = crate::plan::PlanInput {
+            stage,
+            modules,
+            dtype: st.dtype.candle(),
+            batch_size: st.batch_size,
+            max_length: st.max_length,
+            answer_tokens: a.answer_tokens,
+            qformer_tokens,
+            gradient_checkpointing: st.gradient_checkpointing,
+            lora: st.lora(modules),
+            unfreeze_qformer: a.unfreeze_qformer,
+        };
+        let p = crate::plan::plan(&config, &input).with_context(|| format!("planning {}", stage.title()))?;
+        if a.json {
+            let mut v = serde_json::to_value(p)?;
+            v["stage"] = stage.title().into();
+            v["peak"] = p.peak().into();
+            println!("{v}");
+            continue;
+        }
+        let answers = a.answer_tokens.map_or("every text token".to_string(), |n| n.to_string());
+        println!(
+            "{} ({}): {}, batch {}, {} tokens per sample (answers: {answers}), checkpointing {}",
+            stage.title(),
+            modules.names().join(" + "),
+            st.dtype.name(),
+            st.batch_size,
+            st.max_length,
+            if st.gradient_checkpointing { "on" } else { "off" },
+        );
+        println!("  weights            {:8.3} GB  {} frozen parameters", gb(p.weights), p.frozen_params);
+        println!(
+            "  LoRA + optimizer   {:8.3} GB  {} trainable: f32 weight, gradient, AdamW m and v",
+            gb(p.trainable),
+            p.trainable_params
+        );
+        println!(
+            "  activations        {:8.3} GB  {:.3} GB kept for the backward pass + its gradients",
+            gb(p.activations),
+            gb(p.activations_kept)
+        );
+        println!("  workspace          {:8.3} GB  process, libraries, the batch's pixels", gb(p.workspace));
+        println!("  peak               {:8.3} GB", gb(p.peak()));
+    }
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod merge;
 pub mod metrics;
 pub mod modules;
 pub mod optim;
+pub mod plan;
 pub mod plot;
 pub mod shards;
 pub mod step;

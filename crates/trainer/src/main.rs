@@ -3,6 +3,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use trainer::args::{Cli, Command};
 
+#[global_allocator]
+static ALLOC: trainer::metrics::CountingAlloc = trainer::metrics::CountingAlloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -18,6 +21,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => trainer::cli::synth(a),
         Command::Eval(a) => trainer::cli::eval(a),
         Command::Ablate(a) => trainer::cli::ablate(a),
+        Command::Plan(a) => trainer::cli::plan(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,13 +19,28 @@ pub struct Metric {
     /// runs written before it was logged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_rss_mb: Option<f64>,
+    /// The step's longest micro-batch, image tokens included (samples are padded to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+    /// The most answer tokens (loss rows) in one of the step's micro-batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_rows: Option<usize>,
 }
 
 /// Peak resident memory of this process so far (`VmHWM` of `/proc/self/status`), in MB; `None`
 /// where the kernel does not report it.
 pub fn peak_rss_mb() -> Option<f64> {
+    status_mb("VmHWM:")
+}
+
+/// Resident memory of this process now (`VmRSS`), in MB; `None` where the kernel does not report it.
+pub fn rss_mb() -> Option<f64> {
+    status_mb("VmRSS:")
+}
+
+fn status_mb(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim();
+    let kb = status.lines().find_map(|l| l.strip_prefix(field))?.trim().trim_end_matches("kB").trim();
     Some(kb.parse::<f64>().ok()? / 1024.0)
 }
 
@@ -55,4 +70,63 @@ pub fn append(path: &Path, m: &Metric) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
     writeln!(f, "{}", serde_json::to_string(m)?)?;
     Ok(())
+}
+
+/// A global allocator that counts the bytes the process holds: the trainer binary installs it
+/// (`#[global_allocator]`), so that the peak of live bytes can be told apart from the peak RSS (which
+/// also holds what the C allocator keeps after a free).
+pub struct CountingAlloc;
+
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl CountingAlloc {
+    fn grew(n: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = LIVE.fetch_add(n, Relaxed) + n;
+        PEAK.fetch_max(now, Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only counters are updated.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+            Self::grew(new_size);
+        }
+        p
+    }
+}
+
+/// Peak of the bytes allocated through [`CountingAlloc`] and not yet freed, in MB; `None` when the
+/// running binary does not install it.
+pub fn peak_live_mb() -> Option<f64> {
+    let p = PEAK.load(std::sync::atomic::Ordering::Relaxed);
+    (p > 0).then(|| p as f64 / 1048576.0)
+}
+
+/// Bytes allocated through [`CountingAlloc`] and not yet freed, in MB (see [`peak_live_mb`]).
+pub fn live_mb() -> Option<f64> {
+    let p = LIVE.load(std::sync::atomic::Ordering::Relaxed);
+    (p > 0).then(|| p as f64 / 1048576.0)
 }

@@ -45,7 +45,7 @@ pub fn batch_loss(
     pre: &PreprocessConfig,
     qtok: Option<&QFormerTokenizer>,
     items: &[&Encoded],
-) -> anyhow::Result<(Tensor, usize)> {
+) -> anyhow::Result<(Tensor, usize, usize)> {
     let device = o.device.clone();
     let t0 = std::time::Instant::now();
     let pixels = batch_pixels(items, pre, &device, o.dtype)?;
@@ -129,5 +129,5 @@ pub fn batch_loss(
     let targets = Tensor::new(targets.as_slice(), &device)?;
     let loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
     tracing::trace!(pixels = ?t_px, vision = ?(t_vis - t_px), splice = ?(t_splice - t_vis), llm = ?(t_llm - t_splice), loss = ?(t0.elapsed() - t_llm), "forward");
-    Ok((loss, targets.dim(0)?))
+    Ok((loss, targets.dim(0)?, max_len))
 }

@@ -289,6 +289,12 @@ impl Trainee {
             .with_random_missing(move |k| modules.prompt && k.starts_with("model.vlm_"))
             .with_shapes(models::bunny::dims_from_config(config));
         let model = Bunny::new(&src, config.clone())?;
+        tracing::debug!(
+            rss_mb = metrics::rss_mb(),
+            peak_rss_mb = metrics::peak_rss_mb(),
+            live_mb = metrics::live_mb(),
+            "model built"
+        );
         let vars = src.vars();
         let randomised = src.randomised();
         if !randomised.is_empty() && resume_from.is_none() {
@@ -392,6 +398,8 @@ impl Loop<'_> {
             o.checkpointing = cfg.gradient_checkpointing.then(models::SideGrads::default);
             let mut grads: HashMap<String, Tensor> = HashMap::new();
             let mut loss_sum = 0f32;
+            // The largest micro-batch's padded length and loss rows: what `plan` needs to match.
+            let (mut seq_len, mut loss_rows) = (0usize, 0usize);
             for micro in 0..cfg.grad_accum {
                 let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
                 let items: Vec<&Encoded> = (first..first + cfg.batch_size)
@@ -404,14 +412,28 @@ impl Loop<'_> {
                     })
                     .collect();
                 let tf = Instant::now();
-                let (loss, _) =
+                let (loss, rows, len) =
                     batch_loss(&self.trainee.model, &mut o, &self.setup.pre, self.setup.qtok.as_ref(), &items)?;
                 loss_sum += loss.to_scalar::<f32>()?;
+                (seq_len, loss_rows) = (seq_len.max(len), loss_rows.max(rows));
                 let tb = Instant::now();
+                let (rss_forward, live_forward) = (metrics::rss_mb(), metrics::live_mb());
                 let g = (loss / cfg.grad_accum as f64)?.backward()?;
                 tracing::debug!(
                     forward_ms = (tb - tf).as_secs_f64() * 1e3,
                     backward_ms = tb.elapsed().as_secs_f64() * 1e3,
+                    rss_mb_after_forward = rss_forward,
+                    live_mb_after_forward = live_forward,
+                    rss_mb_after_backward = metrics::rss_mb(),
+                    grad_store_mb = g
+                        .get_ids()
+                        .filter_map(|id| g.get_id(*id))
+                        .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as f64 / 1048576.0)
+                        .sum::<f64>(),
+                    grad_store_tensors = g.get_ids().count(),
+                    peak_rss_mb = metrics::peak_rss_mb(),
+                    live_mb = metrics::live_mb(),
+                    peak_live_mb = metrics::peak_live_mb(),
                     "micro-batch"
                 );
                 for (k, var) in &self.trainee.vars {
@@ -436,7 +458,12 @@ impl Loop<'_> {
             let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm)?;
             let mult = cosine_with_warmup(step, sched.total, sched.warmup);
             opt.step(&self.trainee.groups, &grads, mult)?;
-            tracing::debug!(optimizer_ms = to.elapsed().as_secs_f64() * 1e3, "step");
+            tracing::debug!(
+                optimizer_ms = to.elapsed().as_secs_f64() * 1e3,
+                rss_mb = metrics::rss_mb(),
+                peak_rss_mb = metrics::peak_rss_mb(),
+                "step"
+            );
             let loss = loss_sum / cfg.grad_accum as f32;
             anyhow::ensure!(loss.is_finite(), "loss became {loss} at step {}", step + 1);
             let sps = sched.per_step as f64 / ts.elapsed().as_secs_f64();
@@ -448,6 +475,8 @@ impl Loop<'_> {
                 grad_norm,
                 samples_per_s: sps,
                 peak_rss_mb: metrics::peak_rss_mb(),
+                seq_len: Some(seq_len),
+                loss_rows: Some(loss_rows),
             };
             metrics::append(&metrics_path, &m)?;
             metrics.push(m);
