@@ -1,29 +1,51 @@
 #!/usr/bin/env bash
-# Stage-1 training throughput on CPU at the tiny test shapes: qadapt-train next to PyTorch + PEFT
-# doing the same steps (same batch, image + text tokens, LoRA rank), in one run on the same machine.
-#   PYTHON=/path/to/venv/bin/python bash bench/cpu_train.sh     (the venv needs torch, transformers, peft)
+# Stage-1 training on CPU: qadapt-train next to PyTorch + PEFT doing the same steps (same shapes,
+# batch, tokens per sample, answer tokens, LoRA rank, f32), in one run on the same machine, at the
+# tiny test shapes and at the bench-small shapes, each with and without gradient checkpointing.
+# Prints one markdown table: step ms (median after 2 warm-up steps), samples/s and peak RSS.
+#   PYTHON=/path/to/venv/bin/python bash bench/cpu_train.sh   (the venv needs torch, transformers, peft)
+#   SHAPES="tiny" or "bench-small" to run one; STEPS / SMALL_STEPS set the timed steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-BS=${BS:-32}
-STEPS=${STEPS:-20}
+SHAPES=${SHAPES:-"tiny bench-small"}
 W=$(mktemp -d)
-cargo build -q -p trainer --bin qadapt-train
-T=target/debug/qadapt-train   # dependencies (candle, gemm) are built at opt-level 3 in this profile
-"$T" synth --out "$W/data" --n 200 --size 32 2>/dev/null
-"$T" init --config configs/tiny-bunny.json --out "$W/base" --data "$W/data/train.json" 2>/dev/null
-"$T" stage1 --model "$W/base" --data "$W/data/train.json" --images "$W/data" --out "$W/run" --task all \
-  --batch-size "$BS" --max-steps $((STEPS + 2)) --epochs 100 --lora-r 32 --lora-alpha 64 --max-length 256 2>/dev/null
-text=$("$PYTHON" -c "import json;print(round(json.load(open('$W/run/summary.json'))['mean_text_tokens']))")
-"$PYTHON" bench/peer_train.py --config configs/tiny-bunny.json --device cpu --dtype f32 --batch-size "$BS" \
-  --text-tokens "$text" --answer-tokens 20 --steps "$STEPS" --lora-r 32 --lora-alpha 64 > "$W/peer.json" 2>/dev/null
-"$PYTHON" - "$W/run/summary.json" "$W/peer.json" "$(nproc)" <<'PY'
+cargo build -q --release -p trainer --bin qadapt-train
+T=target/release/qadapt-train
+row() { # shape ckpt batch size config maxlen steps
+  local shape=$1 ck=$2 bs=$3 size=$4 config=$5 maxlen=$6 steps=$7
+  local d="$W/$shape"
+  [ -f "$d/data/train.json" ] || "$T" synth --out "$d/data" --n 200 --size "$size" >/dev/null 2>&1
+  [ -f "$d/base/config.json" ] || "$T" init --config "$config" --out "$d/base" --data "$d/data/train.json" >/dev/null 2>&1
+  local run="$d/run${ck:+-ck}"
+  "$T" stage1 --model "$d/base" --data "$d/data/train.json" --images "$d/data" --out "$run" --task all \
+    --batch-size "$bs" --max-steps $((steps + 2)) --epochs 100 --lora-r 32 --lora-alpha 64 --max-length "$maxlen" $ck >/dev/null 2>&1
+  # The peer processes what our steps did: the mean padded length and answer tokens per sample.
+  read -r text answers < <("$PYTHON" -c "
+import json
+ms=[json.loads(l) for l in open('$run/metrics.jsonl')]
+s=json.load(open('$run/summary.json'))
+print(round(sum(m['seq_len'] for m in ms)/len(ms)-s['image_tokens']), max(1,round(sum(m['loss_rows'] for m in ms)/len(ms)/$bs)))")
+  "$PYTHON" bench/peer_train.py --config "$config" --device cpu --dtype f32 --batch-size "$bs" --text-tokens "$text" \
+    --answer-tokens "$answers" --steps "$steps" --lora-r 32 --lora-alpha 64 $ck > "$run/peer.json" 2>/dev/null
+  "$PYTHON" - "$run/summary.json" "$run/peer.json" "$shape" "${ck:+on}" "$bs" "$text" "$answers" <<'PY'
 import json, sys
 o = json.load(open(sys.argv[1])); p = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
-print(f"stage-1 step on CPU ({sys.argv[3]} cores), tiny Bunny (configs/tiny-bunny.json), f32, batch {o['samples']//max(o['steps'],1)}, "
-      f"{o['image_tokens']} image + {o['mean_text_tokens']:.0f} text tokens, LoRA r32")
-print(f"| {'':<16} | {'step ms':>8} | {'samples/s':>9} | {'trainable':>10} |")
-print(f"| qadapt-train    | {o['step_ms_median']:8.1f} | {1000*o['samples']/o['steps']/o['step_ms_median']:9.1f} | {o['trainable_params']:10d} |")
-print(f"| pytorch + peft  | {p['step_ms']:8.1f} | {p['samples_per_s']:9.1f} | {p['trainable_params']:10d} |")
-print(f"ratio qadapt/peer step time: {o['step_ms_median']/p['step_ms']:.2f}  (torch {p['torch']})")
+shape, ck, bs, text, answers = sys.argv[3], sys.argv[4] or "off", int(sys.argv[5]), sys.argv[6], sys.argv[7]
+q_ms, p_ms = o["step_ms_median"], p["step_ms"]
+q_rss, p_rss = o["peak_rss_mb"] / 1024, p["peak_rss_mb"] / 1024
+print(f"| {shape} | {ck} | {bs} | {o['image_tokens']}+{text} ({answers}) | {q_ms:.0f} | {p_ms:.0f} | {q_ms / p_ms:.2f} "
+      f"| {1000 * bs / q_ms:.2f} | {1000 * bs / p_ms:.2f} | {q_rss:.2f} | {p_rss:.2f} | {q_rss / p_rss:.2f} |")
 PY
+}
+echo "stage-1 step on CPU ($(nproc) cores), f32, LoRA r32 on all linears + connector; torch $("$PYTHON" -c 'import torch;print(torch.__version__)')"
+echo "| shapes | checkpointing | batch | tokens (answers) per sample | qadapt ms | peft ms | ratio | qadapt samples/s | peft samples/s | qadapt RSS GB | peft RSS GB | RSS ratio |"
+echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+for shape in $SHAPES; do
+  for ck in "" "--gradient-checkpointing"; do
+    case $shape in
+      tiny) row tiny "$ck" 32 32 configs/tiny-bunny.json 256 "${STEPS:-20}" ;;
+      bench-small) row bench-small "$ck" 8 224 configs/bench-small-bunny.json 512 "${SMALL_STEPS:-4}" ;;
+    esac
+  done
+done

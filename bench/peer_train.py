@@ -1,12 +1,14 @@
 """PyTorch + PEFT peer of `qadapt-train stage1`: the same model shapes (SigLIP without its last layer,
 mlp2x_gelu connector, phi-2), LoRA on all their linears, connector trainable, AdamW, the same batch and
 sequence (image tokens + text tokens), random weights. Prints one JSON line with the step time
-(median after warm-up), samples/s and peak GPU memory.
+(median after warm-up), samples/s, peak GPU memory and the process's peak RSS.
+`--gradient-checkpointing` recomputes each SigLIP and phi layer in the backward pass, as HF does it.
 
     python3 bench/peer_train.py --config configs/bunny-3b.json --batch-size 4 --text-tokens 300 --steps 8
 """
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -29,6 +31,7 @@ def main():
     ap.add_argument("--lora-alpha", type=float, default=256)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     a = ap.parse_args()
     vcfg, pcfg, mm, d, v = bunny_shapes(a.config)
     dev = torch.device(a.device)
@@ -50,6 +53,9 @@ def main():
             return self.llm(inputs_embeds=emb, labels=torch.cat([ign, labels], 1)).loss
 
     model = Bunny().to(dev, dt)
+    if a.gradient_checkpointing:
+        for m in (model.vision, model.llm):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lcfg = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.05,
                       target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "out_proj"],
                       modules_to_save=["connector"])
@@ -85,7 +91,9 @@ def main():
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     print(json.dumps({"peer": "pytorch+peft", "torch": torch.__version__, "step_ms": ms, "samples_per_s": b / (ms / 1000),
                       "peak_gib": peak, "trainable_params": sum(p.numel() for p in trainable),
-                      "seq": (s // v["patch_size"]) ** 2 + a.text_tokens, "loss": float(loss)}))
+                      "seq": (s // v["patch_size"]) ** 2 + a.text_tokens, "loss": float(loss),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "gradient_checkpointing": a.gradient_checkpointing}))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ struct Node {
     backward_extra: usize,
     /// An integer tensor: candle computes no gradient for it.
     int: bool,
+    /// A product (mul, div, matmul): an operand's gradient is computed from the other operand.
+    product: bool,
 }
 
 /// The memory interpreter (see the module docs).
@@ -136,6 +138,7 @@ impl Meter {
             param: false,
             backward_extra: 0,
             int: dtype.is_int(),
+            product: false,
         });
         Shaped { dims, dtype, node: id, contiguous }
     }
@@ -157,7 +160,7 @@ impl Meter {
         }
     }
 
-    fn to_dtype(&mut self, x: &Shaped, dtype: DType) -> Shaped {
+    fn cast(&mut self, x: &Shaped, dtype: DType) -> Shaped {
         if x.dtype == dtype {
             x.clone()
         } else {
@@ -173,6 +176,15 @@ impl Meter {
     /// at the output's shape where its own differs (a node of its own), so that operand's gradient is
     /// output-sized.
     fn broadcast(&mut self, a: &Shaped, b: &Shaped) -> Result<Shaped> {
+        self.elementwise(a, b, false)
+    }
+
+    /// [`Meter::broadcast`] for a product or a quotient.
+    fn product(&mut self, a: &Shaped, b: &Shaped) -> Result<Shaped> {
+        self.elementwise(a, b, true)
+    }
+
+    fn elementwise(&mut self, a: &Shaped, b: &Shaped, product: bool) -> Result<Shaped> {
         let n = a.dims.len().max(b.dims.len());
         let pad = |d: &[usize]| std::iter::repeat_n(1, n - d.len()).chain(d.iter().copied()).collect::<Vec<_>>();
         let (da, db) = (pad(&a.dims), pad(&b.dims));
@@ -187,7 +199,9 @@ impl Meter {
             .collect::<Result<Vec<_>>>()?;
         let a = if a.dims == dims { a.clone() } else { self.view(a, dims.clone(), false) };
         let b = if b.dims == dims { b.clone() } else { self.view(b, dims.clone(), false) };
-        Ok(self.new_like(&[&a, &b], dims, a.dtype))
+        let y = self.new_like(&[&a, &b], dims, a.dtype);
+        self.nodes[y.node].product = product;
+        Ok(y)
     }
 
     /// Reduces the last dim to 1 (a mean, a max, a sum).
@@ -214,9 +228,11 @@ impl Meter {
     /// The most gradient bytes live at once when the backward pass starts from `roots`.
     ///
     /// Candle differentiates a recorded op with respect to every float argument, recorded or not,
-    /// and only recorded nodes are ever taken out of its gradient store: the gradients of frozen
-    /// weights, of biases viewed at a broadcast shape, of masks and dropout masks stay there until
-    /// the backward pass ends.
+    /// and only recorded nodes are ever taken out of its gradient store: the gradients of biases
+    /// viewed at a broadcast shape, of LayerNorm weights, masks and dropout masks stay there until
+    /// the backward pass ends. Where such an operand is a factor of a product, its gradient is
+    /// computed from the other, recorded, factor, so it is recorded too: it keeps the product's
+    /// incoming gradient (and its own unsummed copy) alive as well.
     fn backward_peak(&self, roots: &[usize]) -> usize {
         let mut live: HashMap<usize, usize> = roots.iter().map(|&r| (r, self.nodes[r].size)).collect();
         let mut stuck = HashSet::new();
@@ -227,6 +243,7 @@ impl Meter {
             let Some(g) = live.remove(&id) else { continue };
             let node = &self.nodes[id];
             let mut transient = 0;
+            let mut holds_grad = false;
             let mut seen = HashSet::new();
             for &a in node.args.iter().filter(|&&a| seen.insert(a)) {
                 let arg = &self.nodes[a];
@@ -236,8 +253,9 @@ impl Meter {
                 }
                 if !arg.tracked {
                     if stuck.insert(a) {
-                        now += arg.size;
+                        now += if node.product { 2 * arg.size } else { arg.size };
                     }
+                    holds_grad |= node.product;
                     continue;
                 }
                 match live.entry(a) {
@@ -250,10 +268,12 @@ impl Meter {
             }
             // The op's own temporaries: about one tensor of its output's size.
             peak = peak.max(now + transient + node.size + node.backward_extra);
-            now -= g;
+            if !holds_grad {
+                now -= g;
+            }
         }
         if std::env::var_os("QADAPT_METER_DEBUG").is_some() {
-            let stuck_bytes: usize = stuck.iter().map(|&a| self.nodes[a].size).sum();
+            let stuck_bytes: usize = stuck.iter().map(|&a| self.nodes[a].size).sum(); // one copy each
             eprintln!("meter: backward peak {peak}, stuck {stuck_bytes} in {} tensors, end {now}", stuck.len());
         }
         peak
@@ -266,7 +286,7 @@ impl Meter {
 
     /// Candle's `cross_entropy` on `logits` [N, V] (log-softmax, gather, mean): the loss.
     pub fn cross_entropy(&mut self, logits: &Shaped) -> Shaped {
-        let logits = self.to_dtype(logits, DType::F32);
+        let logits = self.cast(logits, DType::F32);
         let max = self.reduce_last(&logits);
         let shifted = self.new_like(&[&logits, &max], logits.dims.clone(), DType::F32);
         let exp = self.unary(&shifted);
@@ -347,7 +367,9 @@ impl Ops for Meter {
         if let Some(l) = dims.last_mut() {
             *l = n;
         }
-        let y = self.new_like(&[&x2, w], dims, x.dtype);
+        // Training through a frozen weight is one op of x alone (`crate::frozen`).
+        let frozen = !self.quiet && self.nodes[x2.node].tracked && !self.nodes[w.node].tracked;
+        let y = if frozen { self.new_like(&[&x2], dims, x.dtype) } else { self.new_like(&[&x2, w], dims, x.dtype) };
         Ok(match b {
             Some(b) => self.broadcast(&y, b)?,
             None => y,
@@ -363,7 +385,9 @@ impl Ops for Meter {
         let r = dims.len();
         dims[r - 2] = m;
         dims[r - 1] = n;
-        Ok(self.new_like(&[&a, &b], dims, a.dtype))
+        let y = self.new_like(&[&a, &b], dims, a.dtype);
+        self.nodes[y.node].product = true;
+        Ok(y)
     }
     fn add(&mut self, a: &Shaped, b: &Shaped) -> Result<Shaped> {
         self.broadcast(a, b)
@@ -372,22 +396,22 @@ impl Ops for Meter {
         self.broadcast(a, b)
     }
     fn mul(&mut self, a: &Shaped, b: &Shaped) -> Result<Shaped> {
-        self.broadcast(a, b)
+        self.product(a, b)
     }
     fn affine(&mut self, x: &Shaped, _mul: f64, _add: f64) -> Result<Shaped> {
         Ok(self.unary(x))
     }
     fn layer_norm(&mut self, x: &Shaped, w: &Shaped, b: &Shaped, _eps: f64) -> Result<Shaped> {
         // As the candle interpreter: statistics in f32, five full-size tensors.
-        let xf = self.to_dtype(x, DType::F32);
+        let xf = self.cast(x, DType::F32);
         let mean = self.reduce_last(&xf);
         let xc = self.broadcast(&xf, &mean)?;
         let sq = self.unary(&xc);
         let var = self.reduce_last(&sq);
         let std = self.unary(&var);
-        let y = self.broadcast(&xc, &std)?;
-        let y = self.to_dtype(&y, x.dtype);
-        let y = self.broadcast(&y, w)?;
+        let y = self.product(&xc, &std)?;
+        let y = self.cast(&y, x.dtype);
+        let y = self.product(&y, w)?;
         self.broadcast(&y, b)
     }
     fn gelu_tanh(&mut self, x: &Shaped) -> Result<Shaped> {
@@ -404,13 +428,13 @@ impl Ops for Meter {
     }
     fn softmax_last(&mut self, x: &Shaped) -> Result<Shaped> {
         // candle_nn's composite softmax (the trainable one): max, x − max, exp, sum, exp / sum.
-        let xf = self.to_dtype(x, DType::F32);
+        let xf = self.cast(x, DType::F32);
         let max = self.reduce_last(&xf);
         let shifted = self.broadcast(&xf, &max)?;
         let e = self.unary(&shifted);
         let sum = self.reduce_last(&e);
-        let y = self.broadcast(&e, &sum)?;
-        Ok(self.to_dtype(&y, x.dtype))
+        let y = self.product(&e, &sum)?;
+        Ok(self.cast(&y, x.dtype))
     }
     fn transpose(&mut self, x: &Shaped, d1: usize, d2: usize) -> Result<Shaped> {
         let mut dims = x.dims.clone();
@@ -486,8 +510,8 @@ impl Ops for Meter {
         let x2 = self.view(&xr, half.clone(), false);
         let neg = self.new_like(&[&x2], half, x.dtype);
         let rotated = self.new_like(&[&neg, &xr], rot.clone(), x.dtype);
-        let a = self.broadcast(&xr, cos)?;
-        let b = self.broadcast(&rotated, sin)?;
+        let a = self.product(&xr, cos)?;
+        let b = self.product(&rotated, sin)?;
         let y = self.broadcast(&a, &b)?;
         if rot_dims == d {
             return Ok(y);
@@ -528,6 +552,6 @@ impl Ops for Meter {
             return Ok(x.clone());
         }
         let mask = self.input(&x.dims, x.dtype);
-        self.broadcast(x, &mask)
+        self.product(x, &mask)
     }
 }

@@ -36,15 +36,14 @@ impl BertAttention {
         })
     }
 
-    /// `LN(dense(attn(x, kv)) + x)`; x [B, L, D], kv [B, M, kv_dim] (the same values as `k_in` and
-    /// `v_in`, which gradient checkpointing keeps as two tensors), bias [B, 1, 1, M].
-    fn forward<O: Ops>(&self, o: &mut O, x: &O::T, k_in: &O::T, v_in: &O::T, bias: Option<&O::T>) -> Result<O::T> {
+    /// `LN(dense(attn(x, kv)) + x)`; x [B, L, D], kv [B, M, kv_dim], bias [B, 1, 1, M].
+    fn forward<O: Ops>(&self, o: &mut O, x: &O::T, kv: &O::T, bias: Option<&O::T>) -> Result<O::T> {
         let d = self.query.dims().1;
         let q = self.query.forward(o, x)?;
         let q = o.split_heads(&q, self.heads)?;
-        let k = self.key.forward(o, k_in)?;
+        let k = self.key.forward(o, kv)?;
         let k = o.split_heads(&k, self.heads)?;
-        let v = self.value.forward(o, v_in)?;
+        let v = self.value.forward(o, kv)?;
         let v = o.split_heads(&v, self.heads)?;
         let a = attention(o, &q, &k, &v, bias, 1.0 / ((d / self.heads) as f64).sqrt())?;
         let a = o.merge_heads(&a)?;
@@ -159,43 +158,32 @@ impl QFormer {
         let qformer = o.checkpointing().then(|| Arc::new(self.clone()));
         for i in 0..self.layers.len() {
             x = match &qformer {
-                // Gradient checkpointing: each layer a block that keeps only its inputs. The image
-                // goes in twice (key and value side), so that each copy's gradient is one term and
-                // the image's gradient sums its terms in the plain pass's order.
+                // Gradient checkpointing: each layer a block that keeps only its inputs (and the
+                // image, on a cross-attention layer).
                 Some(q) => {
                     let inputs = match self.layers[i].crossattention {
-                        Some(_) => vec![x, image.clone(), image.clone()],
+                        Some(_) => vec![x, image.clone()],
                         None => vec![x],
                     };
-                    let out = o.checkpoint(LayerBlock { qformer: q.clone(), i, nq }, &inputs, &[bias.clone()])?;
+                    let out =
+                        o.checkpoint(LayerBlock { qformer: q.clone(), i, nq }, &inputs, std::slice::from_ref(&bias))?;
                     out.into_iter()
                         .next()
                         .ok_or_else(|| Error::Input(format!("Q-Former layer {i} returned nothing")))?
                 }
-                None => self.layer(o, i, &x, image, image, &bias, nq)?,
+                None => self.layer(o, i, &x, image, &bias, nq)?,
             };
         }
         o.narrow(&x, 1, 0, Some(nq))
     }
 
-    /// Layer `i`: x [B, Nq+T, D] → the next x; `k_image` and `v_image` are the image (see
-    /// [`BertAttention::forward`]).
-    #[allow(clippy::too_many_arguments)]
-    fn layer<O: Ops>(
-        &self,
-        o: &mut O,
-        i: usize,
-        x: &O::T,
-        k_image: &O::T,
-        v_image: &O::T,
-        bias: &O::T,
-        nq: usize,
-    ) -> Result<O::T> {
+    /// Layer `i`: x [B, Nq+T, D] → the next x.
+    fn layer<O: Ops>(&self, o: &mut O, i: usize, x: &O::T, image: &O::T, bias: &O::T, nq: usize) -> Result<O::T> {
         let layer = &self.layers[i];
-        let x = layer.attention.forward(o, x, x, x, Some(bias))?;
+        let x = layer.attention.forward(o, x, x, Some(bias))?;
         let q = o.narrow(&x, 1, 0, Some(nq))?; // [B, Nq, D]
         let q = match &layer.crossattention {
-            Some(c) => c.forward(o, &q, k_image, v_image, None)?,
+            Some(c) => c.forward(o, &q, image, None)?,
             None => q,
         };
         let q = layer.ffn_query.forward(o, &q)?;
@@ -205,7 +193,7 @@ impl QFormer {
     }
 }
 
-/// Layer `i` of the Q-Former as a checkpointable block: inputs `[x]`, or `[x, image, image]` on a
+/// Layer `i` of the Q-Former as a checkpointable block: inputs `[x]`, or `[x, image]` on a
 /// cross-attention layer; ctx `[bias]`.
 struct LayerBlock {
     qformer: Arc<QFormer>,
@@ -215,12 +203,12 @@ struct LayerBlock {
 
 impl Block for LayerBlock {
     fn forward<O: Ops>(&self, o: &mut O, inputs: &[O::T], ctx: &[O::T]) -> Result<Vec<O::T>> {
-        let (x, k_image, v_image) = match inputs {
-            [x] => (x, x, x),
-            [x, k, v] => (x, k, v),
-            _ => return Err(Error::Input("a Q-Former layer block takes [x] or [x, image, image]".into())),
+        let (x, image) = match inputs {
+            [x] => (x, x), // no cross-attention: the image is not read
+            [x, image] => (x, image),
+            _ => return Err(Error::Input("a Q-Former layer block takes [x] or [x, image]".into())),
         };
         let [bias] = ctx else { return Err(Error::Input("a Q-Former layer block takes [bias]".into())) };
-        Ok(vec![self.qformer.layer(o, self.i, x, k_image, v_image, bias, self.nq)?])
+        Ok(vec![self.qformer.layer(o, self.i, x, image, bias, self.nq)?])
     }
 }

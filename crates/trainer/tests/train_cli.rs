@@ -389,3 +389,84 @@ fn gradient_checkpointing_changes_no_bit() {
         }
     }
 }
+
+/// `plan` against the peak RSS a run measures: tiny shapes, batch 32, LoRA r32, plain and with
+/// gradient checkpointing; the plan is asked about the run's longest step. Within 15 % (at bench-small
+/// shapes `bench/plan_check.sh` measures 0.88–0.95).
+#[test]
+fn plan_is_within_15_percent_of_the_measured_peak() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, base) = common::synth_and_init(tmp.path(), 64);
+    for ck in [false, true] {
+        let out = tmp.path().join(if ck { "ck" } else { "plain" });
+        let mut a: Vec<String> = [
+            "stage1",
+            "--model",
+            s(&base),
+            "--data",
+            s(&data.join("train.json")),
+            "--images",
+            s(&data),
+            "--out",
+            s(&out),
+            "--task",
+            "all",
+            "--lora-r",
+            "32",
+            "--lora-alpha",
+            "64",
+            "--batch-size",
+            "32",
+            "--max-steps",
+            "2",
+            "--max-length",
+            "256",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        if ck {
+            a.push("--gradient-checkpointing".into());
+        }
+        ok(bin().args(&a).output().unwrap(), "stage1");
+        let steps: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let longest =
+            steps.iter().max_by_key(|m| (m["seq_len"].as_u64().unwrap(), m["loss_rows"].as_u64().unwrap())).unwrap();
+        let measured = steps.iter().map(|m| m["peak_rss_mb"].as_f64().unwrap()).fold(0.0, f64::max) * 1048576.0;
+        let (len, rows) = (longest["seq_len"].as_u64().unwrap(), longest["loss_rows"].as_u64().unwrap());
+        let mut p = vec![
+            "plan".to_string(),
+            "--config".into(),
+            s(&base).into(),
+            "--stage".into(),
+            "1".into(),
+            "--batch-size".into(),
+            "32".into(),
+            "--max-length".into(),
+            len.to_string(),
+            "--answer-tokens".into(),
+            rows.div_ceil(32).to_string(),
+            "--lora-r".into(),
+            "32".into(),
+            "--json".into(),
+        ];
+        if ck {
+            p.push("--gradient-checkpointing".into());
+        }
+        let o = ok(bin().args(&p).output().unwrap(), "plan");
+        let plan: serde_json::Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+        let planned = plan["peak"].as_f64().unwrap();
+        let ratio = planned / measured;
+        println!("checkpointing {ck}: plan {planned:.0} B, measured {measured:.0} B, ratio {ratio:.3}");
+        assert!((0.85..=1.15).contains(&ratio), "checkpointing {ck}: plan / measured peak = {ratio:.3}");
+        assert!(plan["activations_kept"].as_f64().unwrap() > 0.0);
+        // The plan counts the parameters the trainer trains.
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(plan["trainable_params"], summary["trainable_params"]);
+    }
+}
