@@ -19,6 +19,7 @@ pub mod projector;
 pub mod prompter;
 pub mod qformer;
 pub mod siglip;
+mod softmax;
 pub mod train_source;
 
 pub use bunny::{Bunny, ImageFeatures, QFormerText};

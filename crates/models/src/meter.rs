@@ -1,9 +1,9 @@
 //! A memory interpreter: runs a forward pass on shapes alone and tells how many bytes of activations
 //! a training step keeps, as the candle interpreter ([`crate::ops::Candle`]) would allocate them.
 //!
-//! Each op below repeats the tensor allocations of its candle implementation (a reshape of a
-//! contiguous tensor is a view, a broadcast op a new tensor, LayerNorm's f32 statistics five full
-//! tensors, …). Candle's autograd keeps every tensor that a recorded op took as an argument until the
+//! Each op below repeats the tensor allocations of its candle implementation on the CPU (a reshape
+//! of a contiguous tensor is a view, a broadcast op a new tensor, LayerNorm's f32 statistics five
+//! full tensors, a product with a frozen weight or a constant one op of the activation alone, …). Candle's autograd keeps every tensor that a recorded op took as an argument until the
 //! backward pass ends, so the activations kept are the storages of every argument of a recorded op
 //! (one that depends on a trainable weight). The backward pass is then simulated in reverse creation
 //! order (a valid topological order, as candle's own), each node's gradient allocated when its first
@@ -58,6 +58,8 @@ struct Node {
     int: bool,
     /// A product (mul, div, matmul): an operand's gradient is computed from the other operand.
     product: bool,
+    /// A constant the op holds (kept with it) without taking it as an operand.
+    holds: Option<usize>,
 }
 
 /// The memory interpreter (see the module docs).
@@ -139,6 +141,7 @@ impl Meter {
             backward_extra: 0,
             int: dtype.is_int(),
             product: false,
+            holds: None,
         });
         Shaped { dims, dtype, node: id, contiguous }
     }
@@ -197,6 +200,17 @@ impl Meter {
                 _ => Err(Error::Input(format!("meter: cannot broadcast {:?} with {:?}", a.dims, b.dims))),
             })
             .collect::<Result<Vec<_>>>()?;
+        let (ta, tb) = (self.nodes[a.node].tracked, self.nodes[b.node].tracked);
+        if ta != tb {
+            // One recorded operand of the output's shape and a constant: one op of the recorded
+            // operand alone, as the candle interpreter trains on the CPU (`crate::frozen`).
+            let (x, c) = if ta { (a, b) } else { (b, a) };
+            if x.dims == dims {
+                let y = self.new_like(&[x], dims, x.dtype);
+                self.nodes[y.node].holds = Some(c.node);
+                return Ok(y);
+            }
+        }
         let a = if a.dims == dims { a.clone() } else { self.view(a, dims.clone(), false) };
         let b = if b.dims == dims { b.clone() } else { self.view(b, dims.clone(), false) };
         let y = self.new_like(&[&a, &b], dims, a.dtype);
@@ -218,7 +232,7 @@ impl Meter {
         let mut storages = HashSet::new();
         for n in self.nodes.iter().filter(|n| n.tracked && !n.param) {
             storages.insert(n.storage);
-            for &a in &n.args {
+            for &a in n.args.iter().chain(&n.holds) {
                 storages.insert(self.nodes[a].storage);
             }
         }
@@ -346,13 +360,16 @@ impl Ops for Meter {
         let (ins, cs) = (leaves(&mut again, inputs, true), leaves(&mut again, ctx, false));
         let outs = block.forward(&mut again, &ins, &cs)?;
         let roots: Vec<usize> = outs.iter().map(|o| o.node).collect();
-        let extra = again.kept() + again.backward_peak(&roots);
         // Kept here: the packed inputs (a copy) and the packed outputs (the op's result).
         let in_elems: usize = inputs.iter().map(Shaped::elems).sum();
+        let out_elems: usize = outs.iter().map(Shaped::elems).sum();
+        // The recomputation's own copies (`checkpoint::Recompute::backward`): the leaves, the packed
+        // outputs, the packed incoming gradient and their product, the inputs' gradients packed.
+        let copies = (3 * in_elems + 3 * out_elems) * self.dtype.size_in_bytes();
+        let extra = again.kept() + again.backward_peak(&roots) + copies;
         let refs: Vec<&Shaped> = inputs.iter().collect();
         let mut packed = self.new_like(&refs, vec![in_elems], self.dtype);
         self.nodes[packed.node].tracked = true;
-        let out_elems: usize = outs.iter().map(Shaped::elems).sum();
         let y = self.new_like(&[&packed], vec![out_elems], self.dtype);
         self.nodes[y.node].backward_extra = extra;
         packed = y;
@@ -546,6 +563,18 @@ impl Ops for Meter {
         let mut dims = idx.dims.clone();
         dims.push(x.dims.last().copied().unwrap_or(0));
         Ok(self.new_like(&[x, idx], dims, x.dtype))
+    }
+    fn attention(&mut self, q: &Shaped, k: &Shaped, v: &Shaped, bias: Option<&Shaped>, scale: f64) -> Result<Shaped> {
+        if self.dtype != DType::F32 {
+            return crate::ops::composite_attention(self, q, k, v, bias, scale);
+        }
+        // The candle interpreter's training softmax in f32: one op keeping its output (`crate::softmax`).
+        let kt = self.transpose(k, 2, 3)?;
+        let scores = self.matmul(q, &kt)?;
+        let probs = self.new_like(&[&scores], scores.dims.clone(), scores.dtype);
+        // Its backward holds g ⊙ y, g − Σ, their product and the scaled result: three more.
+        self.nodes[probs.node].backward_extra = 2 * self.nodes[probs.node].size;
+        self.matmul(&probs, v)
     }
     fn dropout(&mut self, x: &Shaped, p: f32) -> Result<Shaped> {
         if p <= 0.0 {

@@ -329,6 +329,22 @@ impl Candle {
     pub fn training(device: Device, dtype: DType, seed: u64) -> Self {
         Self { dropout_rng: Some(StdRng::seed_from_u64(seed)), ..Self::new(device, dtype) }
     }
+
+    /// `a + b` or `a · b` with numpy broadcasting. Training, where one operand is recorded and the
+    /// other a constant broadcast to its shape, the constant gets no gradient (`crate::frozen`).
+    fn elementwise(&self, a: &Tensor, b: &Tensor, op: crate::frozen::Elementwise) -> Result<Tensor> {
+        use crate::frozen::{with_constant, Elementwise};
+        if self.dropout_rng.is_some() && a.track_op() != b.track_op() {
+            let (x, c) = if a.track_op() { (a, b) } else { (b, a) };
+            if let Some(y) = with_constant(x, c, op)? {
+                return Ok(y);
+            }
+        }
+        Ok(match op {
+            Elementwise::Add => a.broadcast_add(b)?,
+            Elementwise::Mul => a.broadcast_mul(b)?,
+        })
+    }
 }
 
 impl Ops for Candle {
@@ -370,7 +386,7 @@ impl Ops for Candle {
         };
         let y = y.reshape(out_dims)?;
         Ok(match b {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => self.elementwise(&y, b, crate::frozen::Elementwise::Add)?,
             None => y,
         })
     }
@@ -378,13 +394,13 @@ impl Ops for Candle {
         Ok(a.contiguous()?.matmul(&b.contiguous()?)?)
     }
     fn add(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Ok(a.broadcast_add(b)?)
+        self.elementwise(a, b, crate::frozen::Elementwise::Add)
     }
     fn sub(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Ok(a.broadcast_sub(b)?)
     }
     fn mul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Ok(a.broadcast_mul(b)?)
+        self.elementwise(a, b, crate::frozen::Elementwise::Mul)
     }
     fn affine(&mut self, x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
         Ok(x.affine(mul, add)?)
@@ -397,7 +413,8 @@ impl Ops for Candle {
         let xc = xf.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
-        Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+        let y = self.elementwise(&y, w, crate::frozen::Elementwise::Mul)?;
+        self.elementwise(&y, b, crate::frozen::Elementwise::Add)
     }
     fn gelu_tanh(&mut self, x: &Tensor) -> Result<Tensor> {
         Ok(x.gelu()?)
@@ -471,7 +488,8 @@ impl Ops for Candle {
         let x1 = xr.narrow(3, 0, half)?;
         let x2 = xr.narrow(3, half, half)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
-        let y = (xr.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+        let y = (self.elementwise(&xr, cos, crate::frozen::Elementwise::Mul)?
+            + self.elementwise(&rotated, sin, crate::frozen::Elementwise::Mul)?)?;
         if rot_dims == d {
             return Ok(y);
         }
@@ -511,6 +529,13 @@ impl Ops for Candle {
         if q.dtype() == DType::F16 && self.dropout_rng.is_none() {
             return attention_f32_scores(q, k, v, bias, scale);
         }
+        if self.dropout_rng.is_some() {
+            // Training: the softmax as one op that keeps its output alone (`crate::softmax`).
+            let scores = q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+            if let Some(p) = crate::softmax::scaled_masked_softmax(&scores, scale, bias)? {
+                return Ok(p.matmul(&v.contiguous()?)?);
+            }
+        }
         composite_attention(self, q, k, v, bias, scale)
     }
     fn gather_positions(&mut self, x: &Tensor, idx: &Tensor) -> Result<Tensor> {
@@ -527,7 +552,7 @@ impl Ops for Candle {
         let keep = 1.0 / (1.0 - p);
         let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
         let mask = Tensor::from_vec(mask, x.dims(), &self.device)?.to_dtype(x.dtype())?;
-        Ok(x.mul(&mask)?)
+        self.elementwise(x, &mask, crate::frozen::Elementwise::Mul)
     }
 }
 
