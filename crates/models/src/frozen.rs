@@ -15,6 +15,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
+use crate::pointwise::{build, rows_per_task};
 use crate::Result;
 
 /// An element-wise op of an activation and a constant.
@@ -40,20 +41,24 @@ struct WithConstant {
     op: Elementwise,
 }
 
-fn zip_map<T: Copy>(x: &[T], xl: &Layout, c: &[T], cl: &Layout, f: impl Fn(T, T) -> T) -> Vec<T> {
+fn zip_map<T: Copy + Send + Sync>(x: &[T], xl: &Layout, c: &[T], cl: &Layout, f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let n = xl.shape().elem_count();
-    let mut out = Vec::with_capacity(n);
     match (Rows::new(xl), Rows::new(cl)) {
-        // Row by row where both have unit stride along the last dim (a bias, a LayerNorm weight, a
-        // rotary table, a mask broadcast over the leading dims): tight loops over slices.
-        (Some((xr, len)), Some((cr, _))) => {
-            for (i, j) in xr.zip(cr) {
-                out.extend(x[i..i + len].iter().zip(&c[j..j + len]).map(|(&a, &b)| f(a, b)));
-            }
+        // Row by row where both have unit stride along the last dim (a bias, a rotary table, a mask
+        // broadcast over the leading dims): tight loops over slices, rows split over threads.
+        (Some((xr, len)), Some((cr, _))) if len > 0 => {
+            let (xr, cr): (Vec<usize>, Vec<usize>) = (xr.collect(), cr.collect());
+            build(n, rows_per_task(len) * len, |s, o| {
+                for (r, o) in o.chunks_mut(len).enumerate() {
+                    let (i, j) = (xr[s / len + r], cr[s / len + r]);
+                    for ((o, &a), &b) in o.iter_mut().zip(&x[i..i + len]).zip(&c[j..j + len]) {
+                        o.write(f(a, b));
+                    }
+                }
+            })
         }
-        _ => out.extend(Offsets::new(xl).zip(Offsets::new(cl)).map(|(i, j)| f(x[i], c[j]))),
+        _ => Offsets::new(xl).zip(Offsets::new(cl)).map(|(i, j)| f(x[i], c[j])).collect(),
     }
-    out
 }
 
 /// The storage offsets of a layout's rows (all dims but the last) and the row length, where the last

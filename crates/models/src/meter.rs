@@ -2,8 +2,7 @@
 //! a training step keeps, as the candle interpreter ([`crate::ops::Candle`]) would allocate them.
 //!
 //! Each op below repeats the tensor allocations of its candle implementation on the CPU (a reshape
-//! of a contiguous tensor is a view, a broadcast op a new tensor, LayerNorm's f32 statistics five
-//! full tensors, a product with a frozen weight or a constant one op of the activation alone, …). Candle's autograd keeps every tensor that a recorded op took as an argument until the
+//! of a contiguous tensor is a view, a broadcast op a new tensor, LayerNorm in f32 one op, a product with a frozen weight or a constant one op of the activation alone, …). Candle's autograd keeps every tensor that a recorded op took as an argument until the
 //! backward pass ends, so the activations kept are the storages of every argument of a recorded op
 //! (one that depends on a trainable weight). The backward pass is then simulated in reverse creation
 //! order (a valid topological order, as candle's own), each node's gradient allocated when its first
@@ -392,6 +391,31 @@ impl Ops for Meter {
             None => y,
         })
     }
+    fn lora_linear(
+        &mut self,
+        x: &Shaped,
+        w: &Shaped,
+        b: Option<&Shaped>,
+        l: &crate::ops::LoraArgs<'_, Shaped>,
+    ) -> Result<Shaped> {
+        let frozen = |m: &Meter, t: &Shaped| !m.nodes[t.node].tracked;
+        if self.dtype != DType::F32 || !frozen(self, w) || !b.is_none_or(|b| frozen(self, b)) {
+            return crate::ops::composite_lora_linear(self, x, w, b, l);
+        }
+        // The candle interpreter's one op (`crate::lora`): it keeps x, its dropout mask as bytes and
+        // the adapter; its backward pass holds about two x-sized temporaries besides the gradient.
+        let mut dims = x.dims.clone();
+        if let (Some(o), Some(&n)) = (dims.last_mut(), w.dims.first()) {
+            *o = n;
+        }
+        let y = self.new_like(&[x, l.a, l.b], dims, x.dtype);
+        if l.dropout > 0.0 {
+            let mask = self.input(&x.dims, DType::U8);
+            self.nodes[y.node].holds = Some(mask.node);
+        }
+        self.nodes[y.node].backward_extra = 2 * self.nodes[x.node].size;
+        Ok(y)
+    }
     fn matmul(&mut self, a: &Shaped, b: &Shaped) -> Result<Shaped> {
         let a = self.contiguous(a);
         let b = self.contiguous(b);
@@ -419,7 +443,14 @@ impl Ops for Meter {
         Ok(self.unary(x))
     }
     fn layer_norm(&mut self, x: &Shaped, w: &Shaped, b: &Shaped, _eps: f64) -> Result<Shaped> {
-        // As the candle interpreter: statistics in f32, five full-size tensors.
+        if x.dtype == DType::F32 {
+            // The candle interpreter's training LayerNorm in f32: one op of x, and of the weight and
+            // bias where they train (`crate::pointwise`).
+            let mut args = vec![x];
+            args.extend([w, b].into_iter().filter(|p| self.nodes[p.node].tracked));
+            return Ok(self.new_like(&args, x.dims.clone(), x.dtype));
+        }
+        // Otherwise candle's ops: statistics in f32, five full-size tensors.
         let xf = self.cast(x, DType::F32);
         let mean = self.reduce_last(&xf);
         let xc = self.broadcast(&xf, &mean)?;
@@ -518,6 +549,12 @@ impl Ops for Meter {
         Ok((self.input(&dims, self.dtype), self.input(&dims, self.dtype)))
     }
     fn rope(&mut self, x: &Shaped, cos: &Shaped, sin: &Shaped, rot_dims: usize) -> Result<Shaped> {
+        if x.dtype == DType::F32 {
+            // The candle interpreter's training rotary in f32: one op of x (`crate::rope`).
+            let y = self.new_like(&[x], x.dims.clone(), x.dtype);
+            self.nodes[y.node].holds = Some(cos.node);
+            return Ok(y);
+        }
         let mut rot = x.dims.clone();
         let d = rot[3];
         rot[3] = rot_dims;

@@ -1,7 +1,7 @@
 //! The two building blocks every module uses, generic over [`Ops`].
 
 use crate::loader::Vb;
-use crate::ops::{Lora, Ops, Param};
+use crate::ops::{Lora, LoraArgs, Ops, Param};
 use crate::Result;
 
 /// torch `nn.Linear`: weight [out, in], optional bias [out], optional LoRA adapter.
@@ -41,15 +41,10 @@ impl Linear {
             Some(b) => Some(o.param(b)?),
             None => None,
         };
-        let y = o.linear(x, &w, b.as_ref())?;
-        let Some(l) = &self.lora else { return Ok(y) };
-        let h = o.dropout(x, l.dropout)?;
+        let Some(l) = &self.lora else { return o.linear(x, &w, b.as_ref()) };
         let a = o.param(&l.a)?;
-        let h = o.linear(&h, &a, None)?; // [.., r]
-        let b = o.param(&l.b)?;
-        let h = o.linear(&h, &b, None)?; // [.., out]
-        let h = o.affine(&h, l.scale, 0.0)?;
-        o.add(&y, &h)
+        let bm = o.param(&l.b)?;
+        o.lora_linear(x, &w, b.as_ref(), &LoraArgs { a: &a, b: &bm, scale: l.scale, dropout: l.dropout })
     }
 }
 

@@ -46,6 +46,18 @@ pub struct Lora {
     pub dropout: f32,
 }
 
+/// A LoRA adapter's values for [`Ops::lora_linear`].
+#[derive(Debug)]
+pub struct LoraArgs<'a, T> {
+    /// [r, in].
+    pub a: &'a T,
+    /// [out, r].
+    pub b: &'a T,
+    pub scale: f64,
+    /// Dropout probability on the adapter's input.
+    pub dropout: f32,
+}
+
 /// A decoder self-attention over a KV cache, handed whole to an interpreter that has one fused
 /// kernel for it (the exporter's `--fused` graphs: ONNX Runtime's `GroupQueryAttention`).
 #[derive(Debug)]
@@ -75,6 +87,17 @@ pub trait Ops {
     fn param(&mut self, p: &Param) -> Result<Self::T>;
     /// `x @ wᵀ + b` for a torch-layout weight `w` [out, in].
     fn linear(&mut self, x: &Self::T, w: &Self::T, b: Option<&Self::T>) -> Result<Self::T>;
+    /// A linear layer with a LoRA adapter: `x @ wᵀ + b + scale · (dropout(x) @ aᵀ) @ bᵀ`. The
+    /// default composes it from the ops here; the candle interpreter trains it as one op.
+    fn lora_linear(
+        &mut self,
+        x: &Self::T,
+        w: &Self::T,
+        b: Option<&Self::T>,
+        l: &LoraArgs<'_, Self::T>,
+    ) -> Result<Self::T> {
+        composite_lora_linear(self, x, w, b, l)
+    }
     /// Batched matrix product over the last two dims.
     fn matmul(&mut self, a: &Self::T, b: &Self::T) -> Result<Self::T>;
     /// Element-wise sum with numpy broadcasting.
@@ -208,6 +231,22 @@ pub trait Ops {
 /// Scaled dot-product attention over split heads (see [`Ops::attention`]).
 pub fn attention<O: Ops>(o: &mut O, q: &O::T, k: &O::T, v: &O::T, bias: Option<&O::T>, scale: f64) -> Result<O::T> {
     o.attention(q, k, v, bias, scale)
+}
+
+/// [`Ops::lora_linear`] from the basic ops: the frozen layer, then the adapter's low-rank path.
+pub fn composite_lora_linear<O: Ops + ?Sized>(
+    o: &mut O,
+    x: &O::T,
+    w: &O::T,
+    b: Option<&O::T>,
+    l: &LoraArgs<'_, O::T>,
+) -> Result<O::T> {
+    let y = o.linear(x, w, b)?;
+    let h = o.dropout(x, l.dropout)?;
+    let h = o.linear(&h, l.a, None)?; // [.., r]
+    let h = o.linear(&h, l.b, None)?; // [.., out]
+    let h = o.affine(&h, l.scale, 0.0)?;
+    o.add(&y, &h)
 }
 
 /// `(x + delta, LayerNorm(x + delta))` from the basic ops: the default of
@@ -390,6 +429,18 @@ impl Ops for Candle {
             None => y,
         })
     }
+    fn lora_linear(&mut self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, l: &LoraArgs<'_, Tensor>) -> Result<Tensor> {
+        if let Some(rng) = self.dropout_rng.as_mut() {
+            // Training on the CPU: one op (`crate::lora`). Whether it applies does not depend on
+            // what is recorded, so a checkpointed block's two forwards both take it: same masks.
+            let layer = crate::lora::LoraLinear { w, bias: b, a: l.a, b: l.b, scale: l.scale };
+            if layer.applies(x) {
+                let mask = crate::lora::Mask::draw(rng, x.elem_count(), l.dropout);
+                return layer.forward(x, mask);
+            }
+        }
+        composite_lora_linear(self, x, w, b, l)
+    }
     fn matmul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Ok(a.contiguous()?.matmul(&b.contiguous()?)?)
     }
@@ -406,6 +457,12 @@ impl Ops for Candle {
         Ok(x.affine(mul, add)?)
     }
     fn layer_norm(&mut self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        if self.dropout_rng.is_some() {
+            // Training: one op with its own backward (`crate::pointwise`).
+            if let Some(y) = crate::pointwise::layer_norm(x, w, b, eps)? {
+                return Ok(y);
+            }
+        }
         // Statistics in f32 whatever the compute dtype, as torch does for half inputs.
         let dt = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
@@ -417,9 +474,19 @@ impl Ops for Candle {
         self.elementwise(&y, b, crate::frozen::Elementwise::Add)
     }
     fn gelu_tanh(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.dropout_rng.is_some() {
+            if let Some(y) = crate::pointwise::gelu(x, crate::pointwise::Gelu::Tanh)? {
+                return Ok(y);
+            }
+        }
         Ok(x.gelu()?)
     }
     fn gelu_erf(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.dropout_rng.is_some() {
+            if let Some(y) = crate::pointwise::gelu(x, crate::pointwise::Gelu::Erf)? {
+                return Ok(y);
+            }
+        }
         Ok(x.gelu_erf()?)
     }
     fn relu(&mut self, x: &Tensor) -> Result<Tensor> {
@@ -482,6 +549,12 @@ impl Ops for Candle {
         Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
     }
     fn rope(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, rot_dims: usize) -> Result<Tensor> {
+        if self.dropout_rng.is_some() {
+            // Training: one op with its own backward (`crate::rope`).
+            if let Some(y) = crate::rope::rope(x, cos, sin, rot_dims)? {
+                return Ok(y);
+            }
+        }
         let d = x.dim(3)?;
         let xr = x.narrow(3, 0, rot_dims)?;
         let half = rot_dims / 2;

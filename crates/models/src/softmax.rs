@@ -2,13 +2,15 @@
 //!
 //! Composed of candle ops, it keeps six score-sized tensors per layer until the backward pass (the
 //! product, its scaled and masked forms, `x − max`, `exp`, the quotient); this op keeps its output
-//! alone, and its backward pass uses only that output: `dx = scale · y ⊙ (g − Σ g ⊙ y)`. The forward
-//! pass computes what the composed ops compute, operation for operation (candle's affine, add, max,
-//! exp, its own row sum and the quotient), so the probabilities are bit for bit the same; gradients
-//! agree to rounding.
+//! alone, and its backward pass uses only that output: `dx = scale · y ⊙ (g − Σ g ⊙ y)`, one pass.
+//! Both are split by rows over the CPU's threads. The forward pass computes what the composed ops
+//! compute, operation for operation (candle's affine, add, max, exp, its own row sum and the quotient),
+//! so the probabilities are bit for bit the same; gradients agree to rounding.
 
 use candle_core::cpu::kernels::VecOps;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+
+use crate::pointwise::{build, f32_pair, rows_per_task};
 
 use crate::Result;
 
@@ -21,8 +23,9 @@ pub(crate) fn scaled_masked_softmax(scores: &Tensor, scale: f64, bias: Option<&T
     let bias = match bias {
         Some(b) if b.dtype() != candle_core::DType::F32 => return Ok(None),
         Some(b) => match b.broadcast_as(scores.shape()) {
-            Ok(b) => Some(b),
-            Err(_) => return Ok(None),
+            // Row-wise (unit stride along the keys), as every mask here is.
+            Ok(b) if crate::frozen::Rows::new(b.layout()).is_some() => Some(b),
+            _ => return Ok(None),
         },
         None => None,
     };
@@ -51,46 +54,87 @@ impl CustomOp1 for ScaledMaskedSoftmax {
         let t = l.shape().dims().last().copied().unwrap_or(1).max(1);
         // candle's affine: v · mul + add, both in the element type.
         let (mul, add) = (self.scale as f32, 0f32);
-        let mut z: Vec<f32> = src.iter().map(|&v| v * mul + add).collect();
-        if let Some(b) = &self.bias {
-            let (bs, bl) = b.storage_and_layout();
-            let Storage::Cpu(CpuStorage::F32(bs)) = &*bs else {
-                return Err(candle_core::Error::Msg("scaled-masked-softmax: the bias is not f32 on the CPU".into()));
-            };
-            match crate::frozen::Rows::new(bl) {
-                Some((rows, len)) => {
-                    for (zr, j) in z.chunks_mut(len.max(1)).zip(rows) {
-                        for (v, &b) in zr.iter_mut().zip(&bs[j..j + len]) {
-                            *v += b;
-                        }
+        // The bias's storage offset for each row (it is a row-wise broadcast: a mask).
+        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias {
+            Some((bs, bl)) => {
+                let Storage::Cpu(CpuStorage::F32(bs)) = &**bs else {
+                    return Err(candle_core::Error::Msg(
+                        "scaled-masked-softmax: the bias is not f32 on the CPU".into(),
+                    ));
+                };
+                let Some((rows, len)) = crate::frozen::Rows::new(bl) else {
+                    return Err(candle_core::Error::Msg("scaled-masked-softmax: the bias is not row-wise".into()));
+                };
+                if len != t {
+                    return Err(candle_core::Error::Msg("scaled-masked-softmax: bias rows differ in length".into()));
+                }
+                Some((bs.as_slice(), rows.collect::<Vec<usize>>()))
+            }
+            None => None,
+        };
+        let out = build(src.len(), rows_per_task(t) * t, |s, o| {
+            let mut z = vec![0f32; t];
+            for (r, o) in o.chunks_mut(t).enumerate() {
+                let row = s / t + r;
+                for (z, &v) in z.iter_mut().zip(&src[row * t..(row + 1) * t]) {
+                    *z = v * mul + add;
+                }
+                if let Some((bs, offsets)) = &bias {
+                    for (z, &b) in z.iter_mut().zip(&bs[offsets[row]..offsets[row] + t]) {
+                        *z += b;
                     }
                 }
-                None => {
-                    for (v, j) in z.iter_mut().zip(crate::frozen::Offsets::new(bl)) {
-                        *v += bs[j];
-                    }
+                let max = z.iter().copied().fold(z[0], f32::max);
+                for v in z.iter_mut() {
+                    *v = (*v - max).exp();
+                }
+                let mut sum = 0f32;
+                // SAFETY: `z` holds `t` initialised f32 values; the kernel reads exactly those.
+                unsafe { f32::vec_reduce_sum(z.as_ptr(), &mut sum, t) };
+                for (o, &v) in o.iter_mut().zip(&z) {
+                    o.write(v / sum);
                 }
             }
-        }
-        for row in z.chunks_mut(t) {
-            let max = row.iter().copied().fold(row[0], f32::max);
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-            }
-            let mut sum = 0f32;
-            // SAFETY: `row` holds `row.len()` initialised f32 values; the kernel reads exactly those.
-            unsafe { f32::vec_reduce_sum(row.as_ptr(), &mut sum, row.len()) };
-            for v in row.iter_mut() {
-                *v /= sum;
-            }
-        }
-        Ok((CpuStorage::F32(z), l.shape().clone()))
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let y = y.detach();
-        let gy = (grad * &y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad.broadcast_sub(&gy)? * y)?.affine(self.scale, 0.0)?))
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?.detach(), &SoftmaxBackward { scale: self.scale })?))
+    }
+}
+
+/// `dx = ((g − Σ g ⊙ y) ⊙ y) · scale`, row by row.
+struct SoftmaxBackward {
+    scale: f64,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "scaled-masked-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, g) = f32_pair(ys, yl, gs, gl, "scaled-masked-softmax-backward")?;
+        let t = yl.shape().dims().last().copied().unwrap_or(1).max(1);
+        let scale = self.scale as f32;
+        let out = build(y.len(), rows_per_task(t) * t, |s, o| {
+            for ((o, y), g) in o.chunks_mut(t).zip(y[s..].chunks(t)).zip(g[s..].chunks(t)) {
+                let gy: f32 = y.iter().zip(g).map(|(&y, &g)| g * y).sum();
+                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                    o.write((g - gy) * y * scale + 0.0);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), yl.shape().clone()))
     }
 }
 

@@ -7,6 +7,7 @@ use trainer::args::{Cli, Command};
 static ALLOC: trainer::metrics::CountingAlloc = trainer::metrics::CountingAlloc;
 
 fn main() -> ExitCode {
+    trainer::metrics::keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
