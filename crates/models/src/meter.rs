@@ -285,10 +285,8 @@ impl Meter {
                 now -= g;
             }
         }
-        if std::env::var_os("QADAPT_METER_DEBUG").is_some() {
-            let stuck_bytes: usize = stuck.iter().map(|&a| self.nodes[a].size).sum(); // one copy each
-            eprintln!("meter: backward peak {peak}, stuck {stuck_bytes} in {} tensors, end {now}", stuck.len());
-        }
+        let stuck_bytes: usize = stuck.iter().map(|&a| self.nodes[a].size).sum(); // one copy each
+        tracing::debug!(peak, stuck_bytes, stuck_tensors = stuck.len(), end = now, "meter: backward pass");
         peak
     }
 

@@ -31,8 +31,21 @@ pub(crate) fn build<T: Send>(n: usize, chunk: usize, f: impl Fn(usize, &mut [May
     if n < PAR_MIN {
         f(0, spare);
     } else {
+        // candle's own element-wise pool, in which the calling thread works too: handing the loop to
+        // rayon's workers instead put four threads on two cores, spinning for each other.
         let chunk = chunk.max(1);
-        spare.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
+        let base = spare.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(chunk), |units| {
+            for u in units {
+                let start = u * chunk;
+                // SAFETY: `start + len ≤ n` lies inside `spare`, and each unit (a disjoint range)
+                // is handed to exactly one call.
+                let c = unsafe {
+                    std::slice::from_raw_parts_mut((base as *mut MaybeUninit<T>).add(start), chunk.min(n - start))
+                };
+                f(start, c);
+            }
+        });
     }
     // SAFETY: every caller's `f` writes each element of the chunk it is handed, and the chunks
     // cover `0..n`.
