@@ -365,7 +365,11 @@ impl Ops for Meter {
         let copies = (3 * in_elems + 3 * out_elems) * self.dtype.size_in_bytes();
         let extra = again.kept() + again.backward_peak(&roots) + copies;
         let refs: Vec<&Shaped> = inputs.iter().collect();
-        let mut packed = self.new_like(&refs, vec![in_elems], self.dtype);
+        // Packing one input is a view of it; several, a copy.
+        let mut packed = match inputs {
+            [one] => self.view(one, vec![in_elems], true),
+            _ => self.new_like(&refs, vec![in_elems], self.dtype),
+        };
         self.nodes[packed.node].tracked = true;
         let y = self.new_like(&[&packed], vec![out_elems], self.dtype);
         self.nodes[y.node].backward_extra = extra;

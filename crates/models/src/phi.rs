@@ -149,54 +149,53 @@ impl Phi {
             return Ok((self.final_layernorm.forward(o, embeds)?, Vec::new()));
         };
         let mut x = embeds.clone();
-        let mut h = first.input_layernorm.forward(o, &x)?;
         if past.is_none() && o.checkpointing() {
-            // Training with gradient checkpointing: each layer a block that keeps only (x, h).
+            // Training with gradient checkpointing: each layer a block that keeps only its input x
+            // (its LayerNorm runs inside it). Values and gradients equal the plain pass's: x's
+            // gradient sums two terms (the residual's and the LayerNorm's) in either pass, and a sum
+            // of two does not depend on their order.
             let phi = Arc::new(self.clone());
             let ctx = [mask2d.clone(), position_ids.clone()];
             for i in 0..self.layers.len() {
-                let out = o.checkpoint(LayerBlock { phi: phi.clone(), i }, &[x, h], &ctx)?;
-                let [nx, nh]: [O::T; 2] =
-                    out.try_into().map_err(|_| Error::Input("a phi layer block returns (x, h)".into()))?;
-                (x, h) = (nx, nh);
+                let out = o.checkpoint(LayerBlock { phi: phi.clone(), i }, &[x], &ctx)?;
+                let [nx]: [O::T; 1] = out.try_into().map_err(|_| Error::Input("a phi layer block returns x".into()))?;
+                x = nx;
             }
-            return Ok((h, Vec::new()));
+            return Ok((self.final_layernorm.forward(o, &x)?, Vec::new()));
         }
+        let mut h = first.input_layernorm.forward(o, &x)?;
         let mut shared = Shared::default();
         let mut present = Vec::with_capacity(self.layers.len());
         for i in 0..self.layers.len() {
-            let kv;
-            (x, h, kv) = self.layer(o, i, &x, &h, past.map(|p| &p[i]), mask2d, position_ids, &mut shared)?;
+            let (delta, kv) = self.layer(o, i, &h, past.map(|p| &p[i]), mask2d, position_ids, &mut shared)?;
+            // HF's order: (attn + mlp) + residual, then the next block's (or the final) LayerNorm.
+            let next = self.layers.get(i + 1).map_or(&self.final_layernorm, |l| &l.input_layernorm);
+            (x, h) = next.residual(o, &x, &delta)?;
             present.push(kv);
         }
         Ok((h, present))
     }
 
-    /// Layer `i`: the residual stream `x` and its normed form `h` → the next layer's (x, h) (its
-    /// LayerNorm, or the final one, applied) and this layer's present (K, V).
+    /// Layer `i`: what it adds to the residual stream from its normed input `h`, `attn(h) + mlp(h)`,
+    /// and its present (K, V).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn layer<O: Ops>(
         &self,
         o: &mut O,
         i: usize,
-        x: &O::T,
         h: &O::T,
         past: Option<&KvPair<O::T>>,
         mask2d: &O::T,
         position_ids: &O::T,
         shared: &mut Shared<O::T>,
-    ) -> Result<(O::T, O::T, KvPair<O::T>)> {
+    ) -> Result<(O::T, KvPair<O::T>)> {
         let layer = &self.layers[i];
         let (a, kv) = self.attention(o, layer, h, past, mask2d, position_ids, shared)?; // [B, S, D]
         let a = layer.dense.forward(o, &a)?;
         let m = layer.fc1.forward(o, h)?;
         let m = o.gelu_tanh(&m)?;
         let m = layer.fc2.forward(o, &m)?;
-        // HF's order: (attn + mlp) + residual, then the next block's (or the final) LayerNorm.
-        let delta = o.add(&a, &m)?;
-        let next = self.layers.get(i + 1).map_or(&self.final_layernorm, |l| &l.input_layernorm);
-        let (x, h) = next.residual(o, x, &delta)?;
-        Ok((x, h, kv))
+        Ok((o.add(&a, &m)?, kv))
     }
 
     /// One layer's self-attention over its cache: the fused kernel when the interpreter has one,
@@ -255,7 +254,8 @@ impl Phi {
     }
 }
 
-/// Layer `i` of a phi model as a checkpointable block: inputs (x, h), ctx (mask2d, position_ids).
+/// Layer `i` of a phi model as a checkpointable block: input x, ctx (mask2d, position_ids); output
+/// the next layer's x (the residual sum, the same op the plain pass's fused residual LayerNorm does).
 struct LayerBlock {
     phi: Arc<Phi>,
     i: usize,
@@ -263,11 +263,12 @@ struct LayerBlock {
 
 impl Block for LayerBlock {
     fn forward<O: Ops>(&self, o: &mut O, inputs: &[O::T], ctx: &[O::T]) -> Result<Vec<O::T>> {
-        let ([x, h], [mask2d, position_ids]) = (inputs, ctx) else {
-            return Err(Error::Input("a phi layer block takes (x, h) and (mask2d, position_ids)".into()));
+        let ([x], [mask2d, position_ids]) = (inputs, ctx) else {
+            return Err(Error::Input("a phi layer block takes x and (mask2d, position_ids)".into()));
         };
-        let (x, h, _) = self.phi.layer(o, self.i, x, h, None, mask2d, position_ids, &mut Shared::default())?;
-        Ok(vec![x, h])
+        let h = self.phi.layers[self.i].input_layernorm.forward(o, x)?;
+        let (delta, _) = self.phi.layer(o, self.i, &h, None, mask2d, position_ids, &mut Shared::default())?;
+        Ok(vec![o.add(x, &delta)?])
     }
 }
 
