@@ -137,9 +137,13 @@ impl CustomOp3 for LoraOp {
         let y = xs.matmul(w, (1, rows, n, k), xl, wl)?;
         // The adapter: dropout(x)·Aᵀ, then ·Bᵀ.
         let x = f32_slice(xs, xl, "lora-linear")?;
+        let dropped;
         let (xm, xml) = match &self.mask {
-            Some(m) => (CpuStorage::F32(masked(x, m)), Layout::contiguous((rows, k))),
-            None => (xs.clone(), xl.clone()),
+            Some(m) => {
+                dropped = CpuStorage::F32(masked(x, m));
+                (&dropped, Layout::contiguous((rows, k)))
+            }
+            None => (xs, xl.clone()),
         };
         let h = xm.matmul(a, (1, rows, r, k), &xml, &al.transpose(0, 1)?)?;
         let d = h.matmul(b, (1, rows, n, r), &Layout::contiguous((rows, r)), &bl.transpose(0, 1)?)?;
@@ -158,13 +162,14 @@ impl CustomOp3 for LoraOp {
         let scale = self.scale as f32;
         let chunk = (CHUNK / n.max(1)).max(1) * n;
         let out = build(y.len(), chunk, |s, o| {
-            for (i, o) in o.iter_mut().enumerate() {
-                let at = s + i;
-                let yb = match bias {
-                    Some(b) => y[at] + b[at % n],
-                    None => y[at],
-                };
-                o.write(yb + (d[at] * scale + 0.0));
+            for ((o, y), d) in o.chunks_mut(n).zip(y[s..].chunks(n)).zip(d[s..].chunks(n)) {
+                for (j, ((o, &y), &d)) in o.iter_mut().zip(y).zip(d).enumerate() {
+                    let yb = match bias {
+                        Some(b) => y + b[j],
+                        None => y,
+                    };
+                    o.write(yb + (d * scale + 0.0));
+                }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((rows, n))))

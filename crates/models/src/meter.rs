@@ -2,8 +2,9 @@
 //! a training step keeps, as the candle interpreter ([`crate::ops::Candle`]) would allocate them.
 //!
 //! Each op below repeats the tensor allocations of its candle implementation on the CPU (a reshape
-//! of a contiguous tensor is a view, a broadcast op a new tensor, LayerNorm in f32 one op, a product with a frozen weight or a constant one op of the activation alone, …). Candle's autograd keeps every tensor that a recorded op took as an argument until the
-//! backward pass ends, so the activations kept are the storages of every argument of a recorded op
+//! of a contiguous tensor is a view, a broadcast op a new tensor, LayerNorm in f32 one op, a product
+//! with a frozen weight or a constant one op of the activation alone, …). Candle's autograd keeps
+//! every tensor that a recorded op took as an argument until the backward pass ends, so the activations kept are the storages of every argument of a recorded op
 //! (one that depends on a trainable weight). The backward pass is then simulated in reverse creation
 //! order (a valid topological order, as candle's own), each node's gradient allocated when its first
 //! consumer is differentiated and freed when the node itself is, to find the peak of live gradients.

@@ -12,7 +12,6 @@
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::Result;
 
@@ -22,18 +21,22 @@ const PAR_MIN: usize = 1 << 15;
 pub(crate) const CHUNK: usize = 1 << 13;
 
 /// A new vector of `n` values written chunk by chunk by `f(start, chunk)` (`start` the index of
-/// the chunk's first element; chunks of `chunk` elements), split over threads when large. Not zeroed
+/// the chunk's first element; chunks of `chunk` elements, the last one shorter), split over threads
+/// when large. Not zeroed
 /// first: with freed memory kept for reuse (the trainer's allocator settings) zeroing is a full pass.
 /// `f` must write every element of its chunk.
 pub(crate) fn build<T: Send>(n: usize, chunk: usize, f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
     let mut out = Vec::with_capacity(n);
     let spare = &mut out.spare_capacity_mut()[..n];
+    let chunk = chunk.max(1);
     if n < PAR_MIN {
-        f(0, spare);
+        // The same chunks on this thread, so that `f` sees one chunk whichever way it runs.
+        for (i, c) in spare.chunks_mut(chunk).enumerate() {
+            f(i * chunk, c);
+        }
     } else {
         // candle's own element-wise pool, in which the calling thread works too: handing the loop to
         // rayon's workers instead put four threads on two cores, spinning for each other.
-        let chunk = chunk.max(1);
         let base = spare.as_mut_ptr() as usize;
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(chunk), |units| {
             for u in units {
@@ -357,7 +360,14 @@ impl CustomOp2 for LayerNormParamGrad {
         let (x, g) = f32_pair(xs, xl, gs, gl, "fused-layer-norm-dwb")?;
         let d = xl.shape().dims().last().copied().unwrap_or(1).max(1);
         let eps = self.eps;
-        let partial = |(x, g): (&[f32], &[f32])| {
+        // One partial [Σ g ⊙ x̂, Σ g] per fixed group of rows (in parallel), then their sum in group
+        // order: the same gradient on every run, however the threads share the groups.
+        let per = rows_per_task(d) * d;
+        let groups = x.len().div_ceil(per);
+        let partials = build(groups * 2 * d, 2 * d, |s, o| {
+            // `o` is group `s / 2d`'s partial.
+            let at = s / (2 * d) * per;
+            let (x, g) = (&x[at..(at + per).min(x.len())], &g[at..(at + per).min(g.len())]);
             let mut acc = vec![0f32; 2 * d];
             for (x, g) in x.chunks(d).zip(g.chunks(d)) {
                 let (mean, rstd) = moments(x, eps);
@@ -367,18 +377,14 @@ impl CustomOp2 for LayerNormParamGrad {
                     *db += g;
                 }
             }
-            acc
-        };
-        let sum = |mut a: Vec<f32>, b: Vec<f32>| {
-            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-            a
-        };
-        let per = rows_per_task(d) * d;
-        let acc = if x.len() < PAR_MIN {
-            partial((x, g))
-        } else {
-            x.par_chunks(per).zip(g.par_chunks(per)).map(partial).reduce(|| vec![0f32; 2 * d], sum)
-        };
+            for (o, a) in o.iter_mut().zip(acc) {
+                o.write(a);
+            }
+        });
+        let mut acc = vec![0f32; 2 * d];
+        for p in partials.chunks(2 * d) {
+            acc.iter_mut().zip(p).for_each(|(a, &p)| *a += p);
+        }
         Ok((CpuStorage::F32(acc), Shape::from((2, d))))
     }
 }

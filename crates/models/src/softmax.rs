@@ -10,7 +10,7 @@
 use candle_core::cpu::kernels::VecOps;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
-use crate::pointwise::{build, f32_pair, rows_per_task};
+use crate::pointwise::{build, f32_pair, f32_slice, rows_per_task};
 
 use crate::Result;
 
@@ -44,13 +44,7 @@ impl CustomOp1 for ScaledMaskedSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(src) = s else {
-            return Err(candle_core::Error::Msg("scaled-masked-softmax: f32 only".into()));
-        };
-        let Some((o1, o2)) = l.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg("scaled-masked-softmax: non-contiguous scores".into()));
-        };
-        let src = &src[o1..o2];
+        let src = f32_slice(s, l, "scaled-masked-softmax")?;
         let t = l.shape().dims().last().copied().unwrap_or(1).max(1);
         // candle's affine: v · mul + add, both in the element type.
         let (mul, add) = (self.scale as f32, 0f32);
